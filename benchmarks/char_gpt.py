@@ -1,0 +1,53 @@
+"""The course's default char recipe against nanoGPT's CPU recipe, trained in the same run.
+
+    python benchmarks/char_gpt.py                 # both presets, 2 threads
+    python benchmarks/char_gpt.py --presets char  # only one
+
+Prints val loss (mean over 100 fixed validation batches at each model's own context length)
+and wall time of training, and the ratio of each time to the reference's.
+"""
+
+import argparse
+import time
+
+import torch
+
+from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.model import GPT
+from moe_tutorial.presets import preset
+from moe_tutorial.train import estimate_loss, fixed_batches, train
+
+REFERENCE = "nanogpt-cpu"
+
+
+def run(name, dataset, **overrides):
+    model_cfg, train_cfg = preset(name, dataset.tokenizer.vocab_size, progress=False, **overrides)
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(model_cfg)
+    t0 = time.perf_counter()
+    train(model, dataset, train_cfg)
+    seconds = time.perf_counter() - t0
+    val = fixed_batches(dataset.val, 100, 16, model_cfg.block_size, seed=0)
+    return dict(preset=name, params=model.num_params(), iters=train_cfg.max_iters,
+                seconds=seconds, val_loss=estimate_loss(model, val, train_cfg))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=[REFERENCE, "char"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-iters", type=int, help="override every preset's iterations")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset = shakespeare_dataset(progress=False)
+    overrides = {"max_iters": args.max_iters} if args.max_iters else {}
+    rows = [run(name, dataset, **overrides) for name in args.presets]
+    ref = next((r for r in rows if r["preset"] == REFERENCE), rows[0])
+    print(f"{'preset':<14}{'params':>10}{'iters':>7}{'seconds':>9}{'x ref':>7}{'val loss':>10}")
+    for r in rows:
+        print(f"{r['preset']:<14}{r['params']:>10,}{r['iters']:>7}{r['seconds']:>9.1f}"
+              f"{r['seconds'] / ref['seconds']:>7.2f}{r['val_loss']:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()

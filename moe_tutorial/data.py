@@ -1,0 +1,171 @@
+"""Data: a verified, atomic downloader, tiny Shakespeare, a character tokenizer and batches.
+
+Every corpus the course uses is downloaded once into a cache directory and checked
+against a known sha256, so a learner never trains on a truncated or corrupt file.
+"""
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+from tqdm.auto import tqdm
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_FILENAME = "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_BYTES = 1_115_394
+
+
+def data_dir() -> Path:
+    """The cache directory: $MOE_TUTORIAL_DATA if set, else `data/` in the repository."""
+    env = os.environ.get("MOE_TUTORIAL_DATA")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").exists():  # an editable install or a checkout
+        return repo / "data"
+    return Path.home() / ".cache" / "moe_tutorial"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress: bool = True) -> Path:
+    """Stream `url` to `dest`, verify its sha256, and only then move it into place.
+
+    The bytes go to a temporary file beside `dest`; it is renamed atomically once the
+    checksum matches and deleted on any failure, so `dest` is either complete or absent.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            with requests.get(url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                total = int(response.headers.get("content-length", 0)) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                          disable=not progress) as bar:
+                    for chunk in response.iter_content(chunk_size=1 << 16):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        actual = sha256_of(tmp)
+        if actual != sha256:
+            raise ValueError(
+                f"Checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
+                f"The download is corrupt or the file changed upstream; nothing was saved to {dest}."
+            )
+        os.replace(tmp, dest)
+    except requests.RequestException as err:
+        tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"Could not download {url} ({err.__class__.__name__}). "
+            f"If you are offline, download that file elsewhere and place it at {dest} "
+            f"(or set MOE_TUTORIAL_DATA to a directory that holds {dest.name})."
+        ) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def fetch(url: str, filename: str, sha256: str, progress: bool = True) -> Path:
+    """Return the cached, verified file `filename`, downloading it on first use."""
+    path = data_dir() / filename
+    if path.exists():
+        if sha256_of(path) != sha256:
+            raise ValueError(
+                f"{path} exists but its sha256 is not {sha256}: the file is corrupt or a "
+                f"different file. Delete it to download it again from {url}."
+            )
+        return path
+    return download(url, path, sha256, progress=progress)
+
+
+def load_shakespeare(progress: bool = True) -> str:
+    """The tiny Shakespeare corpus (1,115,394 characters of plays), as one string."""
+    path = fetch(SHAKESPEARE_URL, SHAKESPEARE_FILENAME, SHAKESPEARE_SHA256, progress=progress)
+    return path.read_text(encoding="utf-8")
+
+
+class CharTokenizer:
+    """Maps each distinct character of a corpus to an integer id, and back."""
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise ValueError(
+                f"Characters not in the vocabulary: {''.join(unknown)!r} ({unknown}). "
+                f"Use only characters the tokenizer was built from."
+            )
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        bad = [i for i in ids if not 0 <= i < len(self.chars)]
+        if bad:
+            raise ValueError(f"Token ids out of range [0, {len(self.chars)}): {bad[:5]}")
+        return "".join(self.chars[i] for i in ids)
+
+
+@dataclass
+class Dataset:
+    """A corpus encoded once, split 90/10 into train and validation token streams."""
+
+    train: torch.Tensor  # (N_train,) int64
+    val: torch.Tensor  # (N_val,) int64
+    tokenizer: CharTokenizer
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer=None, val_fraction: float = 0.1) -> "Dataset":
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        tokenizer = tokenizer or CharTokenizer.from_text(text)
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        n_train = int(len(ids) * (1 - val_fraction))
+        return cls(ids[:n_train], ids[n_train:], tokenizer)
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.train if name == "train" else self.val
+
+
+def shakespeare_dataset(progress: bool = True) -> Dataset:
+    return Dataset.from_text(load_shakespeare(progress=progress))
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator=None):
+    """Random contiguous windows: x is tokens [i, i+T), y the same shifted by one."""
+    if len(data) <= block_size:
+        raise ValueError(f"Need more than block_size={block_size} tokens, got {len(data)}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = torch.arange(block_size)
+    x = data[starts[:, None] + offsets]  # (B, T)
+    y = data[starts[:, None] + offsets + 1]  # (B, T)
+    return x, y

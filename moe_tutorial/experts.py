@@ -1,0 +1,77 @@
+"""E feed-forward experts stored as stacked weights, run on tokens grouped by expert.
+
+Weights are (E, C, H) and (E, H, C) tensors rather than E separate modules, so that one
+grouped matrix multiply (`F.grouped_mm`, PyTorch >= 2.8) can run every expert on its own
+contiguous slice of tokens. Older PyTorch falls back to one matmul per expert: a loop over
+experts (8 or 16 iterations), never over tokens.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def grouped_matmul(x, weight, counts):
+    """Rows of x (M, K) in expert order, counts (E,) per expert, weight (E, K, N) -> (M, N)."""
+    if HAS_GROUPED_MM and _aligned(x, weight):
+        offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
+        return F.grouped_mm(x, weight.to(x.dtype), offs=offsets)
+    return per_expert_matmul(x, weight, counts)
+
+
+def _aligned(x, weight):
+    """grouped_mm wants 16-byte aligned rows (e.g. widths divisible by 4 in fp32)."""
+    row_bytes = (x.size(1) * x.element_size(), weight.size(2) * x.element_size())
+    return all(b % 16 == 0 for b in row_bytes)
+
+
+def per_expert_matmul(x, weight, counts):
+    slices = x.split(counts.tolist())
+    return torch.cat([rows @ w.to(x.dtype) for rows, w in zip(slices, weight)])
+
+
+class Experts(nn.Module):
+    def __init__(self, n_experts, n_embd, hidden, bias=False):
+        super().__init__()
+        self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, C, H)
+        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, C)
+        self.b_fc = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
+        self.b_proj = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
+        self.reset_parameters(std=0.02, proj_std=0.02)
+
+    @property
+    def n_experts(self):
+        return self.c_fc.size(0)
+
+    @torch.no_grad()
+    def reset_parameters(self, std, proj_std):
+        nn.init.normal_(self.c_fc, std=std)
+        nn.init.normal_(self.c_proj, std=proj_std)
+        for bias in (self.b_fc, self.b_proj):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def forward(self, x, counts):
+        """x (M, C) with rows grouped by expert, counts (E,) rows per expert -> (M, C)."""
+        h = grouped_matmul(x, self.c_fc, counts)  # (M, H)
+        if self.b_fc is not None:
+            expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts)
+            h = h + self.b_fc[expert_of_row]
+        y = grouped_matmul(F.gelu(h), self.c_proj, counts)  # (M, C)
+        if self.b_proj is not None:
+            y = y + self.b_proj[expert_of_row]
+        return y
+
+    def expert(self, i, x):
+        """Expert i alone on x (..., C): the plain two-layer MLP, for tests and explanations."""
+        h = x @ self.c_fc[i] + (self.b_fc[i] if self.b_fc is not None else 0)
+        return F.gelu(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
+
+
+def residual_std(n_layer):
+    """GPT-2's init for projections into the residual stream (see model.GPT._init_weights)."""
+    return 0.02 / math.sqrt(2 * n_layer)

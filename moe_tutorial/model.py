@@ -1,0 +1,223 @@
+"""A GPT language model, readable top to bottom (after nanoGPT's model.py).
+
+Parameter names follow OpenAI's GPT-2 checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj,
+ln_2, mlp.c_fc, mlp.c_proj, ln_f), so pretrained weights map onto it name for name.
+The feed-forward slot of each block is built by `feed_forward()`: later notebooks put a
+Mixture-of-Experts layer there through the config alone, without touching attention.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import ATTENTION_IMPLS, attention
+from .experts import Experts, residual_std
+from .moe import MoE
+from .sampling import sample_next_token
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest context the position embedding covers
+    vocab_size: int = 65  # tiny Shakespeare has 65 distinct characters
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # 0 for small, short runs: they underfit rather than overfit
+    bias: bool = False  # biases in Linear and LayerNorm; GPT-2 checkpoints have them
+    attn_impl: str = "sdpa"  # "sdpa" | "flash" | "naive": see moe_tutorial.attention
+    # Mixture of Experts (notebook 03 on). n_experts=None keeps a dense MLP in every block.
+    n_experts: int | None = None
+    top_k: int = 1  # experts per token: 1 = Switch, 2 = GShard / Mixtral
+    moe_every: int = 1  # every moe_every-th block is MoE (2: blocks 1, 3, 5, ...)
+    expert_hidden: int | None = None  # None: 4 * n_embd, the dense MLP's width
+    capacity_factor_train: float = 1.25  # Switch Transformer's defaults
+    capacity_factor_eval: float = 2.0
+    aux_loss_coef: float = 1e-2  # load-balancing loss weight (alpha)
+    z_loss_coef: float = 1e-3  # router z-loss weight
+    router_jitter: float = 0.0  # multiplicative noise on the router input, training only
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                f"(each head gets n_embd // n_head channels); pick e.g. "
+                f"n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        self._validate_moe()
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"GPTConfig.attn_impl must be one of {ATTENTION_IMPLS}, got {self.attn_impl!r}"
+            )
+
+    def _validate_moe(self):
+        if self.n_experts is None:
+            return
+        if not isinstance(self.n_experts, int) or self.n_experts < 1:
+            raise ValueError(f"GPTConfig.n_experts must be an integer >= 1 (or None for dense), "
+                             f"got {self.n_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"GPTConfig.top_k={self.top_k!r} must be between 1 and "
+                             f"n_experts={self.n_experts}: a token cannot pick more experts than exist")
+        if not isinstance(self.moe_every, int) or self.moe_every < 1:
+            raise ValueError(f"GPTConfig.moe_every must be a positive integer (1: every block is MoE, "
+                             f"2: every other), got {self.moe_every!r}")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GPTConfig.{name} must be > 0 (1.0 = exactly the average load), "
+                                 f"got {getattr(self, name)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "router_jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"GPTConfig.expert_hidden must be positive, got {self.expert_hidden}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.n_experts is not None and (layer_idx + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.impl = config.attn_impl
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout = self.attn_dropout if self.training else 0.0
+        y = attention(q, k, v, causal=True, impl=self.impl, dropout_p=dropout)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The dense feed-forward network: expand 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+def feed_forward(config: GPTConfig, layer_idx: int) -> nn.Module:
+    """The module in block `layer_idx`'s feed-forward slot: a dense MLP or a Mixture of Experts."""
+    return MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = feed_forward(config, layer_idx)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False  # recompute block activations in backward
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the input embedding and the output projection share one matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                # GPT-2: each residual branch adds variance, so shrink the projections
+                # into the stream by 1/sqrt(number of residual additions).
+                std = residual_std(self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, Experts):
+            module.reset_parameters(std=0.02, proj_std=residual_std(self.config.n_layer))
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def moe_loss(self) -> torch.Tensor:
+        """Load-balancing + z-losses of every MoE layer in the last forward pass (0 if dense)."""
+        losses = [m.last_routing.aux_loss + m.last_routing.z_loss for m in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default, as in GPT-2's papers."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(
+                f"Sequence of length {T} is longer than block_size={self.config.block_size}; "
+                f"crop the context to the last {self.config.block_size} tokens."
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None):
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return (B, T + new)."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
+            logits, _ = self(context)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx

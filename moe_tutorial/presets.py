@@ -1,0 +1,35 @@
+"""Named model + training recipes, so notebooks, tests and the CLI agree on what "char" means."""
+
+from .model import GPTConfig
+from .train import TrainConfig
+
+PRESETS = {
+    # The course's default character-level recipe; benchmarks/char_gpt.py measures it
+    # against nanoGPT's CPU recipe below at equal wall time.
+    "char": (
+        dict(block_size=128, n_layer=4, n_head=4, n_embd=128),
+        dict(batch_size=16, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
+             eval_interval=500, eval_iters=20),
+    ),
+    # nanoGPT's README recipe for a CPU (train_shakespeare_char with the CPU overrides):
+    # 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iters, lr 1e-3, no dropout.
+    "nanogpt-cpu": (
+        dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
+        dict(batch_size=12, max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+             eval_interval=250, eval_iters=20),
+    ),
+    # Seconds, not minutes: for tests and for trying things out.
+    "char-tiny": (
+        dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        dict(batch_size=8, max_iters=50, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5,
+             eval_interval=25, eval_iters=4),
+    ),
+}
+
+
+def preset(name: str, vocab_size: int, **train_overrides):
+    """(GPTConfig, TrainConfig) for a named preset; keyword arguments override the recipe."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    model_kwargs, train_kwargs = PRESETS[name]
+    return GPTConfig(vocab_size=vocab_size, **model_kwargs), TrainConfig(**{**train_kwargs, **train_overrides})

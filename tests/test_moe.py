@@ -1,0 +1,196 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_tutorial.experts import Experts, grouped_matmul, per_expert_matmul
+from moe_tutorial.model import GPT, MLP, GPTConfig
+from moe_tutorial.moe import MoE
+from moe_tutorial.router import capacity, load_balancing_loss, positions_in_expert, z_loss
+
+BASE = dict(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def moe_layer(**kw):
+    return MoE(GPTConfig(**{**BASE, "n_experts": 4, **kw}))
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(n_experts=0), "n_experts"),
+    (dict(n_experts=4, top_k=5), "top_k"),
+    (dict(n_experts=4, top_k=0), "top_k"),
+    (dict(n_experts=4, capacity_factor_train=0.0), "capacity_factor_train"),
+    (dict(n_experts=4, capacity_factor_eval=-1.0), "capacity_factor_eval"),
+    (dict(n_experts=4, moe_every=0), "moe_every"),
+    (dict(n_experts=4, aux_loss_coef=-0.1), "aux_loss_coef"),
+])
+def test_moe_config_validation(bad, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**BASE, **bad})
+
+
+def test_aux_loss_hand_computed():
+    # 4 tokens, 2 experts. Top choices: 0, 0, 0, 1 -> f = (3/4, 1/4).
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    top1 = probs.argmax(dim=1)
+    P = (0.6, 0.4)  # column means
+    expected = 2 * (0.75 * P[0] + 0.25 * P[1])  # = 1.1
+    assert load_balancing_loss(probs, top1).item() == pytest.approx(expected)
+    assert expected == pytest.approx(1.1)
+
+
+def test_aux_loss_uniform_is_one_and_collapse_is_n_experts():
+    E, N = 8, 64
+    uniform = torch.full((N, E), 1.0 / E)
+    balanced_top1 = torch.arange(N) % E
+    assert load_balancing_loss(uniform, balanced_top1).item() == pytest.approx(1.0)
+    collapsed = F.one_hot(torch.zeros(N, dtype=torch.long), E).float()
+    assert load_balancing_loss(collapsed, torch.zeros(N, dtype=torch.long)).item() == pytest.approx(E)
+    # and through the layer: with a zero router every expert gets probability 1/E exactly
+    layer = moe_layer(n_experts=E, aux_loss_coef=0.01)
+    torch.nn.init.zeros_(layer.router.gate.weight)
+    layer(torch.randn(2, 8, 16))
+    assert layer.last_routing.aux_loss.item() == pytest.approx(0.01)  # alpha * 1 ... f is all on expert 0
+    # (topk of equal probabilities picks expert 0 for everyone, but P is uniform: E * 1 * 1/E = 1)
+
+
+def test_z_loss_value():
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    expected = (math.log(2) ** 2 + math.log(math.e + math.exp(-1)) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expected)
+
+
+def test_capacity_formula():
+    assert capacity(768, 8, 1.25) == 120
+    assert capacity(10, 3, 1.0) == 4  # ceil
+    assert capacity(10, 4, 1.0, top_k=2) == 5
+
+
+def test_positions_give_first_choices_priority():
+    expert = torch.tensor([[0, 1], [1, 0], [0, 1]])  # (N=3, k=2)
+    # first choices in token order: e0 <- t0 (0), e1 <- t1 (0), e0 <- t2 (1);
+    # then second choices: e1 <- t0 (1), e0 <- t1 (2), e1 <- t2 (2)
+    assert positions_in_expert(expert, 2).tolist() == [[0, 1], [0, 2], [1, 2]]
+
+
+def test_capacity_respected_and_late_tokens_dropped():
+    layer = moe_layer(n_experts=4, capacity_factor_train=1.0).train()
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[2, 0] = 10.0  # every token with x[..., 0] > 0 prefers expert 2
+    x = torch.randn(1, 16, 16)
+    x[0, :, 0] = 1.0  # all 16 tokens choose expert 2
+    out = layer(x)
+    r = layer.last_routing
+    assert r.capacity == 4  # ceil(1.0 * 16 / 4)
+    assert (r.expert[:, 0] == 2).all()
+    assert r.counts.tolist() == [0, 0, 4, 0]
+    assert r.kept[:, 0].tolist() == [True] * 4 + [False] * 12  # the first four arrive first
+    assert torch.equal(out[0, 4:], torch.zeros(12, 16))  # dropped tokens: exactly zero
+    assert out[0, :4].abs().sum() > 0
+
+
+def test_zero_capacity_gives_exactly_zero():
+    layer = moe_layer().eval()
+    layer.capacity_factor_eval = 0.0
+    out = layer(torch.randn(2, 8, 16))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert layer.last_routing.dropped.all()
+
+
+def test_one_expert_with_ample_capacity_equals_dense_mlp():
+    config = GPTConfig(**{**BASE, "n_experts": 1, "capacity_factor_eval": 1.0})
+    layer, dense = MoE(config).eval(), MLP(config).eval()
+    with torch.no_grad():
+        dense.c_fc.weight.copy_(layer.experts.c_fc[0].t())
+        dense.c_proj.weight.copy_(layer.experts.c_proj[0].t())
+    x = torch.randn(3, 10, 16)
+    # with one expert the softmax gate is exactly 1.0
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_layer_matches_a_token_by_token_reference(top_k):
+    layer = moe_layer(n_experts=4, top_k=top_k, capacity_factor_eval=0.6).eval()
+    x = torch.randn(2, 8, 16)
+    out = layer(x)
+    r = layer.last_routing
+    flat = x.reshape(-1, 16)
+    expected = torch.zeros_like(flat)
+    for t in range(flat.size(0)):
+        for j in range(top_k):
+            if r.kept[t, j]:
+                expected[t] += r.gate[t, j] * layer.experts.expert(r.expert[t, j], flat[t])
+    assert not r.kept.all()  # the tight capacity really dropped something
+    torch.testing.assert_close(out.reshape(-1, 16), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_router_gets_gradient_through_the_gates():
+    layer = moe_layer().train()
+    out = layer(torch.randn(2, 8, 16))
+    out.square().sum().backward()  # the task loss alone, no auxiliary loss
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+    assert layer.experts.c_fc.grad.abs().sum() > 0
+
+
+def test_router_logits_are_fp32_under_bf16_autocast():
+    layer = moe_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 8, 16))
+    assert layer.last_routing.logits.dtype == torch.float32
+    assert layer.last_routing.probs.dtype == torch.float32
+    assert out.shape == (2, 8, 16)
+
+
+def test_jitter_only_in_training():
+    layer = moe_layer(router_jitter=0.5)
+    x = torch.randn(1, 8, 16)
+    layer.eval()
+    a = layer.router.logits(x[0])
+    assert torch.equal(a, layer.router.logits(x[0]))
+    layer.train()
+    assert not torch.equal(a, layer.router.logits(x[0]))
+
+
+def test_grouped_matmul_matches_per_expert_loop():
+    x = torch.randn(10, 8)
+    w = torch.randn(3, 8, 5)
+    counts = torch.tensor([3, 0, 7])  # an empty expert too
+    torch.testing.assert_close(grouped_matmul(x, w, counts), per_expert_matmul(x, w, counts))
+
+
+def test_experts_with_bias():
+    experts = Experts(3, 8, 12, bias=True)
+    torch.nn.init.normal_(experts.b_fc)
+    torch.nn.init.normal_(experts.b_proj)
+    x, counts = torch.randn(6, 8), torch.tensor([2, 1, 3])
+    rows = torch.repeat_interleave(torch.arange(3), counts)
+    expected = torch.stack([experts.expert(e, x[i]) for i, e in enumerate(rows.tolist())])
+    torch.testing.assert_close(experts(x, counts), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_every_places_layers():
+    model = GPT(GPTConfig(**{**BASE, "n_layer": 4, "n_experts": 4, "moe_every": 2}))
+    assert [type(b.mlp).__name__ for b in model.transformer.h] == ["MLP", "MoE", "MLP", "MoE"]
+    assert len(model.moe_layers()) == 2
+    assert GPT(GPTConfig(**BASE)).moe_loss().item() == 0.0
+
+
+def test_moe_gpt_trains_and_stays_balanced(tiny_dataset):
+    from moe_tutorial.presets import preset
+    from moe_tutorial.train import train
+
+    model_cfg, train_cfg = preset("char-tiny", tiny_dataset.tokenizer.vocab_size, progress=False,
+                                  max_iters=60)
+    model_cfg = GPTConfig(**{**model_cfg.to_dict(), "n_experts": 4, "moe_every": 1})
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    history = train(model, tiny_dataset, train_cfg)
+    assert history.val_loss[-1] < history.val_loss[0]
+    assert history.loss[-1] < 0.6 * history.loss[0]
+    aux_per_layer = [r.aux_loss.item() / model_cfg.aux_loss_coef for r in
+                     (m.last_routing for m in model.moe_layers())]
+    assert all(1.0 <= a < 1.5 for a in aux_per_layer), aux_per_layer  # near alpha: near uniform
+    assert len(history.expert_load) == 60 and len(history.expert_load[0]) == 2
+    assert sum(history.expert_load[-1][0]) == pytest.approx(1.0 - history.dropped[-1][0], abs=1e-6)

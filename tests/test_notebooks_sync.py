@@ -1,0 +1,50 @@
+"""The committed notebooks are built from course/ sources and committed executed, in order."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import build_notebooks  # noqa: E402
+
+SOURCES = sorted((ROOT / "course").glob("[0-9]*.py"))
+
+
+def sources_of(nb):
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_notebooks_match_their_source(source):
+    walkthrough, solutions = build_notebooks.build(source)
+    for expected, path in ((walkthrough, ROOT / "notebooks" / f"{source.stem}.ipynb"),
+                           (solutions, ROOT / "solutions" / f"{source.stem}_solutions.ipynb")):
+        committed = json.loads(path.read_text())
+        actual = [(c["cell_type"], "".join(c["source"])) for c in committed["cells"]]
+        assert actual == sources_of(expected), (
+            f"{path.name} differs from {source.relative_to(ROOT)}: run python tools/build_notebooks.py "
+            f"{source.stem[:2]}"
+        )
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")) +
+                         sorted((ROOT / "solutions").glob("*.ipynb")), ids=lambda p: p.name)
+def test_committed_executed_top_to_bottom(path):
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in cells]
+    assert None not in counts and counts == sorted(counts), f"{path.name} is not fully executed in order"
+    errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name} was saved with an error output"
+
+
+def test_builder_strips_solutions():
+    src = ('def f(x):\n    """doc"""\n    # BEGIN SOLUTION\n    return x\n    # END SOLUTION\n'
+           'assert f(1)  # solutions-only')
+    student = build_notebooks.student_source(src)
+    assert "return x" not in student and 'raise NotImplementedError("Exercise' in student
+    assert "assert f(1)" not in student
+    solved = build_notebooks.solution_source(src)
+    assert "return x" in solved and "SOLUTION" not in solved and solved.endswith("assert f(1)")

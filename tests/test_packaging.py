@@ -1,0 +1,33 @@
+"""pyproject.toml and environment.yml list the same packages with the same lower bounds."""
+
+import re
+from pathlib import Path
+
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def normalise(requirement):
+    name, spec = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", requirement).groups()
+    return name.lower().replace("_", "-"), spec.replace(" ", "")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = dict(map(normalise, project["dependencies"] + project["optional-dependencies"]["dev"]))
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    listed = {}
+    for dep in env["dependencies"]:
+        for req in dep["pip"] if isinstance(dep, dict) else [dep]:
+            name, spec = normalise(req)
+            if name not in ("python", "pip"):
+                listed[name] = spec
+    assert listed == wanted
+
+
+def test_torch_requirement_is_a_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_req = next(r for r in project["dependencies"] if r.startswith("torch"))
+    assert ">=" in torch_req and "==" not in torch_req

@@ -1,0 +1,179 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.presets import preset
+from moe_tutorial.train import (
+    TrainConfig,
+    learning_rate_at,
+    load_checkpoint,
+    make_optimizer,
+    model_from_checkpoint,
+    train,
+)
+
+
+def tiny(dataset, **overrides):
+    model_cfg, train_cfg = preset("char-tiny", dataset.tokenizer.vocab_size, progress=False, **overrides)
+    torch.manual_seed(train_cfg.seed)
+    return GPT(model_cfg), train_cfg
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_iters=-1), "max_iters"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(min_lr=1.0, learning_rate=0.1), "min_lr"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(grad_accum_steps=0), "grad_accum_steps"),
+])
+def test_train_config_validation(bad, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**bad)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(max_iters=1000, warmup_iters=100, learning_rate=1e-3, min_lr=1e-4)
+    lrs = [learning_rate_at(s, cfg) for s in range(1100)]
+    assert lrs[0] < lrs[50] < lrs[99] <= 1e-3
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[100:1000], lrs[101:1000]))  # monotone decay
+    assert lrs[999] == pytest.approx(1e-4, rel=1e-3) and lrs[1050] == 1e-4
+
+
+def test_weight_decay_only_on_matrices(tiny_dataset):
+    model, cfg = tiny(tiny_dataset)
+    decay, no_decay = make_optimizer(model, cfg).param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+
+
+def test_loss_falls_and_run_is_deterministic(tiny_dataset):
+    model, cfg = tiny(tiny_dataset)
+    history = train(model, tiny_dataset, cfg)
+    assert history.val_loss[-1] < history.val_loss[0] < 3.0
+    assert len(history.loss) == cfg.max_iters and history.eval_step == [25, 50]
+    again, _ = tiny(tiny_dataset)
+    assert train(again, tiny_dataset, cfg).loss == history.loss
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_dataset):
+    """Two micro-batches of 4 give the same update as the gradient of their average."""
+    model, cfg = tiny(tiny_dataset, batch_size=4, grad_accum_steps=2, max_iters=1, eval_iters=1)
+    big, _ = tiny(tiny_dataset)
+    big.load_state_dict(model.state_dict())
+    from moe_tutorial.data import get_batch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    xs, ys = zip(*(get_batch(tiny_dataset.train, 4, model.config.block_size, g) for _ in range(2)))
+    train(model, tiny_dataset, cfg)
+    big_cfg = TrainConfig(**{**cfg.__dict__, "batch_size": 8, "grad_accum_steps": 1})
+    opt = make_optimizer(big, big_cfg)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate_at(0, big_cfg)
+    _, loss = big(torch.cat(xs), torch.cat(ys))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(big.parameters(), big_cfg.grad_clip)
+    opt.step()
+    for a, b in zip(model.parameters(), big.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_matches_uninterrupted_run(tiny_dataset, tmp_path):
+    model, cfg = tiny(tiny_dataset)
+    full = train(model, tiny_dataset, cfg)
+
+    ckpt = tmp_path / "ckpt.pt"
+    first, half_cfg = tiny(tiny_dataset, max_iters=25, lr_decay_iters=50)  # interrupted at 25
+    train(first, tiny_dataset, half_cfg, checkpoint_path=ckpt)
+    second, _ = tiny(tiny_dataset)
+    resumed = train(second, tiny_dataset, cfg, checkpoint_path=ckpt, resume=True)
+    assert resumed.loss == full.loss  # bitwise: same batches, same optimizer state
+    assert resumed.val_loss == full.val_loss
+    for a, b in zip(model.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_with_dropout_is_exact(tiny_dataset, tmp_path):
+    """Dropout draws from the global RNG: the checkpoint must carry its state."""
+    from moe_tutorial.presets import PRESETS
+
+    model_kwargs = {**PRESETS["char-tiny"][0], "dropout": 0.2}
+    cfg = TrainConfig(**{**PRESETS["char-tiny"][1], "progress": False})
+
+    def fresh():
+        torch.manual_seed(0)
+        return GPT(GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, **model_kwargs))
+
+    full = train(fresh(), tiny_dataset, cfg)
+    ckpt = tmp_path / "ckpt.pt"
+    interrupted = TrainConfig(**{**cfg.__dict__, "max_iters": 25, "lr_decay_iters": 50})
+    train(fresh(), tiny_dataset, interrupted, checkpoint_path=ckpt)
+    torch.manual_seed(123)  # disturb the global RNG: the checkpoint must restore it
+    resumed = train(fresh(), tiny_dataset, cfg, checkpoint_path=ckpt, resume=True)
+    assert resumed.loss == full.loss
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_model(tiny_dataset, tmp_path):
+    model, cfg = tiny(tiny_dataset, max_iters=5, eval_interval=5)
+    ckpt = tmp_path / "ckpt.pt"
+    train(model, tiny_dataset, cfg, checkpoint_path=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 5
+    rebuilt = model_from_checkpoint(state)
+    x = torch.randint(tiny_dataset.tokenizer.vocab_size, (1, 8))
+    model.eval(), rebuilt.eval()
+    assert torch.equal(model(x)[0], rebuilt(x)[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
+
+
+def test_resume_refuses_a_different_config(tiny_dataset, tmp_path):
+    model, cfg = tiny(tiny_dataset, max_iters=2, eval_interval=2)
+    ckpt = tmp_path / "ckpt.pt"
+    train(model, tiny_dataset, cfg, checkpoint_path=ckpt)
+    other = GPT(GPTConfig(**{**model.config.to_dict(), "n_embd": 64}))
+    with pytest.raises(ValueError, match="n_embd"):
+        train(other, tiny_dataset, cfg, checkpoint_path=ckpt, resume=True)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_bf16_autocast_and_activation_checkpointing(tiny_dataset):
+    model, cfg = tiny(tiny_dataset, max_iters=20, dtype="bfloat16")
+    assert train(model, tiny_dataset, cfg).loss[-1] < 3.5
+    plain, cfg = tiny(tiny_dataset, max_iters=3, eval_interval=3)
+    ckpt_model, ckpt_cfg = tiny(tiny_dataset, max_iters=3, eval_interval=3, activation_checkpointing=True)
+    assert train(plain, tiny_dataset, cfg).loss == pytest.approx(
+        train(ckpt_model, tiny_dataset, ckpt_cfg).loss, abs=1e-6)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown preset"):
+        preset("huge", 65)
+
+
+def test_cli_trains_and_samples(tmp_path, shakespeare_file):
+    from conftest import copy_into
+
+    cache = tmp_path / "cache"
+    copy_into(shakespeare_file, cache / "tinyshakespeare.txt")
+    cmd = [sys.executable, "-m", "moe_tutorial.train", "--preset", "char-tiny", "--max-iters", "20",
+           "--out-dir", str(tmp_path / "out"), "--sample", "50", "--no-progress", "--threads", "1"]
+    env = {"MOE_TUTORIAL_DATA": str(cache), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+    assert "val loss" in out and (tmp_path / "out" / "ckpt.pt").exists()
+    resumed = subprocess.run(cmd[:6] + ["30"] + cmd[7:] + ["--resume"], capture_output=True, text=True,
+                             env=env, timeout=120, check=True).stdout
+    assert "30 iters" in resumed
