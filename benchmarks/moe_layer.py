@@ -8,11 +8,12 @@ For top-1 and top-2 routing with E=8 experts, at the course's char-model shape (
   dense    a GELU MLP with hidden = top_k * h: the same matmul FLOPs per token as the MoE
   hf-loop  a per-expert loop in the style of Hugging Face's Mixtral block: a one-hot expert
            mask, torch.where per expert, index_add_ back (same router, same experts)
-Capacity is set high enough (factor E) that no token is dropped,
-so all three do the same work. Median of repeats, 2 threads; ratios are within this run.
+Capacity is set high enough (factor E) that no token is dropped, so all three do the same work.
+Median of 40 interleaved repeats, 2 threads; ratios are within this run.
 """
 
 import argparse
+import statistics
 
 import torch
 import torch.nn as nn
@@ -58,10 +59,23 @@ def fwd_bwd(module, x):
     return run
 
 
+def interleaved_medians(runs, repeats, warmup=3):
+    """Median seconds of each run, timed in turn (A, B, C, A, B, C, ...) so that drifts in
+    machine speed hit every contender alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].append(median_seconds(run, repeats=1, warmup=0))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"E={N_EXPERTS}, forward+backward, median of {args.repeats}, {args.threads} threads")
@@ -78,8 +92,8 @@ def main():
             dense.c_proj = nn.Linear(top_k * 4 * d, d, bias=False)
             loop = HFStyleLoopMoE(moe)
             x = torch.randn(tokens // 256, 256, d, requires_grad=True)
-            t = {label: median_seconds(fwd_bwd(m, x), repeats=args.repeats, warmup=3)
-                 for label, m in (("dense", dense), ("moe", moe), ("hf", loop))}
+            t = interleaved_medians({"dense": fwd_bwd(dense, x), "moe": fwd_bwd(moe, x),
+                                     "hf": fwd_bwd(loop, x)}, args.repeats)
             print(f"{name:<17}{top_k:>6}{t['dense'] * 1e3:>10.2f}{t['moe'] * 1e3:>9.2f}{t['hf'] * 1e3:>12.2f}"
                   f"{t['moe'] / t['dense']:>11.2f}{t['hf'] / t['dense']:>10.2f}{t['moe'] / t['hf']:>8.2f}")
 

@@ -86,7 +86,7 @@ for chunk in (slice(0, 2), slice(2, 4), slice(4, 6)):
     acc = acc * torch.exp(m - new_m) + p @ values[chunk]
     m = new_m
     print(f"after keys {chunk.start}..{chunk.stop - 1}: m={m.item():.1f}  l={l.item():.4f}  acc={acc.item():.4f}")
-print("online:", (acc / l).item(), "  direct:", (F.softmax(x, dim=0) @ values).item())
+print(f"online: {(acc / l).item():.6f}   direct: {(F.softmax(x, dim=0) @ values).item():.6f}")
 assert torch.allclose(acc / l, F.softmax(x, dim=0) @ values)
 
 # %% [markdown]
@@ -174,7 +174,7 @@ for i, q_start in enumerate(range(0, T, block)):
 fig, ax = plt.subplots(figsize=(3.5, 3.5))
 ax.imshow(tiles, cmap="Blues", vmin=0, vmax=2)
 ax.set(xlabel="key block", ylabel="query block",
-       title=f"{int((tiles > 0).sum())} of {n * n} tiles visited")
+       title=f"{int((tiles > 0).sum())} of {n * n} tiles visited\n(dark: full, light: masked, white: skipped)")
 plt.show()
 print(f"visited {int((tiles > 0).sum())} tiles, masked {int((tiles == 1).sum())}, skipped {int((tiles == 0).sum())}")
 
@@ -342,7 +342,8 @@ from moe_tutorial.train import train
 dataset = shakespeare_dataset(progress=False)
 losses = {}
 for impl in ("sdpa", "flash"):
-    model_cfg, train_cfg = preset("char-tiny", dataset.tokenizer.vocab_size, max_iters=60, progress=False)
+    model_cfg, train_cfg = preset("char-tiny", dataset.tokenizer.vocab_size, max_iters=200, eval_interval=100,
+                                  progress=False)
     model_cfg.attn_impl = impl
     torch.manual_seed(0)
     losses[impl] = train(GPT(model_cfg), dataset, train_cfg)

@@ -19,8 +19,21 @@ def grouped_matmul(x, weight, counts):
     """Rows of x (M, K) in expert order, counts (E,) per expert, weight (E, K, N) -> (M, N)."""
     if HAS_GROUPED_MM and _aligned(x, weight):
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-        return F.grouped_mm(x, weight.to(x.dtype), offs=offsets)
+        return _ContiguousGrad.apply(F.grouped_mm(x, weight.to(x.dtype), offs=offsets))
     return per_expert_matmul(x, weight, counts)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's CPU backward rejects
+    broadcast (stride-0) gradients such as the one `y.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _aligned(x, weight):

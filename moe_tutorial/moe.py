@@ -17,15 +17,17 @@ def dispatch_and_combine(x, routing: Routing, experts: Experts):
 
     x (N, C) -> (N, C). Dropped assignments are left out, so their tokens get zero from this
     layer. Cost: one gather, one grouped matmul pair, one scatter-add; no loop over tokens.
+    (index_select rather than x[idx]: on CPU its backward is ~10x faster.)
     """
-    N, k = routing.expert.shape
-    token = torch.arange(N, device=x.device)[:, None].expand(N, k)[routing.kept]  # (M,)
-    expert = routing.expert[routing.kept]  # (M,)
-    gate = routing.gate[routing.kept]  # (M,)
+    k = routing.expert.size(1)
+    assignment = routing.kept.reshape(-1).nonzero().squeeze(1)  # (M,) kept, into the (N*k) grid
+    expert = routing.expert.reshape(-1).index_select(0, assignment)
     order = torch.argsort(expert, stable=True)  # group by expert, token order within a group
-    token, expert, gate = token[order], expert[order], gate[order]
+    assignment, expert = assignment.index_select(0, order), expert.index_select(0, order)
+    token = assignment // k  # (M,) which token each sorted row comes from
+    gate = routing.gate.reshape(-1).index_select(0, assignment)  # (M,) differentiable
     counts = torch.bincount(expert, minlength=experts.n_experts)  # (E,)
-    y = experts(x[token], counts)  # (M, C)
+    y = experts(x.index_select(0, token), counts)  # (M, C)
     weighted = (y.float() * gate[:, None]).to(x.dtype)  # the gate carries the router's gradient
     return torch.zeros_like(x).index_add(0, token, weighted)
 

@@ -4,12 +4,13 @@ from .model import GPTConfig
 from .train import TrainConfig
 
 PRESETS = {
-    # The course's default character-level recipe; benchmarks/char_gpt.py measures it
-    # against nanoGPT's CPU recipe below at equal wall time.
+    # The course's default character-level recipe: nanoGPT's CPU model and batch shape with a
+    # 3x higher learning rate (a short run can afford it) and 10% fewer steps, so it finishes
+    # within the reference's wall time. benchmarks/char_gpt.py measures both in one run.
     "char": (
-        dict(block_size=128, n_layer=4, n_head=4, n_embd=128),
-        dict(batch_size=16, max_iters=2000, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
-             eval_interval=500, eval_iters=20),
+        dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
+        dict(batch_size=12, max_iters=1800, learning_rate=3e-3, min_lr=3e-4, warmup_iters=100,
+             eval_interval=250, eval_iters=20),
     ),
     # nanoGPT's README recipe for a CPU (train_shakespeare_char with the CPU overrides):
     # 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iters, lr 1e-3, no dropout.

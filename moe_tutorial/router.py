@@ -34,6 +34,12 @@ class Routing:
         return ~self.kept[:, 0]
 
     @property
+    def top_choice_share(self) -> torch.Tensor:
+        """(E,) fraction of tokens whose first choice is each expert: the router's demand,
+        before capacity cuts it (f_i of the load-balancing loss)."""
+        return torch.bincount(self.expert[:, 0], minlength=self.probs.size(1)).float() / self.expert.size(0)
+
+    @property
     def counts(self) -> torch.Tensor:
         """(E,) tokens each expert processes (kept assignments only)."""
         return torch.bincount(self.expert[self.kept], minlength=self.probs.size(1))
@@ -90,13 +96,18 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         # "Selective precision": the softmax over experts is sensitive to rounding, so the
         # router runs in fp32 whatever autocast does to the rest of the model.
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            return F.linear(x, self.gate.weight)  # already fp32: skip the context switch
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.gate.weight.float())
 
     def forward(self, x, capacity_factor):
         logits = self.logits(x)  # (N, E)
         probs = F.softmax(logits, dim=-1)
-        gate, expert = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        if self.top_k == 1:
+            gate, expert = probs.max(dim=-1, keepdim=True)  # (N, 1) each; cheaper than topk
+        else:
+            gate, expert = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
         if self.top_k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)  # renormalise over the chosen experts
         cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)

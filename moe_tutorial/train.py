@@ -103,7 +103,7 @@ class History:
     tokens: int = 0
     # MoE models only, one row per step, one entry per MoE layer:
     moe_loss: list = field(default_factory=list)  # load-balancing + z-loss (already weighted)
-    expert_load: list = field(default_factory=list)  # fraction of assignments each expert took
+    expert_load: list = field(default_factory=list)  # share of tokens whose top choice is each expert
     dropped: list = field(default_factory=list)  # fraction of tokens whose first choice was dropped
 
     def record_routing(self, model, moe_loss):
@@ -112,7 +112,7 @@ class History:
         if not routings:
             return
         self.moe_loss.append(moe_loss)
-        self.expert_load.append([(r.counts.float() / r.kept.numel()).tolist() for r in routings])
+        self.expert_load.append([r.top_choice_share.tolist() for r in routings])
         self.dropped.append([r.dropped.float().mean().item() for r in routings])
 
     @property

@@ -16,7 +16,8 @@ def normalise(requirement):
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = dict(map(normalise, project["dependencies"] + project["optional-dependencies"]["dev"]))
+    extras = [req for group in project["optional-dependencies"].values() for req in group]
+    wanted = dict(map(normalise, project["dependencies"] + extras))
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     listed = {}
     for dep in env["dependencies"]:

@@ -1,0 +1,230 @@
+"""The notebooks as a learner meets them: JupyterLab in headless Chromium, driven by Playwright.
+
+Needs Debian's `chromium` (apt-get install -y chromium) and the `browser` extra
+(pip install -e ".[browser]"). Run only these: pytest -m browser; skip them: pytest -m "not browser".
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("MOE_TUTORIAL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+EXPLORER_NOTEBOOK = "03_switch_routing.ipynb"
+
+# Stands in for notebook 03's training section, which takes minutes: a Switch MoE trained for a
+# few seconds, bound to the names the explorer cell uses (`dataset`, `models`).
+QUICK_MODEL_CELL = """
+import torch
+from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.presets import preset
+from moe_tutorial.train import train
+
+dataset = shakespeare_dataset(progress=False)
+model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=40, eval_interval=40,
+                              eval_iters=2, progress=False)
+torch.manual_seed(0)
+models = {"Switch MoE": GPT(GPTConfig(**{**model_cfg.to_dict(), "n_experts": 8, "moe_every": 2}))}
+train(models["Switch MoE"], dataset, train_cfg)
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def code_cell(source):
+    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
+
+
+def explorer_notebook(dest):
+    """Notebook 03's setup cell and its own explorer cell, after the quick model above."""
+    nb = json.loads((ROOT / "notebooks" / EXPLORER_NOTEBOOK).read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    explorer = next(c for c in code if "RoutingExplorer(" in "".join(c["source"]))
+    nb["cells"] = [code_cell("".join(code[0]["source"])), code_cell(QUICK_MODEL_CELL),
+                   code_cell("".join(explorer["source"]))]
+    dest.write_text(json.dumps(nb))
+
+
+@pytest.fixture(scope="module")
+def chromium_path():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}. Install it with `apt-get install -y chromium` "
+                    f"(or set MOE_TUTORIAL_CHROMIUM), or skip these tests with pytest -m 'not browser'.")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.fail("Playwright is missing: pip install -e '.[browser]' (never `playwright install`: "
+                    "it downloads a browser; the tests use Debian's Chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, shakespeare_dir):
+    """A JupyterLab server on 127.0.0.1 over a temporary copy of the notebooks."""
+    work = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", work / "notebooks")
+    explorer_notebook(work / "notebooks" / "explorer_check.ipynb")
+    port, token = free_port(), secrets.token_hex(16)
+    runtime = work / "runtime"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "IPYTHONDIR": str(work / "ipython"),
+           "MPLCONFIGDIR": str(work / "mpl"), "MOE_TUTORIAL_DATA": str(shakespeare_dir),
+           "JUPYTER_CONFIG_DIR": str(work / "config")}
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+           "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0",
+           f"--ServerApp.root_dir={work / 'notebooks'}", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+           "jupyterlab.NeverCheckForUpdate"]
+    log = open(work / "lab.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"jupyter lab did not start; log:\n{(work / 'lab.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield {"url": url, "token": token, "dir": work}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    from moe_tutorial.data import SHAKESPEARE_FILENAME, data_dir
+
+    src = next((p for p in (data_dir() / SHAKESPEARE_FILENAME, ROOT.parent / "shared" / "data" / SHAKESPEARE_FILENAME)
+                if p.exists()), None)
+    if src is None:
+        pytest.fail("tinyshakespeare.txt is not in the data cache; see data/README.md")
+    cache = tmp_path_factory.mktemp("data")
+    shutil.copy(src, cache / SHAKESPEARE_FILENAME)
+    return cache
+
+
+@pytest.fixture
+def page(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page_errors(page):
+    """Uncaught JavaScript errors in the page: a broken front end shows up here."""
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    return errors
+
+
+def open_notebook(page, lab, name):
+    page.goto(f"{lab['url']}/lab/tree/{name}?reset&token={lab['token']}")  # reset: no restored tabs
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden)", timeout=30_000)
+    try:  # JupyterLab 4 asks which kernel to use on first open
+        page.locator(".jp-Dialog .jp-mod-accept").click(timeout=5_000)
+    except Exception:
+        pass
+    page.locator("#jp-main-statusbar").get_by_text(re.compile(r"\| Idle")).wait_for(timeout=30_000)
+
+
+def run_all(page):
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").click(position={"x": 400, "y": 5})
+    page.keyboard.press("Escape")
+    page.get_by_text("Run", exact=True).first.click()
+    page.get_by_text("Run All Cells", exact=True).click()
+
+
+def dropped_count(page):
+    return page.locator(".moe-routing-explorer .moe-text .dropped").count()
+
+
+def capacity_bottom(page):
+    line = page.locator(".moe-routing-explorer .capacity-line")
+    return int(line.get_attribute("data-capacity")), line.evaluate("el => el.style.bottom")
+
+
+def test_explorer_reacts_to_slider_and_text(page, page_errors, lab, tmp_path):
+    open_notebook(page, lab, "explorer_check.ipynb")
+    run_all(page)
+    panel = page.locator(".moe-routing-explorer")
+    panel.wait_for(state="attached", timeout=60_000)
+    panel.scroll_into_view_if_needed()
+    panel.wait_for(state="visible")
+    page.locator(".moe-routing-explorer .moe-text span").first.wait_for()
+
+    spans = page.locator(".moe-routing-explorer .moe-text span")
+    experts = set(spans.evaluate_all("els => els.map(e => e.dataset.expert)"))
+    assert len(experts) > 1, "every character shows the same expert"
+    before_dropped = dropped_count(page)
+    before_capacity, before_bottom = capacity_bottom(page)
+
+    handle = page.locator(".moe-routing-explorer .widget-slider .noUi-handle")
+    handle.click()
+    for _ in range(10):  # 10 steps of 0.05: capacity factor 1.0 -> 0.5
+        handle.press("ArrowLeft")
+    readout = page.locator(".moe-routing-explorer .widget-readout")
+    page.wait_for_function("el => el.textContent.trim() == '0.50'", arg=readout.element_handle(), timeout=15_000)
+    page.wait_for_function(  # the kernel re-renders about a second later
+        "c => document.querySelector('.moe-routing-explorer .capacity-line').dataset.capacity < c / 2 + 1",
+        arg=before_capacity, timeout=15_000)
+    after_capacity, after_bottom = capacity_bottom(page)
+    assert after_capacity < before_capacity and after_bottom != before_bottom
+    assert dropped_count(page) > before_dropped
+    panel.screenshot(path=str(tmp_path / "routing_explorer_slider.png"))
+
+    textarea = page.locator(".moe-routing-explorer textarea")
+    textarea.fill("To be, or not to be")
+    textarea.press("Tab")  # Textarea syncs on change
+    page.wait_for_function("() => document.querySelectorAll('.moe-routing-explorer .moe-text span').length == 19",
+                           timeout=15_000)
+    shown = "".join(spans.evaluate_all("els => els.map(e => e.textContent)")).replace("\xa0", " ")
+    assert shown == "To be, or not to be"
+
+    shot = tmp_path / "routing_explorer.png"
+    panel.screenshot(path=str(shot))
+    print(f"screenshot: {shot}")
+    assert not page_errors, page_errors
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
+def test_notebook_opens_without_frontend_errors(page, page_errors, lab, name):
+    open_notebook(page, lab, name)
+    assert page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").count() > 5
+    # committed widget outputs show as saved state: no "Error displaying widget" from the renderer
+    assert page.get_by_text("Error displaying widget").count() == 0
+    assert not page_errors, page_errors
