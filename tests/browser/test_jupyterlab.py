@@ -101,9 +101,10 @@ def lab(tmp_path_factory, shakespeare_dir):
             try:
                 urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
                 break
-            except OSError:
+            except OSError as err:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"jupyter lab did not start; log:\n{(work / 'lab.log').read_text()[-3000:]}")
+                    log_tail = (work / "lab.log").read_text()[-3000:]
+                    raise RuntimeError(f"jupyter lab did not start; log:\n{log_tail}") from err
                 time.sleep(0.5)
         yield {"url": url, "token": token, "dir": work}
     finally:
