@@ -209,7 +209,7 @@ assert passed  # solutions-only
 # put the results back in place. This version loops over experts for clarity. The package's
 # `MoE` does the same with the experts' weights stacked in `(E, C, H)` tensors: it sorts the kept
 # tokens by expert and runs all experts with one grouped matrix multiply
-# (`moe_tutorial.moe.dispatch_and_combine`).
+# (`moe_tutorial.dispatch.sort_dispatch`).
 
 # %%
 from moe_tutorial.moe import MoE

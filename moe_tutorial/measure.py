@@ -6,6 +6,7 @@ Peak memory is read from the operating system: the process's resident-set high-w
 only PyTorch's. Each point runs in a new Python process, so no point inherits another's heap.
 
     python -m moe_tutorial.measure attention --impl flash --seq-len 4096 --backward
+    python -m moe_tutorial.measure dispatch --dispatch einsum --tokens 4096 --n-experts 32
 """
 
 import argparse
@@ -90,6 +91,30 @@ def attention_point(impl, seq_len, backward=False, batch=1, heads=8, head_dim=64
             "extra_mib": max(extra_mib, 0.0)}
 
 
+def dispatch_point(dispatch, tokens, n_experts, n_embd=128, top_k=2, repeats=5, threads=2):
+    """Forward+backward time and peak extra memory of one MoE layer with a given dispatch."""
+    from .model import GPTConfig
+    from .moe import MoE
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    layer = MoE(GPTConfig(vocab_size=8, n_embd=n_embd, n_head=1, n_experts=n_experts, top_k=top_k,
+                          dispatch=dispatch)).train()
+    x = torch.randn(tokens // 64, 64, n_embd, requires_grad=True)
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+
+    small = torch.randn(1, 64, n_embd)
+    layer(small).sum().backward()  # load kernels before the baseline
+    baseline = reset_peak_rss()
+    run()
+    extra_mib = peak_rss_mib() - baseline
+    return {"dispatch": dispatch, "tokens": tokens, "n_experts": n_experts,
+            "seconds": median_seconds(run, repeats=repeats, warmup=0), "extra_mib": max(extra_mib, 0.0)}
+
+
 def measure_in_subprocess(kind, timeout=600, **kwargs):
     """Run `python -m moe_tutorial.measure KIND --key value ...` and return its JSON result."""
     cmd = [sys.executable, "-m", "moe_tutorial.measure", kind]
@@ -116,9 +141,20 @@ def main(argv=None):
     att.add_argument("--head-dim", type=int, default=64)
     att.add_argument("--repeats", type=int, default=3)
     att.add_argument("--threads", type=int, default=2)
+    dis = sub.add_parser("dispatch")
+    dis.add_argument("--dispatch", required=True, choices=["sort", "einsum", "loop"])
+    dis.add_argument("--tokens", type=int, required=True)
+    dis.add_argument("--n-experts", type=int, required=True)
+    dis.add_argument("--top-k", type=int, default=2)
+    dis.add_argument("--repeats", type=int, default=5)
+    dis.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    result = attention_point(args.impl, args.seq_len, args.backward, heads=args.heads,
-                             head_dim=args.head_dim, repeats=args.repeats, threads=args.threads)
+    if args.kind == "attention":
+        result = attention_point(args.impl, args.seq_len, args.backward, heads=args.heads,
+                                 head_dim=args.head_dim, repeats=args.repeats, threads=args.threads)
+    else:
+        result = dispatch_point(args.dispatch, args.tokens, args.n_experts, top_k=args.top_k,
+                                repeats=args.repeats, threads=args.threads)
     print(json.dumps(result))
 
 

@@ -39,6 +39,12 @@ class GPTConfig:
     aux_loss_coef: float = 1e-2  # load-balancing loss weight (alpha)
     z_loss_coef: float = 1e-3  # router z-loss weight
     router_jitter: float = 0.0  # multiplicative noise on the router input, training only
+    router_type: str = "token_choice"  # or "expert_choice" (sees the whole batch: not causal)
+    noisy_gating: bool = False  # Shazeer 2017: learned softplus noise on the logits, training only
+    second_expert_policy: str = "all"  # "random": GShard's stochastic second expert (top_k >= 2)
+    n_shared_experts: int = 0  # DeepSeek: experts every token uses, beside the routed ones
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step (gamma); 0 turns it off
+    dispatch: str = "sort"  # "sort" | "einsum" | "loop": moe_tutorial.dispatch, same outputs
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -78,6 +84,15 @@ class GPTConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "router_jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        choices = {"router_type": ("token_choice", "expert_choice"), "second_expert_policy": ("all", "random"),
+                   "dispatch": ("sort", "einsum", "loop")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            raise ValueError(f"GPTConfig.n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"GPTConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"GPTConfig.expert_hidden must be positive, got {self.expert_hidden}")
 

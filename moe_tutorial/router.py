@@ -5,6 +5,14 @@ scoring experts. Every expert has a fixed capacity, ceil(capacity_factor * k * N
 for N tokens; assignments beyond it are dropped, in priority order (all first choices before any
 second choice, earlier tokens before later ones). A dropped assignment contributes nothing:
 the residual connection carries the token past the layer.
+
+Variants (notebook 04): noisy top-k gating (Shazeer et al. 2017: learned softplus noise on
+the logits, training only), GShard's random routing of the second expert, auxiliary-loss-free
+balancing (DeepSeek-V3: a per-expert bias added to the scores for *selecting* experts only,
+nudged toward even load after every step), and expert choice (Zhou et al. 2022: each expert
+picks its top-C tokens). Expert choice looks at the whole batch at once, so in a causal
+language model a token's routing depends on later tokens: it leaks the future and cannot
+route one token at a time during generation.
 """
 
 import math
@@ -24,19 +32,24 @@ class Routing:
     expert: torch.Tensor  # (N, k) chosen experts, best first
     gate: torch.Tensor  # (N, k) weight of each chosen expert's output (differentiable)
     kept: torch.Tensor  # (N, k) bool: the assignment fits in its expert's capacity
+    position: torch.Tensor  # (N, k) arrival order of the assignment at its expert (its slot if kept)
     capacity: int  # slots per expert
     aux_loss: torch.Tensor  # load-balancing loss, already scaled by its coefficient
     z_loss: torch.Tensor  # router z-loss, already scaled by its coefficient
+    expert_choice: bool = False  # columns are experts (k = E), not a token's ranked choices
 
     @property
     def dropped(self) -> torch.Tensor:
-        """(N,) bool: the token's first choice was dropped (top-1: it skipped the layer)."""
-        return ~self.kept[:, 0]
+        """(N,) bool: no expert processes the token; it skips the layer on the residual."""
+        return ~self.kept.any(dim=1)
 
     @property
     def top_choice_share(self) -> torch.Tensor:
         """(E,) fraction of tokens whose first choice is each expert: the router's demand,
-        before capacity cuts it (f_i of the load-balancing loss)."""
+        before capacity cuts it (f_i of the load-balancing loss). For expert choice, the
+        share of processed assignments."""
+        if self.expert_choice:
+            return self.counts.float() / self.counts.sum().clamp(min=1)
         return torch.bincount(self.expert[:, 0], minlength=self.probs.size(1)).float() / self.expert.size(0)
 
     @property
@@ -50,15 +63,18 @@ def capacity(n_tokens: int, n_experts: int, capacity_factor: float, top_k: int =
     return math.ceil(capacity_factor * top_k * n_tokens / n_experts)
 
 
-def positions_in_expert(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+def positions_in_expert(expert: torch.Tensor, n_experts: int, active=None) -> torch.Tensor:
     """For assignments (N, k), each one's arrival order at its expert, first choices first.
 
     Priority: choice rank, then token order. Flattening choice-major gives exactly that order;
-    a cumulative count per expert then numbers the arrivals 0, 1, 2, ...
+    a cumulative count per expert then numbers the arrivals 0, 1, 2, ... Assignments where
+    `active` (N, k) is False take no slot.
     """
     N, k = expert.shape
     flat = expert.t().reshape(-1)  # (k*N,) all first choices, then all second choices
     one_hot = F.one_hot(flat, n_experts)  # (k*N, E)
+    if active is not None:
+        one_hot = one_hot * active.t().reshape(-1, 1)
     position = (one_hot.cumsum(dim=0) - 1).gather(1, flat[:, None]).squeeze(1)  # (k*N,)
     return position.view(k, N).t()  # (N, k)
 
@@ -81,14 +97,41 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-class Router(nn.Module):
-    """A linear gate over the token's features, computed in fp32 even under autocast."""
+def balance_metrics(routing: Routing) -> dict:
+    """How evenly the router spreads work: load CV, max/mean load, dropped %, router entropy."""
+    load = routing.top_choice_share  # (E,)
+    probs = routing.probs
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
+    return {
+        "load_cv": (load.std(unbiased=False) / load.mean()).item(),
+        "max_over_mean": (load.max() / load.mean()).item(),
+        "dropped_pct": 100.0 * routing.dropped.float().mean().item(),
+        "router_entropy": entropy.item(),  # ln(E) when every token is unsure, 0 when sure
+    }
 
-    def __init__(self, n_embd, n_experts, top_k=1, jitter=0.0, aux_loss_coef=1e-2, z_loss_coef=1e-3):
+
+class Router(nn.Module):
+    """A linear gate over the token's features, computed in fp32 even under autocast.
+
+    Token choice by default; `expert_choice=True` lets experts choose tokens instead.
+    """
+
+    def __init__(self, n_embd, n_experts, top_k=1, jitter=0.0, aux_loss_coef=1e-2, z_loss_coef=1e-3,
+                 noisy=False, second_expert_policy="all", bias_update_rate=0.0, expert_choice=False):
         super().__init__()
+        if second_expert_policy not in ("all", "random"):
+            raise ValueError(f"second_expert_policy must be 'all' or 'random', got {second_expert_policy!r}")
         self.gate = nn.Linear(n_embd, n_experts, bias=False)
+        # Noisy top-k gating: a second linear map sets each expert's noise scale per token.
+        self.noise = nn.Linear(n_embd, n_experts, bias=False) if noisy else None
+        if noisy:
+            nn.init.zeros_(self.noise.weight)  # start at softplus(0) = 0.69 noise; learned from there
+        # Aux-loss-free balancing: added to the scores when selecting experts, never to gates.
+        self.register_buffer("selection_bias", torch.zeros(n_experts))
         self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.second_expert_policy, self.bias_update_rate = second_expert_policy, bias_update_rate
+        self.expert_choice = expert_choice
 
     def logits(self, x):  # (N, C) -> (N, E) fp32
         if self.training and self.jitter > 0:
@@ -97,23 +140,71 @@ class Router(nn.Module):
         # "Selective precision": the softmax over experts is sensitive to rounding, so the
         # router runs in fp32 whatever autocast does to the rest of the model.
         if not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-            return F.linear(x, self.gate.weight)  # already fp32: skip the context switch
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.gate.weight.float())
+            logits = F.linear(x, self.gate.weight)  # already fp32: skip the context switch
+            noise_scale = F.softplus(F.linear(x, self.noise.weight)) if self.noise is not None else None
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.gate.weight.float())
+                noise_scale = (F.softplus(F.linear(x.float(), self.noise.weight.float()))
+                               if self.noise is not None else None)
+        if noise_scale is not None and self.training:
+            logits = logits + torch.randn_like(logits) * noise_scale  # train only
+        return logits
 
     def forward(self, x, capacity_factor):
         logits = self.logits(x)  # (N, E)
         probs = F.softmax(logits, dim=-1)
+        if self.expert_choice:
+            return self._expert_choice(logits, probs, capacity_factor)
+        scores = probs + self.selection_bias if self.bias_update_rate > 0 else probs
         if self.top_k == 1:
-            gate, expert = probs.max(dim=-1, keepdim=True)  # (N, 1) each; cheaper than topk
+            expert = scores.argmax(dim=-1, keepdim=True)  # (N, 1); cheaper than topk
         else:
-            gate, expert = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+            expert = torch.topk(scores, self.top_k, dim=-1).indices  # (N, k)
+        gate = probs.gather(1, expert)  # gates never see the selection bias
         if self.top_k > 1:
-            gate = gate / gate.sum(dim=-1, keepdim=True)  # renormalise over the chosen experts
+            # Renormalise over the chosen experts. This equals Mixtral's softmax over the top-k
+            # logits: exp(l_i) / sum_chosen exp(l_j) either way.
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        active = None
+        if self.second_expert_policy == "random" and self.training and self.top_k > 1:
+            # GShard: send a token to its second expert only with probability 2 * gate_2, so
+            # weak second choices do not use up capacity.
+            active = torch.ones_like(expert, dtype=torch.bool)
+            active[:, 1] = torch.rand_like(gate[:, 1]) < 2 * gate[:, 1].detach()
         cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)
-        kept = positions_in_expert(expert, self.n_experts) < cap
+        position = positions_in_expert(expert, self.n_experts, active)
+        kept = position < cap
+        if active is not None:
+            kept = kept & active
         return Routing(
-            logits=logits, probs=probs, expert=expert, gate=gate, kept=kept, capacity=cap,
+            logits=logits, probs=probs, expert=expert, gate=gate, kept=kept, position=position, capacity=cap,
             aux_loss=self.aux_loss_coef * load_balancing_loss(probs, expert[:, 0]),
             z_loss=self.z_loss_coef * z_loss(logits),
         )
+
+    def _expert_choice(self, logits, probs, capacity_factor):
+        """Each expert takes the C tokens that score it highest; C = ceil(cf * k * N / E).
+
+        Perfectly balanced by construction (no aux loss), but a token may get several experts
+        or none, and the choice depends on every token in the batch, later ones included.
+        """
+        N, E = probs.shape
+        cap = min(capacity(N, E, capacity_factor, self.top_k), N)
+        chosen = torch.topk(probs, cap, dim=0).indices  # (C, E): each expert's tokens
+        kept = torch.zeros(N, E, dtype=torch.bool, device=probs.device)
+        kept[chosen, torch.arange(E, device=probs.device)] = True
+        expert = torch.arange(E, device=probs.device).expand(N, E)  # column j is expert j
+        position = positions_in_expert(expert, E, kept)  # token order within each expert
+        zero = logits.new_zeros(())
+        return Routing(logits=logits, probs=probs, expert=expert, gate=probs, kept=kept, position=position,
+                       capacity=cap, aux_loss=zero, z_loss=self.z_loss_coef * z_loss(logits),
+                       expert_choice=True)
+
+    @torch.no_grad()
+    def update_selection_bias(self, routing: Routing):
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded."""
+        if self.bias_update_rate <= 0:
+            return
+        load = torch.bincount(routing.expert.reshape(-1), minlength=self.n_experts).float()
+        self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)

@@ -243,6 +243,8 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for layer in model.moe_layers():  # aux-loss-free balancing (a no-op unless enabled)
+            layer.router.update_selection_bias(layer.last_routing)
 
         history.step.append(step)
         history.loss.append(loss_sum / cfg.grad_accum_steps)

@@ -1,0 +1,180 @@
+"""Top-k variants, expert choice, shared experts, aux-loss-free balancing, dispatch strategies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_tutorial.dispatch import DISPATCH
+from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.moe import MoE
+from moe_tutorial.router import Router, balance_metrics, positions_in_expert
+
+BASE = dict(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def layer(**kw):
+    return MoE(GPTConfig(**{**BASE, "n_experts": 4, **kw}))
+
+
+def test_top2_priority_first_choices_before_second():
+    # 4 tokens, 2 experts, capacity 2 per expert (k=2: ceil(0.5 * 2 * 4 / 2) = 2).
+    router = Router(2, 2, top_k=2)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(2))
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [0.0, 3.0]])  # first choices: 1, 0, 1, 1
+    r = router(x, capacity_factor=0.5)
+    assert r.capacity == 2
+    assert r.expert[:, 0].tolist() == [1, 0, 1, 1]
+    # expert 1 gets first choices of tokens 0 and 2; token 3's first choice is over capacity even
+    # though token 0's and 1's second choices come earlier in token order.
+    assert r.kept[:, 0].tolist() == [True, True, True, False]
+    # expert 0: token 1 (first choice) then second choices in token order: token 0 fits, 2 and 3 do not
+    assert r.kept[:, 1].tolist() == [True, False, False, False]
+
+
+def test_topk_gates_sum_to_one_and_equal_mixtral_softmax():
+    router = Router(16, 8, top_k=2)
+    x = torch.randn(32, 16)
+    r = router(x, capacity_factor=2.0)
+    torch.testing.assert_close(r.gate.sum(dim=-1), torch.ones(32))
+    top_logits = r.logits.gather(1, r.expert)
+    torch.testing.assert_close(r.gate, F.softmax(top_logits, dim=-1))  # Mixtral's formulation
+
+
+def test_random_second_expert_only_in_training():
+    router = Router(16, 4, top_k=2, second_expert_policy="random").train()
+    torch.manual_seed(0)
+    r = router(torch.randn(2000, 16), capacity_factor=10.0)
+    share = r.kept[:, 1].float().mean().item()
+    expected = torch.clamp(2 * r.gate[:, 1], max=1).mean().item()
+    assert abs(share - expected) < 0.05 and share < 0.99
+    router.eval()
+    assert router(torch.randn(200, 16), capacity_factor=10.0).kept.all()
+
+
+def test_noisy_gating_is_off_in_eval():
+    router = Router(16, 4, noisy=True)
+    x = torch.randn(8, 16)
+    router.eval()
+    assert torch.equal(router.logits(x), router.logits(x))
+    router.train()
+    assert not torch.equal(router.logits(x), router.logits(x))
+    router.logits(x).sum().backward()
+    assert router.noise.weight.grad.abs().sum() > 0  # the noise scale is learned
+
+
+def test_expert_choice_gives_every_expert_exactly_c_tokens():
+    moe = layer(router_type="expert_choice", top_k=1, capacity_factor_eval=1.0).eval()
+    out = moe(torch.randn(2, 12, 16))
+    r = moe.last_routing
+    assert r.capacity == 6  # ceil(1.0 * 24 / 4)
+    assert r.counts.tolist() == [6, 6, 6, 6]
+    assert r.aux_loss.item() == 0.0 and out.shape == (2, 12, 16)
+    assert balance_metrics(r)["load_cv"] == pytest.approx(0.0)
+
+
+def test_expert_choice_leaks_the_future():
+    """Changing the last token can change how an earlier token is routed: not causal."""
+    torch.manual_seed(0)
+    moe = layer(router_type="expert_choice", capacity_factor_eval=0.5).eval()
+    x = torch.randn(1, 16, 16)
+    moe(x)
+    before = moe.last_routing.kept[:-1].clone()
+    changed = x.clone()
+    leaked = False
+    for scale in (-20.0, 20.0, -50.0):
+        changed[0, -1] = x[0, -1] * scale
+        moe(changed)
+        leaked |= not torch.equal(moe.last_routing.kept[:-1], before)
+    assert leaked
+
+
+def test_shared_experts_see_every_token():
+    moe = layer(n_shared_experts=1).eval()
+    moe.capacity_factor_eval = 0.0  # routed experts take nothing: only the shared expert is left
+    x = torch.randn(2, 8, 16)
+    out = moe(x)
+    assert moe.last_routing.dropped.all()
+    expected = moe.shared.expert(0, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_update_balances_a_skewed_router_without_changing_gates():
+    torch.manual_seed(0)
+    router = Router(16, 4, top_k=1, bias_update_rate=0.01)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=0.1)
+        router.gate.weight[0] += 0.1  # a router that prefers expert 0 for most inputs
+    stream = [torch.randn(256, 16) + 1.0 for _ in range(300)]
+    first = router(stream[0], capacity_factor=10.0)
+    assert balance_metrics(first)["max_over_mean"] > 2.0
+    for x in stream:
+        r = router(x, capacity_factor=10.0)
+        router.update_selection_bias(r)
+    last = router(stream[-1], capacity_factor=10.0)
+    assert balance_metrics(last)["max_over_mean"] < 1.3
+    # the gates are the unbiased probabilities of the chosen experts
+    torch.testing.assert_close(last.gate, F.softmax(router.logits(stream[-1]), -1).gather(1, last.expert))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(top_k=1), dict(top_k=2), dict(top_k=2, capacity_factor_eval=0.5), dict(top_k=1, bias=True),
+    dict(router_type="expert_choice"), dict(top_k=2, n_shared_experts=1),
+], ids=["top1", "top2", "top2-drops", "top1-bias", "expert-choice", "top2-shared"])
+def test_dispatch_strategies_agree(kw):
+    torch.manual_seed(0)
+    moe = layer(**kw).eval()
+    if moe.experts.b_fc is not None:
+        torch.nn.init.normal_(moe.experts.b_fc)
+        torch.nn.init.normal_(moe.experts.b_proj)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    outputs, grads = {}, {}
+    for name, fn in DISPATCH.items():
+        moe.dispatch = fn
+        out = moe(x)
+        outputs[name] = out
+        grads[name] = torch.autograd.grad(out.square().sum(), (x, moe.experts.c_fc, moe.router.gate.weight))
+    for name in ("einsum", "loop"):
+        torch.testing.assert_close(outputs[name], outputs["sort"], atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads[name], grads["sort"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_positions_respect_inactive_assignments():
+    expert = torch.tensor([[0], [0], [0]])
+    active = torch.tensor([[True], [False], [True]])
+    assert positions_in_expert(expert, 2, active)[:, 0].tolist()[::2] == [0, 1]
+
+
+def test_balance_metrics_values():
+    probs = torch.full((8, 4), 0.25)
+    moe = layer()
+    r = moe.router(torch.randn(8, 16), capacity_factor=2.0)
+    r.probs = probs
+    m = balance_metrics(r)
+    assert m["router_entropy"] == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    assert set(m) == {"load_cv", "max_over_mean", "dropped_pct", "router_entropy"}
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(router_type="random"), "router_type"),
+    (dict(second_expert_policy="sometimes"), "second_expert_policy"),
+    (dict(dispatch="magic"), "dispatch"),
+    (dict(n_shared_experts=-1), "n_shared_experts"),
+    (dict(bias_update_rate=-0.1), "bias_update_rate"),
+])
+def test_variant_config_validation(bad, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**BASE, "n_experts": 4, **bad})
+
+
+def test_training_with_aux_free_bias_updates_the_bias(tiny_dataset):
+    from moe_tutorial.presets import preset
+    from moe_tutorial.train import train
+
+    model_cfg, train_cfg = preset("char-tiny", tiny_dataset.tokenizer.vocab_size, progress=False, max_iters=10)
+    model_cfg = GPTConfig(**{**model_cfg.to_dict(), "n_experts": 4, "aux_loss_coef": 0.0,
+                             "bias_update_rate": 0.01})
+    model = GPT(model_cfg)
+    train(model, tiny_dataset, train_cfg)
+    assert all(m.router.selection_bias.abs().sum() > 0 for m in model.moe_layers())
