@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import moe_tutorial.exercises.ch01  # noqa: F401  (registers the checks)
+import moe_tutorial.exercises.ch02  # noqa: F401
+import moe_tutorial.exercises.ch03  # noqa: F401
+import moe_tutorial.exercises.ch04  # noqa: F401
 from moe_tutorial.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +75,97 @@ def _probs_ignores_top_k(logits, temperature, top_k):
     return F.softmax(logits / temperature, dim=-1)
 
 
+# notebook 02
+def _merge_no_rescale(a, b):
+    return torch.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2]
+
+
+def _merge_min(a, b):
+    m = torch.minimum(a[0], b[0])
+    sa, sb = torch.exp(a[0] - m), torch.exp(b[0] - m)
+    return m, a[1] * sa + b[1] * sb, a[2] * sa[:, None] + b[2] * sb[:, None]
+
+
+def _attend_no_online(q, k, v, block_k):  # softmax per block, no running max/sum: wrong for >1 block
+    outs = [F.softmax(q @ k[s:s + block_k].T / q.size(-1) ** 0.5, -1) @ v[s:s + block_k]
+            for s in range(0, k.size(0), block_k)]
+    return sum(outs) / len(outs), torch.logsumexp(q @ k.T / q.size(-1) ** 0.5, -1)
+
+
+def _attend_unscaled(q, k, v, block_k):
+    s = q @ k.T
+    return F.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def _blocks_all(q_start, q_end, T, block_k):
+    return [(s, min(s + block_k, T), True) for s in range(0, T, block_k)]
+
+
+def _blocks_no_mask_flag(q_start, q_end, T, block_k):
+    return [(s, min(s + block_k, T), False) for s in range(0, T, block_k) if s <= q_end - 1]
+
+
+# notebook 03
+def _kept_all(expert, n_experts, capacity):
+    return torch.ones_like(expert, dtype=torch.bool)
+
+
+def _kept_latest(expert, n_experts, capacity):  # keeps the last tokens instead of the first
+    flipped = expert.flip(0)
+    one_hot = F.one_hot(flipped, n_experts)
+    pos = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    return (pos < capacity).flip(0)
+
+
+def _lb_soft_f(probs):
+    return probs.size(1) * (probs.mean(0) * probs.mean(0)).sum()
+
+
+def _lb_no_scale(probs):
+    f = torch.bincount(probs.argmax(-1), minlength=probs.size(1)).float() / probs.size(0)
+    return (f * probs.mean(0)).sum()
+
+
+def _z_mean_sq_logits(logits):
+    return logits.square().mean()
+
+
+def _z_naive(logits):
+    return torch.log(torch.exp(logits).sum(-1)).square().mean()
+
+
+def _z_no_square(logits):
+    return torch.logsumexp(logits, -1).mean()
+
+
+# notebook 04
+def _top2_raw(logits):
+    p = F.softmax(logits, -1)
+    g, e = torch.topk(p, 2, -1)
+    return e, g
+
+
+def _top2_worst_first(logits):
+    e, g = _top2_raw(logits)
+    return e.flip(-1), (g / g.sum(-1, keepdim=True)).flip(-1)
+
+
+def _bias_reversed(bias, load, rate):
+    return bias - rate * torch.sign(load.mean() - load)
+
+
+def _bias_proportional(bias, load, rate):
+    return bias + rate * (load.mean() - load)
+
+
+def _mask_with_dropped(expert, position, kept, n_experts, capacity):
+    mask = torch.zeros(expert.size(0), n_experts, capacity)
+    for n in range(expert.size(0)):
+        for j in range(expert.size(1)):
+            mask[n, expert[n, j], min(position[n, j], capacity - 1)] = 1.0
+    return mask
+
+
 def _unsolved(*args):
     raise NotImplementedError
 
@@ -80,6 +174,15 @@ WRONG_ANSWERS = {
     "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2]],
     "attention_head": [_head_unscaled, _head_not_causal, _head_swapped],
     "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k],
+    "merge_softmax_states": [_merge_no_rescale, _merge_min],
+    "attend_one_query_block": [_attend_no_online, _attend_unscaled],
+    "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag],
+    "assign_with_capacity": [_kept_all, _kept_latest],
+    "switch_load_balancing_loss": [_lb_soft_f, _lb_no_scale],
+    "router_z_loss": [_z_mean_sq_logits, _z_naive, _z_no_square],
+    "top2_gates": [_top2_raw, _top2_worst_first],
+    "update_selection_bias": [_bias_reversed, _bias_proportional],
+    "dispatch_mask": [_mask_with_dropped],
 }
 
 WALKTHROUGHS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
