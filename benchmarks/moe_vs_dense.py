@@ -5,7 +5,7 @@
 After a warm-up, every variant's step time is measured (30 steps after 5 untimed ones); then
 each trains for as many steps as fit in the budget
 (cosine schedule over that many steps, the `char` recipe otherwise). Val loss over 100 fixed
-validation batches. Variants as in notebook 04: compute per token held at the dense MLP's.
+validation batches. Variants: moe_tutorial.presets.MOE_VARIANTS (notebook 04 trains the same).
 """
 
 import argparse
@@ -15,23 +15,14 @@ import torch
 
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.model import GPT, GPTConfig
-from moe_tutorial.presets import preset
+from moe_tutorial.presets import MOE_VARIANTS, preset
 from moe_tutorial.train import estimate_loss, fixed_batches, train
-
-C = 128
-VARIANTS = {
-    "dense": {},
-    "switch-top1": dict(n_experts=8, top_k=1, moe_every=2),
-    "top2": dict(n_experts=8, top_k=2, moe_every=2, expert_hidden=2 * C),
-    "top2-shared": dict(n_experts=8, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=172),
-    "auxfree-top1": dict(n_experts=8, top_k=1, moe_every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
-}
 
 
 def build(name, dataset, **train_overrides):
     model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, progress=False, **train_overrides)
     torch.manual_seed(train_cfg.seed)
-    return GPT(GPTConfig(**{**model_cfg.to_dict(), **VARIANTS[name]})), train_cfg
+    return GPT(GPTConfig(**{**model_cfg.to_dict(), **MOE_VARIANTS[name]})), train_cfg
 
 
 def seconds_per_step(name, dataset, steps=30):
@@ -47,7 +38,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=100.0, help="training budget per variant")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(MOE_VARIANTS), choices=list(MOE_VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = shakespeare_dataset(progress=False)
@@ -63,10 +54,10 @@ def main():
         rows.append((name, total, steps[name], history.elapsed, estimate_loss(model, val, cfg)))
     dense_loss = next((r[4] for r in rows if r[0] == "dense"), None)
     print(f"equal wall time ~{args.seconds:.0f} s per variant, {args.threads} threads")
-    print(f"{'variant':<14}{'params':>11}{'steps':>7}{'seconds':>9}{'val loss':>10}{'vs dense':>10}")
+    print(f"{'variant':<21}{'params':>11}{'steps':>7}{'seconds':>9}{'val loss':>10}{'vs dense':>10}")
     for name, total, steps, seconds, loss in rows:
         delta = f"{loss - dense_loss:+.4f}" if dense_loss is not None else ""
-        print(f"{name:<14}{total:>11,}{steps:>7}{seconds:>9.1f}{loss:>10.4f}{delta:>10}")
+        print(f"{name:<21}{total:>11,}{steps:>7}{seconds:>9.1f}{loss:>10.4f}{delta:>10}")
 
 
 if __name__ == "__main__":

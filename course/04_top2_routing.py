@@ -194,20 +194,14 @@ assert sum(imbalance[-20:]) / 20 < 0.5 * imbalance[0]
 # %%
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.model import GPT
-from moe_tutorial.presets import preset
+from moe_tutorial.presets import MOE_VARIANTS, preset
 from moe_tutorial.train import train
 
 dataset = shakespeare_dataset(progress=False)
-C = 128
-variants = {
-    "dense": {},
-    "Switch top-1": dict(n_experts=8, top_k=1, moe_every=2),
-    "top-2": dict(n_experts=8, top_k=2, moe_every=2, expert_hidden=2 * C),
-    "top-2 + shared": dict(n_experts=8, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=172),
-    "aux-loss-free top-1": dict(n_experts=8, top_k=1, moe_every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
-}
+for name, kwargs in MOE_VARIANTS.items():
+    print(f"{name:<20} {kwargs}")
 histories, models = {}, {}
-for name, kwargs in variants.items():
+for name, kwargs in MOE_VARIANTS.items():
     model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=600, eval_interval=200,
                                   progress=False)
     torch.manual_seed(train_cfg.seed)
@@ -319,7 +313,7 @@ from moe_tutorial.dispatch import DISPATCH
 from moe_tutorial.measure import median_seconds
 
 layer = models["top-2"].moe_layers()[0].train()
-x = torch.randn(12, 64, C, requires_grad=True)  # one char-model batch: 768 tokens
+x = torch.randn(12, 64, 128, requires_grad=True)  # one char-model batch: 768 tokens, C = 128
 outputs = {}
 print(f"{'strategy':<8}{'fwd+bwd ms':>12}")
 for name, fn in DISPATCH.items():

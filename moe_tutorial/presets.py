@@ -28,6 +28,18 @@ PRESETS = {
 }
 
 
+# Notebook 04's comparison and benchmarks/moe_vs_dense.py: GPTConfig fields added to the "char"
+# model. Compute per token is held at the dense model's: top-1 experts are 4C wide (C = 128),
+# top-2 experts 2C, top-2 + shared has three active experts of 172 ~ 4C/3.
+MOE_VARIANTS = {
+    "dense": {},
+    "Switch top-1": dict(n_experts=8, top_k=1, moe_every=2),
+    "top-2": dict(n_experts=8, top_k=2, moe_every=2, expert_hidden=256),
+    "top-2 + shared": dict(n_experts=8, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=172),
+    "aux-loss-free top-1": dict(n_experts=8, top_k=1, moe_every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
+}
+
+
 def preset(name: str, vocab_size: int, **train_overrides):
     """(GPTConfig, TrainConfig) for a named preset; keyword arguments override the recipe."""
     if name not in PRESETS:
