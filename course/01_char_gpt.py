@@ -352,6 +352,14 @@ print(f"trained {train_config.max_iters} steps on {history.tokens:,} tokens in {
 print(f"val loss {history.final_val_loss:.3f} (bigram baseline {bigram_val:.3f})")
 assert history.final_val_loss < 1.85
 
+# %% [markdown]
+# Save the trained model (config + safetensors weights) in the data cache: notebook 05 starts from it.
+
+# %%
+from moe_tutorial.pretrained import char_model_dir, save_pretrained
+
+print("saved to", save_pretrained(model, char_model_dir()))
+
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(history.step, history.loss, alpha=0.4, label="train (per batch)")

@@ -143,3 +143,19 @@ def attention(q, k, v, causal=True, impl="sdpa", dropout_p=0.0):
             )
         return flash_attention(q, k, v, causal)
     raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def cached_attention(q, k, v, past: int):
+    """Attention for queries at positions past, ..., past + Tq - 1 over keys 0, ..., past + Tq - 1.
+
+    q (B, nh, Tq, hs), k and v (B, nh, past + Tq, hs). The causal mask is aligned to the
+    bottom-right: query i sees keys up to past + i. (SDPA's is_causal aligns to the top-left,
+    which is only right when past == 0.)
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if Tq == 1:  # one new token sees every cached position: no mask at all
+        return F.scaled_dot_product_attention(q, k, v)
+    visible = torch.arange(Tk, device=q.device)[None, :] <= torch.arange(past, past + Tq, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)

@@ -67,6 +67,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress:
                 f"Checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
                 f"The download is corrupt or the file changed upstream; nothing was saved to {dest}."
             )
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
         os.replace(tmp, dest)
     except requests.RequestException as err:
         tmp.unlink(missing_ok=True)

@@ -48,8 +48,9 @@ def per_expert_matmul(x, weight, counts):
 
 
 class Experts(nn.Module):
-    def __init__(self, n_experts, n_embd, hidden, bias=False):
+    def __init__(self, n_experts, n_embd, hidden, bias=False, gelu_approximate="none"):
         super().__init__()
+        self.gelu_approximate = gelu_approximate  # "tanh" for GPT-2's weights
         self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, C, H)
         self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, C)
         self.b_fc = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
@@ -74,7 +75,7 @@ class Experts(nn.Module):
         if self.b_fc is not None:
             expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts)
             h = h + self.b_fc[expert_of_row]
-        y = grouped_matmul(F.gelu(h), self.c_proj, counts)  # (M, C)
+        y = grouped_matmul(self.activation(h), self.c_proj, counts)  # (M, C)
         if self.b_proj is not None:
             y = y + self.b_proj[expert_of_row]
         return y
@@ -82,7 +83,10 @@ class Experts(nn.Module):
     def expert(self, i, x):
         """Expert i alone on x (..., C): the plain two-layer MLP, for tests and explanations."""
         h = x @ self.c_fc[i] + (self.b_fc[i] if self.b_fc is not None else 0)
-        return F.gelu(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
+        return self.activation(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
+
+    def activation(self, h):
+        return F.gelu(h, approximate=self.gelu_approximate)
 
 
 def residual_std(n_layer):

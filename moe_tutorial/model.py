@@ -1,7 +1,8 @@
 """A GPT language model, readable top to bottom (after nanoGPT's model.py).
 
 Parameter names follow OpenAI's GPT-2 checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj,
-ln_2, mlp.c_fc, mlp.c_proj, ln_f), so pretrained weights map onto it name for name.
+ln_2, mlp.c_fc, mlp.c_proj, ln_f), so pretrained weights map onto it name for name
+(`moe_tutorial.pretrained`). `generate()` decodes with a KV cache (`moe_tutorial.kv_cache`).
 The feed-forward slot of each block is built by `feed_forward()`: later notebooks put a
 Mixture-of-Experts layer there through the config alone, without touching attention.
 """
@@ -13,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import ATTENTION_IMPLS, attention
+from .attention import ATTENTION_IMPLS, attention, cached_attention
 from .experts import Experts, residual_std
-from .moe import MoE
+from .kv_cache import KVCache
+from .moe import MoE, dropless
 from .sampling import sample_next_token
 
 
@@ -29,6 +31,7 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for small, short runs: they underfit rather than overfit
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 checkpoints have them
     attn_impl: str = "sdpa"  # "sdpa" | "flash" | "naive": see moe_tutorial.attention
+    gelu_approximate: str = "none"  # "tanh": GPT-2's GELU, needed to reproduce its weights' outputs
     # Mixture of Experts (notebook 03 on). n_experts=None keeps a dense MLP in every block.
     n_experts: int | None = None
     top_k: int = 1  # experts per token: 1 = Switch, 2 = GShard / Mixtral
@@ -45,6 +48,7 @@ class GPTConfig:
     n_shared_experts: int = 0  # DeepSeek: experts every token uses, beside the routed ones
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (gamma); 0 turns it off
     dispatch: str = "sort"  # "sort" | "einsum" | "loop": moe_tutorial.dispatch, same outputs
+    straight_through_gate: bool = False  # top-1: gate value 1, gradient of p (upcycled models)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -60,6 +64,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         self._validate_moe()
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"GPTConfig.attn_impl must be one of {ATTENTION_IMPLS}, got {self.attn_impl!r}"
@@ -93,6 +99,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
         if self.bias_update_rate < 0:
             raise ValueError(f"GPTConfig.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.straight_through_gate and (self.top_k != 1 or self.router_type != "token_choice"):
+            raise ValueError("GPTConfig.straight_through_gate applies to top-1 token choice only (top-k gates "
+                             f"are renormalised already); got top_k={self.top_k}, router_type={self.router_type!r}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"GPTConfig.expert_hidden must be positive, got {self.expert_hidden}")
 
@@ -104,8 +113,9 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which slot of a KVCache is ours
         self.n_head = config.n_head
         self.impl = config.attn_impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
@@ -114,14 +124,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        dropout = self.attn_dropout if self.training else 0.0
-        y = attention(q, k, v, causal=True, impl=self.impl, dropout_p=dropout)  # (B, nh, T, hs)
+        if cache is None:
+            dropout = self.attn_dropout if self.training else 0.0
+            y = attention(q, k, v, causal=True, impl=self.impl, dropout_p=dropout)  # (B, nh, T, hs)
+        else:  # decoding: attend over every cached position too
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+            y = cached_attention(q, k, v, past)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -135,9 +150,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
 
 
 def feed_forward(config: GPTConfig, layer_idx: int) -> nn.Module:
@@ -151,12 +167,12 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = feed_forward(config, layer_idx)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -206,20 +222,27 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab) and the loss if targets are given.
+
+        With a KVCache the tokens continue the cached ones: positions start at cache.length.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"Sequence of length {T} is longer than block_size={self.config.block_size}; "
+                f"Sequence of length {start + T} is longer than block_size={self.config.block_size}; "
                 f"crop the context to the last {self.config.block_size} tokens."
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache)
+        if cache is not None:
+            cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -228,11 +251,25 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None):
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return (B, T + new)."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
-            logits, _ = self(context)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_token], dim=1)
+                 generator=None, use_cache=True):
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return (B, T + new).
+
+        With `use_cache` the prompt is run once (prefill) and each new token costs one
+        position's work. Once the sequence outgrows block_size the context window slides, every
+        position embedding shifts, and cached keys are stale: from there on each step reruns the
+        last block_size tokens, exactly as without a cache. MoE layers never drop tokens here.
+        """
+        cache = None
+        with dropless(self):
+            for _ in range(max_new_tokens):
+                if use_cache and idx.size(1) <= self.config.block_size:
+                    if cache is None:  # prefill: the whole prompt at once
+                        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                        logits, _ = self(idx, cache=cache)
+                    else:  # decode: only the newest token
+                        logits, _ = self(idx[:, -1:], cache=cache)
+                else:
+                    logits, _ = self(idx[:, -self.config.block_size:])  # at most block_size tokens
+                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                idx = torch.cat([idx, next_token], dim=1)
         return idx

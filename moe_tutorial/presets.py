@@ -1,4 +1,5 @@
-"""Named model + training recipes, so notebooks, tests and the CLI agree on what "char" means."""
+"""Named model + training recipes, so notebooks, tests and the CLI agree on what "char" means,
+and OpenAI's GPT-2 shapes with the Mixture-of-Experts models built on them (notebook 05)."""
 
 from .model import GPTConfig
 from .train import TrainConfig
@@ -46,3 +47,32 @@ def preset(name: str, vocab_size: int, **train_overrides):
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     model_kwargs, train_kwargs = PRESETS[name]
     return GPTConfig(vocab_size=vocab_size, **model_kwargs), TrainConfig(**{**train_kwargs, **train_overrides})
+
+
+# OpenAI's GPT-2 family (Radford et al. 2019): BPE vocabulary of 50257, context 1024, biases,
+# LayerNorm, tanh-approximated GELU, tied embeddings. Parameter counts 124M / 355M / 774M / 1.5B.
+GPT2_BASE = dict(vocab_size=50257, block_size=1024, bias=True, gelu_approximate="tanh")
+GPT2_SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+# MoE models on those shapes: every other block's MLP becomes E experts of the same width.
+# Total parameters ~0.55B / ~1.1B / ~2.4B while each token uses ~0.12B / ~0.46B / ~1.0B
+# (moe_tutorial.costs.model_info prints the exact figures).
+GPT2_MOE_SHAPES = {
+    "gpt2-moe-16x": ("gpt2", dict(n_experts=16, top_k=1, moe_every=2)),
+    "gpt2-medium-moe-8x-top2": ("gpt2-medium", dict(n_experts=8, top_k=2, moe_every=2)),
+    "gpt2-large-moe-8x-top2": ("gpt2-large", dict(n_experts=8, top_k=2, moe_every=2)),
+}
+
+
+def gpt2_config(name: str, **overrides) -> GPTConfig:
+    """GPTConfig of a GPT-2 size ("gpt2", "gpt2-medium", ...) or of a GPT-2 MoE preset."""
+    if name in GPT2_SHAPES:
+        return GPTConfig(**{**GPT2_BASE, **GPT2_SHAPES[name], **overrides})
+    if name in GPT2_MOE_SHAPES:
+        base, moe = GPT2_MOE_SHAPES[name]
+        return GPTConfig(**{**GPT2_BASE, **GPT2_SHAPES[base], **moe, **overrides})
+    raise ValueError(f"Unknown GPT-2 preset {name!r}; choose one of {sorted(GPT2_SHAPES) + sorted(GPT2_MOE_SHAPES)}")

@@ -117,7 +117,8 @@ class Router(nn.Module):
     """
 
     def __init__(self, n_embd, n_experts, top_k=1, jitter=0.0, aux_loss_coef=1e-2, z_loss_coef=1e-3,
-                 noisy=False, second_expert_policy="all", bias_update_rate=0.0, expert_choice=False):
+                 noisy=False, second_expert_policy="all", bias_update_rate=0.0, expert_choice=False,
+                 straight_through=False):
         super().__init__()
         if second_expert_policy not in ("all", "random"):
             raise ValueError(f"second_expert_policy must be 'all' or 'random', got {second_expert_policy!r}")
@@ -132,6 +133,7 @@ class Router(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.second_expert_policy, self.bias_update_rate = second_expert_policy, bias_update_rate
         self.expert_choice = expert_choice
+        self.straight_through = straight_through
 
     def logits(self, x):  # (N, C) -> (N, E) fp32
         if self.training and self.jitter > 0:
@@ -166,6 +168,10 @@ class Router(nn.Module):
             # Renormalise over the chosen experts. This equals Mixtral's softmax over the top-k
             # logits: exp(l_i) / sum_chosen exp(l_j) either way.
             gate = gate / gate.sum(dim=-1, keepdim=True)
+        elif self.straight_through:
+            # Value 1, gradient of p: the expert's output passes unscaled (an upcycled MoE then
+            # computes exactly its dense parent) while the router still learns from the task loss.
+            gate = gate / gate.detach()
         active = None
         if self.second_expert_policy == "random" and self.training and self.top_k > 1:
             # GShard: send a token to its second expert only with probability 2 * gate_2, so

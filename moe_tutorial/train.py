@@ -5,9 +5,13 @@ generator of its own, and a checkpoint stores every random state, so a resumed r
 continues exactly as an uninterrupted one would.
 
 Command line:  python -m moe_tutorial.train --preset char --max-iters 2000 --sample 300
+
+Under torchrun (notebook 06) the same function trains data parallel with DDP: every rank draws
+the same global batch and keeps its own slice, only rank 0 logs and saves.
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import get_batch
+from . import distributed
+from .data import get_batch, shakespeare_dataset
 from .model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -206,6 +211,14 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
     block_size = model.config.block_size
     model.to(cfg.device)
     model.gradient_checkpointing = cfg.activation_checkpointing
+    ranks = distributed.info()
+    expert_parallel = any(distributed.is_expert_parallel(p) for p in model.parameters())
+    if expert_parallel and checkpoint_path:
+        raise ValueError("Checkpoints of expert-parallel runs are not implemented (each rank holds a different "
+                         "slice of the experts); train without checkpoint_path or without --expert-parallel")
+    net = model  # what runs forward and backward: DDP's wrapper when there are several ranks
+    if ranks.world_size > 1:
+        net = distributed.ddp(model, [ranks.local_rank] if str(cfg.device).startswith("cuda") else None)
     optimizer = make_optimizer(model, cfg)
     batch_rng = torch.Generator().manual_seed(cfg.seed)
     history, start = History(), 0
@@ -226,20 +239,26 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters,
-               disable=not cfg.progress, desc="train")
+               disable=not cfg.progress or not ranks.is_main, desc="train")
+    mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)  # this rank's rows
     for step in bar:
         lr = learning_rate_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for _ in range(cfg.grad_accum_steps):
-            x, y = get_batch(dataset.train, cfg.batch_size, block_size, batch_rng)
+            x, y = get_batch(dataset.train, cfg.batch_size * ranks.world_size, block_size, batch_rng)
+            x, y = x[mine], y[mine]  # the global batch, split over ranks (all of it on one process)
             with autocast(cfg):
-                _, loss = model(x.to(cfg.device), y.to(cfg.device))
+                _, loss = net(x.to(cfg.device), y.to(cfg.device))
                 moe_loss = model.moe_loss()  # zero for a dense model
             ((loss + moe_loss) / cfg.grad_accum_steps).backward()
             loss_sum += loss.item()
-        if cfg.grad_clip > 0:
+        if expert_parallel:
+            distributed.average_expert_grads(model, ranks.world_size)
+        if cfg.grad_clip > 0 and expert_parallel:
+            distributed.clip_grad_norm_(model, cfg.grad_clip)  # expert grads differ per rank
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -258,7 +277,7 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
             history.train_loss.append(estimate_loss(model, eval_sets["train"], cfg))
             history.val_loss.append(estimate_loss(model, eval_sets["val"], cfg))
             bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
-            if checkpoint_path:
+            if checkpoint_path and ranks.is_main:
                 history.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_checkpoint(checkpoint_path, model, optimizer, done, cfg, history, batch_rng, extra)
@@ -268,15 +287,19 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
 
 
 def main(argv=None):
-    from .data import CharTokenizer, shakespeare_dataset
-    from .presets import PRESETS, preset
+    from .presets import MOE_VARIANTS, PRESETS  # presets imports this module: import here, not on top
 
     parser = argparse.ArgumentParser(
         prog="python -m moe_tutorial.train",
-        description="Train a character-level GPT on tiny Shakespeare, print val loss and a sample.",
+        description="Train a character-level GPT on tiny Shakespeare, print val loss and a sample. "
+                    "Runs data parallel under torchrun (--nproc_per_node=N).",
     )
     parser.add_argument("--preset", default="char", choices=sorted(PRESETS), help="model + recipe")
+    parser.add_argument("--variant", choices=sorted(MOE_VARIANTS), help="MoE fields added to the preset's model")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun: shard each MoE layer's experts over the ranks")
     parser.add_argument("--max-iters", type=int, help="optimizer steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="sequences per rank per step (default: the preset's)")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt is written (default: out)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     parser.add_argument("--sample", type=int, default=300, metavar="N",
@@ -288,31 +311,52 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
+    ranks = distributed.setup()
+    try:
+        _run(args, ranks)
+    finally:
+        distributed.cleanup()  # also on errors: leave no process group behind
+
+
+def _run(args, ranks):
+    from .presets import MOE_VARIANTS, preset
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in dict(max_iters=args.max_iters, seed=args.seed,
+    if args.expert_parallel and ranks.world_size == 1:
+        raise SystemExit("--expert-parallel needs several ranks: torchrun --nproc_per_node=2 -m moe_tutorial.train ...")
+    overrides = {k: v for k, v in dict(max_iters=args.max_iters, seed=args.seed, batch_size=args.batch_size,
                                          dtype=args.dtype, device=args.device).items() if v is not None}
+    if args.device and args.device.startswith("cuda") and ranks.world_size > 1:
+        overrides["device"] = f"cuda:{ranks.local_rank}"
     if args.no_progress:
         overrides["progress"] = False
-    dataset = shakespeare_dataset(progress=not args.no_progress)
+    dataset = shakespeare_dataset(progress=not args.no_progress and ranks.is_main)
     model_cfg, train_cfg = preset(args.preset, vocab_size=dataset.tokenizer.vocab_size, **overrides)
-    torch.manual_seed(train_cfg.seed)
+    if args.variant:
+        model_cfg = dataclasses.replace(model_cfg, **MOE_VARIANTS[args.variant])
+    if ranks.world_size > 1:
+        distributed.check_same_config(model_cfg)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg)
-    ckpt = Path(args.out_dir) / "ckpt.pt"
+    if args.expert_parallel:
+        distributed.shard_experts(model)
+    ckpt = None if args.expert_parallel else Path(args.out_dir) / "ckpt.pt"
     history = train(model, dataset, train_cfg, checkpoint_path=ckpt, resume=args.resume,
                     extra={"chars": dataset.tokenizer.chars, "preset": args.preset})
-    print(f"preset {args.preset}: {model.num_params():,} parameters, {train_cfg.max_iters} iters, "
-          f"{history.elapsed:.1f} s")
-    print(f"val loss {history.final_val_loss:.4f} (train {history.train_loss[-1]:.4f})")
-    print(f"checkpoint: {ckpt}")
-    if args.sample > 0:
-        tokenizer = CharTokenizer(load_checkpoint(ckpt)["extra"]["chars"])
+    log = print if ranks.is_main else (lambda *a, **k: None)
+    log(f"preset {args.preset}{' + ' + args.variant if args.variant else ''}: {model.num_params():,} parameters "
+        f"on rank 0, {ranks.world_size} rank(s), {train_cfg.max_iters} iters, {history.elapsed:.1f} s")
+    log(f"val loss {history.final_val_loss:.4f} (train {history.train_loss[-1]:.4f})")
+    if ckpt:
+        log(f"checkpoint: {ckpt}")
+    if args.sample > 0:  # every rank samples: expert-parallel layers need all of them in each forward
         model.eval()
-        start = torch.tensor([tokenizer.encode("\n")], device=train_cfg.device)
+        start = torch.tensor([dataset.tokenizer.encode("\n")], device=train_cfg.device)
         out = model.generate(start, args.sample, temperature=0.8, top_k=40,
                              generator=torch.Generator(device=train_cfg.device).manual_seed(0))
-        print("-" * 40)
-        print(tokenizer.decode(out[0].tolist()))
+        log("-" * 40)
+        log(dataset.tokenizer.decode(out[0].tolist()))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
-import functools
-import http.server
-import socket
-import threading
-
 import pytest
 import requests
 import torch
+from local_server import LocalServer, closed_port_url
 
 from moe_tutorial import data
 from moe_tutorial.data import CharTokenizer, Dataset, download, get_batch, load_shakespeare
@@ -44,37 +40,6 @@ def test_real_corpus_checksum(shakespeare_file):
     assert data.sha256_of(shakespeare_file) == data.SHAKESPEARE_SHA256
 
 
-class _Server:
-    """A local HTTP server on 127.0.0.1 serving one directory; `drop` cuts responses short."""
-
-    def __init__(self, directory, drop_after=None):
-        drop = drop_after
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def copyfile(self, source, outputfile):
-                if drop is None:
-                    return super().copyfile(source, outputfile)
-                outputfile.write(source.read(drop))  # promise the full length, send part, hang up
-                outputfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-
-        handler = functools.partial(Handler, directory=str(directory))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _leftovers(directory):
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
@@ -83,7 +48,7 @@ def test_download_success(tmp_path, shakespeare_file, data_cache):
     served = tmp_path / "served"
     served.mkdir()
     (served / "input.txt").write_bytes(shakespeare_file.read_bytes())
-    with _Server(served) as server:
+    with LocalServer(served) as server:
         path = download(f"{server.url}/input.txt", data_cache / "t.txt", data.SHAKESPEARE_SHA256, progress=False)
     assert path.read_bytes() == shakespeare_file.read_bytes()
     assert _leftovers(data_cache) == ["t.txt"]  # no temp file left behind
@@ -93,16 +58,13 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, data_cache):
     served = tmp_path / "served"
     served.mkdir()
     (served / "input.txt").write_text("not shakespeare")
-    with _Server(served) as server, pytest.raises(ValueError, match="Checksum mismatch"):
+    with LocalServer(served) as server, pytest.raises(ValueError, match="Checksum mismatch"):
         download(f"{server.url}/input.txt", data_cache / "t.txt", data.SHAKESPEARE_SHA256, progress=False)
     assert _leftovers(data_cache) == []
 
 
 def test_download_server_down_names_url_and_path(data_cache):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/input.txt"
+    url = closed_port_url("input.txt")
     with pytest.raises(FileNotFoundError) as err:
         download(url, data_cache / "t.txt", data.SHAKESPEARE_SHA256, timeout=5, progress=False)
     assert url in str(err.value) and str(data_cache / "t.txt") in str(err.value)
@@ -113,7 +75,7 @@ def test_download_dropped_mid_stream_leaves_nothing(tmp_path, shakespeare_file, 
     served = tmp_path / "served"
     served.mkdir()
     (served / "input.txt").write_bytes(shakespeare_file.read_bytes())
-    with _Server(served, drop_after=100_000) as server:
+    with LocalServer(served, drop_after=100_000) as server:
         with pytest.raises((FileNotFoundError, ValueError)):
             download(f"{server.url}/input.txt", data_cache / "t.txt", data.SHAKESPEARE_SHA256,
                      timeout=5, progress=False)

@@ -12,6 +12,8 @@ import moe_tutorial.exercises.ch01  # noqa: F401  (registers the checks)
 import moe_tutorial.exercises.ch02  # noqa: F401
 import moe_tutorial.exercises.ch03  # noqa: F401
 import moe_tutorial.exercises.ch04  # noqa: F401
+import moe_tutorial.exercises.ch05  # noqa: F401
+import moe_tutorial.exercises.ch06  # noqa: F401
 from moe_tutorial.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,6 +168,59 @@ def _mask_with_dropped(expert, position, kept, n_experts, capacity):
     return mask
 
 
+# notebook 05
+def _params(L, C, V, T, tied=True, position=True, biases=True):
+    per_block = 12 * C * C + (13 * C if biases else 0)  # attention 4C^2 + MLP 8C^2, biases and norms
+    return L * per_block + V * C * (1 if tied else 2) + (T * C if position else 0) + (2 * C if biases else C)
+
+
+def _params_untied(L, C, V, T):
+    return _params(L, C, V, T, tied=False)
+
+
+def _params_no_position(L, C, V, T):
+    return _params(L, C, V, T, position=False)
+
+
+def _params_no_biases(L, C, V, T):
+    return _params(L, C, V, T, biases=False)
+
+
+def _upcycle_no_transpose(mlp, n_experts):
+    return (mlp.c_fc.weight.detach().clone().expand(n_experts, -1, -1),
+            mlp.c_proj.weight.detach().clone().expand(n_experts, -1, -1))
+
+
+def _upcycle_shared_memory(mlp, n_experts):
+    return (mlp.c_fc.weight.data.t().expand(n_experts, -1, -1),
+            mlp.c_proj.weight.data.t().expand(n_experts, -1, -1))
+
+
+def _decode_top_left_mask(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _decode_unscaled(q, k, v):
+    return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+# notebook 06
+def _splits_per_expert(expert, n_experts, world_size):
+    return torch.bincount(expert, minlength=n_experts).tolist()
+
+
+def _splits_even(expert, n_experts, world_size):
+    return [len(expert) // world_size] * world_size
+
+
+def _volume_one_way(tokens, n_embd, top_k, world_size, nbytes):
+    return tokens * top_k * (world_size - 1) / world_size * n_embd * nbytes
+
+
+def _volume_all_rows(tokens, n_embd, top_k, world_size, nbytes):
+    return 2 * tokens * top_k * n_embd * nbytes
+
+
 def _unsolved(*args):
     raise NotImplementedError
 
@@ -183,6 +238,11 @@ WRONG_ANSWERS = {
     "top2_gates": [_top2_raw, _top2_worst_first],
     "update_selection_bias": [_bias_reversed, _bias_proportional],
     "dispatch_mask": [_mask_with_dropped],
+    "gpt2_param_count": [_params_untied, _params_no_position, _params_no_biases],
+    "upcycle_mlp": [_upcycle_no_transpose, _upcycle_shared_memory],
+    "decode_attention": [_decode_top_left_mask, _decode_unscaled],
+    "send_splits": [_splits_per_expert, _splits_even],
+    "all_to_all_volume": [_volume_one_way, _volume_all_rows],
 }
 
 WALKTHROUGHS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))

@@ -1,0 +1,76 @@
+"""What a model costs, from its config alone: parameters, FLOPs per token, training memory.
+
+An MoE layer's parameters are all stored and trained, but each token only runs top_k of the
+experts: *total* parameters set the memory, *active* parameters set the compute. Counts follow
+the module definitions in model.py exactly (tests compare them with sum(p.numel())).
+
+FLOPs per token for training use the usual estimate (Kaplan et al. 2020, PaLM appendix B):
+6 per active weight (2 forward, 4 backward) plus 12 * n_layer * n_embd * block_size for the
+attention scores and their weighted sum. The position embedding is a lookup and costs nothing;
+the token embedding counts once, as the (tied) output projection.
+"""
+
+from dataclasses import dataclass
+
+from .model import GPTConfig
+
+# Bytes per parameter while training with AdamW: the weights, their gradients, and two
+# moment estimates. "float32": everything fp32 (also what torch.autocast training keeps,
+# since autocast only casts activations). "bfloat16": weights, grads and moments all bf16.
+BYTES = {
+    "float32": dict(weights=4, grads=4, adam=8),
+    "bfloat16": dict(weights=2, grads=2, adam=4),
+}
+
+
+@dataclass
+class ModelInfo:
+    total_params: int
+    active_params: int  # used by one token: routed experts count top_k times, not n_experts
+    train_flops_per_token: int  # forward + backward
+    memory_bytes: dict  # {dtype: {"weights", "grads", "adam", "total"}}, activations excluded
+
+    @property
+    def forward_flops_per_token(self) -> int:
+        return self.train_flops_per_token // 3
+
+
+def _linear(n_in, n_out, bias):
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def _mlp_params(C, hidden, bias):
+    return _linear(C, hidden, bias) + _linear(hidden, C, bias)
+
+
+def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
+    """(total, active) parameters of one transformer block."""
+    C, bias = config.n_embd, config.bias
+    norms = 2 * (2 * C if bias else C)
+    attn = _linear(C, 3 * C, bias) + _linear(C, C, bias)
+    if not config.is_moe_layer(layer_idx):
+        mlp = _mlp_params(C, 4 * C, bias)
+        return norms + attn + mlp, norms + attn + mlp
+    hidden = config.expert_hidden or 4 * C
+    router = C * config.n_experts * (2 if config.noisy_gating else 1)
+    expert = _mlp_params(C, hidden, bias)
+    shared = _mlp_params(C, config.n_shared_experts * hidden, bias) if config.n_shared_experts else 0
+    total = norms + attn + router + config.n_experts * expert + shared
+    active = norms + attn + router + config.top_k * expert + shared
+    return total, active
+
+
+def model_info(config: GPTConfig) -> ModelInfo:
+    C = config.n_embd
+    embeddings = config.vocab_size * C + config.block_size * C  # wte (tied with lm_head) + wpe
+    final_norm = 2 * C if config.bias else C
+    blocks = [_block_params(config, i) for i in range(config.n_layer)]
+    total = embeddings + final_norm + sum(t for t, _ in blocks)
+    active = embeddings + final_norm + sum(a for _, a in blocks)
+    matmul_params = active - config.block_size * C  # the position embedding is only a lookup
+    attention_flops = 12 * config.n_layer * C * config.block_size
+    memory = {}
+    for dtype, per_param in BYTES.items():
+        parts = {name: total * nbytes for name, nbytes in per_param.items()}
+        memory[dtype] = {**parts, "total": sum(parts.values())}
+    return ModelInfo(total, active, 6 * matmul_params + attention_flops, memory)

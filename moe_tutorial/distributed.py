@@ -1,0 +1,220 @@
+"""Training on several processes with torch.distributed: data parallel and expert parallel.
+
+Launch any training script with torchrun; each process is one rank:
+
+    torchrun --nproc_per_node=2 -m moe_tutorial.train --variant "Switch top-1" --expert-parallel
+
+Data parallel (DDP): every rank holds the whole model, trains on its own slice of the batch, and
+gradients are averaged (all-reduce) before each optimizer step. Expert parallel: each rank holds
+only n_experts / world_size experts of every MoE layer. Tokens are routed where they are, sent to
+the rank that owns their expert (all-to-all), processed, and sent back (all-to-all again).
+Everything except the experts stays data parallel; expert weights are never all-reduced: each
+rank's experts already saw every rank's tokens.
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .experts import Experts
+from .moe import MoE
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(timeout_s: float = 120.0) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in the
+    environment): gloo on CPU, nccl on CUDA. Without torchrun: a single process, no group."""
+    if dist.is_initialized():
+        return info()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    # A timeout turns a rank that never arrives (crashed, misconfigured) into an error, not a hang.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return info()
+
+
+def info() -> DistInfo:
+    if not dist.is_initialized():
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_same_config(config, group=None):
+    """Every rank must build the same model: compare configs before any collective depends on it."""
+    configs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(configs, config.to_dict(), group=group)
+    for rank, other in enumerate(configs):
+        diff = {k: (configs[0][k], other.get(k)) for k in configs[0] if other.get(k) != configs[0][k]}
+        if diff:
+            detail = ", ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"Ranks were given different model configs ({detail}); "
+                             f"every rank must build the same model")
+
+
+# --- the all-to-all --------------------------------------------------------------------------
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of x go to ranks in blocks of input_splits; blocks of output_splits arrive.
+
+    Its gradient is the same exchange in reverse: the rows' gradients go back to where the rows
+    came from, so autograd flows through the communication.
+    """
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x, output_splits, input_splits, group=None):
+    return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
+
+
+class ExpertParallelDispatch:
+    """The MoE layer's dispatch (moe_tutorial.dispatch) when experts live on several ranks.
+
+    Rank r owns experts [r * E_local, (r + 1) * E_local). Same signature as sort_dispatch:
+    x (N, C), the routing of these N tokens, and *this rank's* Experts -> (N, C).
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.last_stats = None  # rows sent to / received from each rank, for the stats script
+        self.records = None  # set to [] to keep every call's stats
+
+    def __call__(self, x, routing, experts: Experts):
+        world = dist.get_world_size(self.group)
+        n_local = experts.n_experts
+        k = routing.expert.size(1)
+        # 1. Group this rank's kept assignments by expert, exactly as sort_dispatch does.
+        assignment = routing.kept.reshape(-1).nonzero().squeeze(1)
+        expert = routing.expert.reshape(-1).index_select(0, assignment)
+        order = torch.argsort(expert, stable=True)
+        assignment, expert = assignment.index_select(0, order), expert.index_select(0, order)
+        token = assignment // k
+        gate = routing.gate.reshape(-1).index_select(0, assignment)
+        counts = torch.bincount(expert, minlength=world * n_local)  # (E,): experts of a rank are contiguous
+        # 2. Uneven exchange: first tell every rank how many rows of each of its experts are coming.
+        received_counts = torch.empty_like(counts)  # (world * E_local,): per source rank, per local expert
+        dist.all_to_all_single(received_counts, counts, group=self.group)
+        send = counts.view(world, n_local).sum(1).tolist()
+        receive = received_counts.view(world, n_local).sum(1).tolist()
+        rows = all_to_all(x.index_select(0, token), receive, send, self.group)  # (M_in, C) by source, then expert
+        # 3. Run the local experts on rows regrouped by expert (they arrive grouped by source first).
+        local_expert = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(world), received_counts)
+        by_expert = torch.argsort(local_expert, stable=True)
+        y = experts(rows.index_select(0, by_expert), torch.bincount(local_expert, minlength=n_local))
+        y = y.index_select(0, torch.argsort(by_expert))  # back to arrival order
+        # 4. Send the results home and combine them with the gates, as sort_dispatch does.
+        back = all_to_all(y, send, receive, self.group)  # (M, C) in step 1's order
+        self.last_stats = {"sent_rows": send, "received_rows": receive, "local_expert_rows":
+                           torch.bincount(local_expert, minlength=n_local).tolist()}
+        if self.records is not None:
+            self.records.append(self.last_stats)
+        weighted = (back.float() * gate[:, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add(0, token, weighted)
+
+
+def shard_experts(model, group=None):
+    """Keep only this rank's experts in every MoE layer of `model` (a GPT, or one MoE layer)
+    and exchange tokens with all-to-all.
+
+    Call it on identically initialised models on every rank (same seed): each keeps its slice.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    for layer in [m for m in model.modules() if isinstance(m, MoE)]:
+        E = layer.experts.n_experts
+        if E % world:
+            raise ValueError(f"n_experts={E} is not divisible by the {world} expert-parallel ranks: each rank "
+                             f"must own the same number of experts. Use n_experts a multiple of {world}.")
+        n_local = E // world
+        mine = slice(rank * n_local, (rank + 1) * n_local)
+        full = layer.experts
+        local = Experts(n_local, full.c_fc.size(1), full.c_fc.size(2), full.b_fc is not None, full.gelu_approximate)
+        with torch.no_grad():
+            for name, param in local.named_parameters():
+                param.copy_(getattr(full, name)[mine])
+        for param in local.parameters():
+            param.expert_parallel = True  # not all-reduced: see ddp() and clip_grad_norm_()
+        layer.experts = local.to(full.c_fc.device)
+        layer.dispatch = ExpertParallelDispatch(group)
+    return model
+
+
+def is_expert_parallel(param) -> bool:
+    return getattr(param, "expert_parallel", False)
+
+
+def ddp(model, device_ids=None):
+    """Wrap in DistributedDataParallel; expert-parallel weights are left out of its all-reduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def average_expert_grads(model, world_size: int):
+    """DDP averages the replicated weights' gradients over ranks; expert gradients already hold
+    every rank's tokens, summed. Dividing by world_size makes both the gradient of the mean loss
+    over the global batch, as one process training on the whole batch would compute."""
+    for p in model.parameters():
+        if p.grad is not None and is_expert_parallel(p):
+            p.grad.div_(world_size)
+
+
+def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient: the data-parallel part is the same on every
+    rank, the expert-parallel parts differ per rank and are summed across ranks."""
+    params = [p for p in model.parameters() if p.grad is not None]
+
+    def squared_norm(ps):
+        return sum((p.grad.float().square().sum() for p in ps), torch.zeros((), device=params[0].grad.device))
+
+    sharded = squared_norm([p for p in params if is_expert_parallel(p)])
+    if dist.is_initialized():
+        dist.all_reduce(sharded)
+    total = (squared_norm([p for p in params if not is_expert_parallel(p)]) + sharded).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return total
+
+
+def all_to_all_bytes(tokens: int, n_embd: int, top_k: int, world_size: int, bytes_per_element: int = 4) -> float:
+    """Expected bytes one rank sends per MoE layer in the forward pass, with even routing and no drops:
+    its tokens' k assignments, all but the 1/world_size that stay local, go out (dispatch) and come
+    back (combine). The backward pass sends as much again."""
+    remote_rows = tokens * top_k * (world_size - 1) / world_size
+    return 2 * remote_rows * n_embd * bytes_per_element

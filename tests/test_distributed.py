@@ -1,0 +1,177 @@
+"""Data and expert parallelism on 2 CPU processes (gloo on 127.0.0.1), bounded in time."""
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_tutorial import distributed
+from moe_tutorial.data import Dataset
+from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.moe import MoE
+from moe_tutorial.train import TrainConfig, train
+
+WORLD = 2
+DEADLINE_S = 120  # the whole 2-process scenario; collectives themselves time out after 30 s
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, scenario, result_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        scenario(rank, result_dir)
+    except BaseException:
+        (result_dir / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(scenario, tmp_path):
+    """Run scenario(rank, tmp_path) in 2 spawned processes; fail with a rank's traceback."""
+    context = mp.start_processes(_worker, args=(_free_port(), scenario, tmp_path), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the 2-process run did not finish within {DEADLINE_S} s")
+    except mp.ProcessRaisedException:
+        errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error*.txt")))
+        pytest.fail(f"a rank failed:\n{errors}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+# --- expert parallelism: same outputs and gradients as one process -----------------------------
+
+MOE_CONFIGS = {
+    "top-1": GPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=1, bias=True),
+    "top-2 + shared": GPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=2, n_shared_experts=1),
+}
+
+
+def _ep_equivalence(rank, result_dir):
+    for config in MOE_CONFIGS.values():
+        torch.manual_seed(0)
+        reference = MoE(config)  # all experts, on every rank
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.normal_(std=0.3)  # large router logits: uneven loads and some drops
+        inputs = [torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(10 + r)) for r in range(WORLD)]
+        weights = [torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(20 + r)) for r in range(WORLD)]
+        ref_x = [x.clone().requires_grad_() for x in inputs]
+        ref_router_grad = None
+        for r in range(WORLD):  # the reference: each rank's tokens through the full layer
+            reference.zero_grad()
+            (reference(inputs[r]) * weights[r]).sum().backward()  # this rank's loss alone
+            if r == rank:
+                ref_router_grad = reference.router.gate.weight.grad.clone()
+        reference.zero_grad()
+        ref_out = [reference(x) for x in ref_x]
+        sum((o * w).sum() for o, w in zip(ref_out, weights)).backward()  # experts see everyone's tokens
+
+        layer = MoE(config)
+        layer.load_state_dict(reference.state_dict())
+        distributed.shard_experts(layer)
+        x = inputs[rank].clone().requires_grad_()
+        out = layer(x)
+        (out * weights[rank]).sum().backward()
+        torch.testing.assert_close(out, ref_out[rank], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, ref_x[rank].grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.router.gate.weight.grad, ref_router_grad, atol=1e-5, rtol=1e-5)
+        n_local = config.n_experts // WORLD
+        mine = slice(rank * n_local, (rank + 1) * n_local)
+        for name, p in layer.experts.named_parameters():
+            torch.testing.assert_close(p.grad, getattr(reference.experts, name).grad[mine], atol=1e-5, rtol=1e-5)
+        sent = layer.dispatch.last_stats["sent_rows"]
+        assert sum(sent) == layer.last_routing.kept.sum().item()  # every kept assignment leaves, local ones too
+
+
+def test_expert_parallel_layer_equals_single_process(tmp_path):
+    run_on_two_ranks(_ep_equivalence, tmp_path)
+
+
+# --- DDP: 2 ranks x batch B == 1 process x batch 2B ---------------------------------------------
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+TINY = dict(vocab_size=len(set(TEXT)), block_size=16, n_layer=2, n_head=2, n_embd=32)
+RECIPE = dict(max_iters=4, learning_rate=3e-3, warmup_iters=1, eval_interval=4, eval_iters=2, progress=False)
+
+
+def _ddp_train(rank, result_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=4, **RECIPE))
+    if rank == 0:
+        torch.save(model.state_dict(), result_dir / "ddp.pt")
+
+
+def test_ddp_matches_single_process_with_doubled_batch(tmp_path):
+    run_on_two_ranks(_ddp_train, tmp_path)
+    torch.manual_seed(0)
+    single = GPT(GPTConfig(**TINY))
+    train(single, Dataset.from_text(TEXT), TrainConfig(batch_size=8, **RECIPE))
+    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def _ep_train(rank, result_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, n_experts=4, top_k=2, capacity_factor_train=4.0))  # no drops
+    distributed.shard_experts(model)
+    history = train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=4, **RECIPE))
+    torch.save({"val": history.final_val_loss, "wte": model.transformer.wte.weight}, result_dir / f"ep{rank}.pt")
+
+
+def test_expert_parallel_training_matches_single_process(tmp_path):
+    run_on_two_ranks(_ep_train, tmp_path)
+    torch.manual_seed(0)
+    single = GPT(GPTConfig(**TINY, n_experts=4, top_k=2, capacity_factor_train=4.0, capacity_factor_eval=4.0))
+    history = train(single, Dataset.from_text(TEXT), TrainConfig(batch_size=8, **RECIPE))
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"ep{rank}.pt", weights_only=True)
+        # Routing losses are computed per rank, so the replicated weights match closely, not exactly.
+        torch.testing.assert_close(result["wte"], single.transformer.wte.weight.detach(), atol=2e-3, rtol=0)
+        assert abs(result["val"] - history.final_val_loss) < 2e-2
+
+
+# --- bad setups fail clearly, on every rank, without hanging ------------------------------------
+
+def _bad_setups(rank, result_dir):
+    model = GPT(GPTConfig(**TINY, n_experts=3))
+    with pytest.raises(ValueError, match="n_experts=3 is not divisible by the 2 expert-parallel ranks"):
+        distributed.shard_experts(model)
+    config = GPTConfig(**{**TINY, "n_embd": 32 if rank == 0 else 48})
+    with pytest.raises(ValueError, match="n_embd: rank 0 has 32, rank 1 has 48"):
+        distributed.check_same_config(config)
+    sharded = distributed.shard_experts(GPT(GPTConfig(**TINY, n_experts=2)))
+    with pytest.raises(ValueError, match="expert-parallel runs"):
+        train(sharded, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "x")
+
+
+def test_bad_setups_fail_clearly_without_hanging(tmp_path):
+    run_on_two_ranks(_bad_setups, tmp_path)
+
+
+def test_all_to_all_volume_formula():
+    # 8 ranks, 1024 tokens each, top-2, 768 channels, bf16: 7/8 of 2048 rows leave and come back.
+    assert distributed.all_to_all_bytes(1024, 768, 2, 8, 2) == 2 * 2048 * 7 / 8 * 768 * 2
+    assert distributed.all_to_all_bytes(1024, 768, 2, 1) == 0  # one rank: nothing to send
