@@ -7,6 +7,7 @@ against a known sha256, so a learner never trains on a truncated or corrupt file
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def atomic_path(dest: Path, suffix: str = ".tmp"):
+    """A temporary path beside `dest` to write to; moved onto `dest` only if the block succeeds,
+    deleted otherwise, so `dest` is never left half-written."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress: bool = True) -> Path:
     """Stream `url` to `dest`, verify its sha256, and only then move it into place.
 
@@ -48,12 +66,9 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress:
     checksum matches and deleted on any failure, so `dest` is either complete or absent.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            with requests.get(url, stream=True, timeout=timeout) as response:
+        with atomic_path(dest, suffix=".part") as tmp:
+            with open(tmp, "wb") as out, requests.get(url, stream=True, timeout=timeout) as response:
                 response.raise_for_status()
                 total = int(response.headers.get("content-length", 0)) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
@@ -61,24 +76,18 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress:
                     for chunk in response.iter_content(chunk_size=1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
-        actual = sha256_of(tmp)
-        if actual != sha256:
-            raise ValueError(
-                f"Checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
-                f"The download is corrupt or the file changed upstream; nothing was saved to {dest}."
-            )
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-        os.replace(tmp, dest)
+            actual = sha256_of(tmp)
+            if actual != sha256:
+                raise ValueError(
+                    f"Checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
+                    f"The download is corrupt or the file changed upstream; nothing was saved to {dest}."
+                )
     except requests.RequestException as err:
-        tmp.unlink(missing_ok=True)
         raise FileNotFoundError(
             f"Could not download {url} ({err.__class__.__name__}). "
             f"If you are offline, download that file elsewhere and place it at {dest} "
             f"(or set MOE_TUTORIAL_DATA to a directory that holds {dest.name})."
         ) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .dispatch import combine, sort_by_expert
 from .experts import Experts
 from .moe import MoE
 
@@ -115,15 +116,8 @@ class ExpertParallelDispatch:
     def __call__(self, x, routing, experts: Experts):
         world = dist.get_world_size(self.group)
         n_local = experts.n_experts
-        k = routing.expert.size(1)
-        # 1. Group this rank's kept assignments by expert, exactly as sort_dispatch does.
-        assignment = routing.kept.reshape(-1).nonzero().squeeze(1)
-        expert = routing.expert.reshape(-1).index_select(0, assignment)
-        order = torch.argsort(expert, stable=True)
-        assignment, expert = assignment.index_select(0, order), expert.index_select(0, order)
-        token = assignment // k
-        gate = routing.gate.reshape(-1).index_select(0, assignment)
-        counts = torch.bincount(expert, minlength=world * n_local)  # (E,): experts of a rank are contiguous
+        # 1. Group this rank's kept assignments by expert, as sort_dispatch does.
+        token, gate, counts = sort_by_expert(routing, world * n_local)  # experts of a rank are contiguous
         # 2. Uneven exchange: first tell every rank how many rows of each of its experts are coming.
         received_counts = torch.empty_like(counts)  # (world * E_local,): per source rank, per local expert
         dist.all_to_all_single(received_counts, counts, group=self.group)
@@ -132,17 +126,16 @@ class ExpertParallelDispatch:
         rows = all_to_all(x.index_select(0, token), receive, send, self.group)  # (M_in, C) by source, then expert
         # 3. Run the local experts on rows regrouped by expert (they arrive grouped by source first).
         local_expert = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(world), received_counts)
+        local_counts = torch.bincount(local_expert, minlength=n_local)  # (E_local,)
         by_expert = torch.argsort(local_expert, stable=True)
-        y = experts(rows.index_select(0, by_expert), torch.bincount(local_expert, minlength=n_local))
+        y = experts(rows.index_select(0, by_expert), local_counts)
         y = y.index_select(0, torch.argsort(by_expert))  # back to arrival order
         # 4. Send the results home and combine them with the gates, as sort_dispatch does.
         back = all_to_all(y, send, receive, self.group)  # (M, C) in step 1's order
-        self.last_stats = {"sent_rows": send, "received_rows": receive, "local_expert_rows":
-                           torch.bincount(local_expert, minlength=n_local).tolist()}
+        self.last_stats = {"sent_rows": send, "received_rows": receive, "local_expert_rows": local_counts.tolist()}
         if self.records is not None:
             self.records.append(self.last_stats)
-        weighted = (back.float() * gate[:, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add(0, token, weighted)
+        return combine(x, token, back, gate)
 
 
 def shard_experts(model, group=None):

@@ -14,14 +14,13 @@ X-Linked-Etag header; the download is checked against it before it is moved into
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import requests
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from .data import data_dir, download
+from .data import atomic_path, data_dir, download
 from .model import GPT, GPTConfig
 from .presets import gpt2_config, preset
 from .train import train
@@ -47,9 +46,8 @@ def cache_path(name: str) -> Path:
 
 def hub_sha256(url: str, timeout: float = 30.0) -> str:
     """The sha256 the Hub publishes for a large (LFS) file, without downloading it."""
-    response = requests.head(url, allow_redirects=False, timeout=timeout)
-    if response.status_code >= 400:
-        response.raise_for_status()
+    response = requests.head(url, allow_redirects=False, timeout=timeout)  # the Hub answers 302 + headers
+    response.raise_for_status()
     etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or ""
     etag = etag.removeprefix("W/").strip('"')
     if not re.fullmatch(r"[0-9a-f]{64}", etag):
@@ -162,21 +160,11 @@ def save_pretrained(model: GPT, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = json.dumps({"moe_tutorial": model.config.to_dict()}, indent=2)
-    _write_atomic(directory / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
-    _write_atomic(directory / "config.json", lambda tmp: tmp.write_text(config))
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    with atomic_path(directory / "config.json") as tmp:
+        tmp.write_text(config)
     return directory
-
-
-def _write_atomic(dest: Path, write):
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def char_model_dir() -> Path:

@@ -13,7 +13,6 @@ the same global batch and keeps its own slice, only rank 0 logs and saves.
 import argparse
 import dataclasses
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import get_batch, shakespeare_dataset
+from .data import atomic_path, get_batch, shakespeare_dataset
 from .model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -154,8 +153,6 @@ def autocast(cfg: TrainConfig):
 
 def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra=None):
     """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -166,12 +163,8 @@ def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra
         "rng": {"torch": torch.get_rng_state(), "batches": batch_rng.get_state()},
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path) -> dict:
