@@ -153,9 +153,11 @@ passed = check_update_selection_bias(update_selection_bias)
 assert passed  # solutions-only
 
 # %% [markdown]
-# The package's router does exactly this when `bias_update_rate > 0` (`train()` calls
-# `router.update_selection_bias` after each optimizer step). Here it rebalances a deliberately
-# skewed router on a stream of inputs, without touching its weights or its gates:
+# The package's router does exactly this when `bias_update_rate > 0`: in training it counts each
+# expert's assignments over every micro-batch of a step, and `train()` calls
+# `model.after_optimizer_step()` after each optimizer step, which moves every router's bias by that
+# load (`router.update_selection_bias()`). Here it rebalances a deliberately skewed router on a
+# stream of inputs, without touching its weights or its gates:
 
 # %%
 from moe_tutorial.router import balance_metrics
@@ -169,7 +171,7 @@ imbalance = []
 for step in range(300):
     r = skewed(torch.randn(256, 16) + 1.0, capacity_factor=10.0)
     imbalance.append(balance_metrics(r)["max_over_mean"])
-    skewed.update_selection_bias(r)
+    skewed.update_selection_bias()  # from the load counted in this step's forward pass
 fig, ax = plt.subplots(figsize=(6, 2.8))
 ax.plot(imbalance)
 ax.axhline(1.0, color="gray", ls="--")

@@ -49,7 +49,7 @@ def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
     norms = 2 * (2 * C if bias else C)
     attn = _linear(C, 3 * C, bias) + _linear(C, C, bias)
     if not config.is_moe_layer(layer_idx):
-        mlp = _mlp_params(C, 4 * C, bias)
+        mlp = _mlp_params(C, config.mlp_hidden or 4 * C, bias)
         return norms + attn + mlp, norms + attn + mlp
     hidden = config.expert_hidden or 4 * C
     router = C * config.n_experts * (2 if config.noisy_gating else 1)
@@ -63,11 +63,14 @@ def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
 def model_info(config: GPTConfig) -> ModelInfo:
     C = config.n_embd
     embeddings = config.vocab_size * C + config.block_size * C  # wte (tied with lm_head) + wpe
+    untied_head = 0 if config.tie_embeddings else config.vocab_size * C  # lm_head's own matrix
     final_norm = 2 * C if config.bias else C
     blocks = [_block_params(config, i) for i in range(config.n_layer)]
-    total = embeddings + final_norm + sum(t for t, _ in blocks)
-    active = embeddings + final_norm + sum(a for _, a in blocks)
-    matmul_params = active - config.block_size * C  # the position embedding is only a lookup
+    total = embeddings + untied_head + final_norm + sum(t for t, _ in blocks)
+    active = embeddings + untied_head + final_norm + sum(a for _, a in blocks)
+    # Embedding lookups are not matmuls: wpe never, wte only when it is also the output layer.
+    lookups = config.block_size * C + (0 if config.tie_embeddings else config.vocab_size * C)
+    matmul_params = active - lookups
     attention_flops = 12 * config.n_layer * C * config.block_size
     memory = {}
     for dtype, per_param in BYTES.items():

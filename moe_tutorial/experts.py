@@ -2,10 +2,12 @@
 
 Weights are (E, C, H) and (E, H, C) tensors rather than E separate modules, so that one
 grouped matrix multiply (`F.grouped_mm`, PyTorch >= 2.8) can run every expert on its own
-contiguous slice of tokens. Older PyTorch falls back to one matmul per expert: a loop over
-experts (8 or 16 iterations), never over tokens.
+contiguous slice of tokens. Where grouped_mm cannot run (PyTorch < 2.8; dtypes the backend
+lacks, e.g. float64 on CPU; misaligned widths; tracing with torch.compile outside bfloat16) the
+experts fall back to one matmul per expert: a loop over experts, never over tokens.
 """
 
+import functools
 import math
 
 import torch
@@ -17,7 +19,7 @@ HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 def grouped_matmul(x, weight, counts):
     """Rows of x (M, K) in expert order, counts (E,) per expert, weight (E, K, N) -> (M, N)."""
-    if HAS_GROUPED_MM and _aligned(x, weight):
+    if _can_group(x) and _aligned(x, weight):
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
         return _ContiguousGrad.apply(F.grouped_mm(x, weight.to(x.dtype), offs=offsets))
     return per_expert_matmul(x, weight, counts)
@@ -34,6 +36,31 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous()
+
+
+def _can_group(x) -> bool:
+    if not HAS_GROUPED_MM:
+        return False
+    if torch.compiler.is_compiling():
+        # grouped_mm's meta function (what torch.compile traces) accepts bfloat16 only.
+        return x.dtype == torch.bfloat16
+    return grouped_mm_supported(x.device.type, x.dtype)
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm runs forward and backward for this device and dtype: asked of the
+    backend once with a tiny problem, since its dtype support differs by device and version."""
+    if not HAS_GROUPED_MM:
+        return False
+    try:
+        x = torch.zeros(4, 8, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.zeros(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
+        y = F.grouped_mm(x, w, offs=torch.tensor([2, 4], device=device_type, dtype=torch.int32))
+        y.backward(torch.ones_like(y))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _aligned(x, weight):
@@ -72,8 +99,9 @@ class Experts(nn.Module):
     def forward(self, x, counts):
         """x (M, C) with rows grouped by expert, counts (E,) rows per expert -> (M, C)."""
         h = grouped_matmul(x, self.c_fc, counts)  # (M, H)
-        if self.b_fc is not None:
+        if self.b_fc is not None or self.b_proj is not None:
             expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts)
+        if self.b_fc is not None:
             h = h + self.b_fc[expert_of_row]
         y = grouped_matmul(self.activation(h), self.c_proj, counts)  # (M, C)
         if self.b_proj is not None:

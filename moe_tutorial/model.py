@@ -32,6 +32,8 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 checkpoints have them
     attn_impl: str = "sdpa"  # "sdpa" | "flash" | "naive": see moe_tutorial.attention
     gelu_approximate: str = "none"  # "tanh": GPT-2's GELU, needed to reproduce its weights' outputs
+    mlp_hidden: int | None = None  # dense MLP width; None: 4 * n_embd (GPT-2's n_inner)
+    tie_embeddings: bool = True  # output layer shares the token embedding (GPT-2 does)
     # Mixture of Experts (notebook 03 on). n_experts=None keeps a dense MLP in every block.
     n_experts: int | None = None
     top_k: int = 1  # experts per token: 1 = Switch, 2 = GShard / Mixtral
@@ -64,6 +66,9 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         self._validate_moe()
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+            raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None (4 * n_embd), "
+                             f"got {self.mlp_hidden!r}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if self.attn_impl not in ATTENTION_IMPLS:
@@ -142,12 +147,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The dense feed-forward network: expand 4x, GELU, project back."""
+    """The dense feed-forward network: expand (4x by default), GELU, project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approximate = config.gelu_approximate
@@ -190,8 +196,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the input embedding and the output projection share one matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying: the input embedding and the output projection share one matrix.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -216,6 +223,14 @@ class GPT(nn.Module):
         """Load-balancing + z-losses of every MoE layer in the last forward pass (0 if dense)."""
         losses = [m.last_routing.aux_loss + m.last_routing.z_loss for m in self.moe_layers()]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    @torch.no_grad()
+    def after_optimizer_step(self):
+        """Per-step updates that are not gradient steps: aux-loss-free balancing's expert biases,
+        from the load of every micro-batch since the last call. The training loop calls this
+        right after optimizer.step()."""
+        for layer in self.moe_layers():
+            layer.router.update_selection_bias()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default, as in GPT-2's papers."""
@@ -259,6 +274,7 @@ class GPT(nn.Module):
         position embedding shifts, and cached keys are stale: from there on each step reruns the
         last block_size tokens, exactly as without a cache. MoE layers never drop tokens here.
         """
+        self._check_prompt(idx, max_new_tokens)
         cache = None
         with dropless(self):
             for _ in range(max_new_tokens):
@@ -273,3 +289,18 @@ class GPT(nn.Module):
                 next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, next_token], dim=1)
         return idx
+
+    def _check_prompt(self, idx, max_new_tokens):
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"generate() wants token ids of shape (batch, time), got {shape}; "
+                             f"for one prompt use ids[None] or torch.tensor([ids])")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"generate() wants integer token ids, got dtype {idx.dtype}")
+        if idx.size(1) == 0:
+            raise ValueError("generate() needs a prompt of at least one token, e.g. the encoding of a newline")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}), got ids from {idx.min().item()} "
+                             f"to {idx.max().item()}: was the prompt encoded with this model's tokenizer?")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

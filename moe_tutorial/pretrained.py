@@ -11,6 +11,8 @@ maps name for name (model.py uses GPT-2's names). The Hub serves the file's sha2
 X-Linked-Etag header; the download is checked against it before it is moved into the cache.
 """
 
+import dataclasses
+import difflib
 import json
 import os
 import re
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import requests
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, save_model
 
-from .data import atomic_path, data_dir, download
+from .data import atomic_path, data_dir, download, sha256_of
 from .model import GPT, GPTConfig
 from .presets import gpt2_config, preset
 from .train import train
@@ -55,41 +57,117 @@ def hub_sha256(url: str, timeout: float = 30.0) -> str:
     return etag
 
 
+def sha256_record(weights: Path) -> Path:
+    """Where the sha256 a download was verified against is kept: beside the weights."""
+    return weights.with_name(weights.name + ".sha256")
+
+
+def record_sha256(weights: Path, sha256: str):
+    with atomic_path(sha256_record(weights)) as tmp:
+        tmp.write_text(sha256 + "\n")
+
+
 def download_checkpoint(name: str, progress: bool = True, timeout: float = 30.0) -> Path:
-    """The cached model.safetensors of a GPT-2 size, downloaded and verified on first use."""
+    """The cached model.safetensors of a GPT-2 size, downloaded and verified on first use.
+
+    The sha256 the Hub announced is recorded beside the file, and a cached file is checked
+    against it every time it is used: a file that was swapped or damaged in the cache is refused.
+    """
     path = cache_path(name)
-    if path.exists():
-        return path
     url = hub_url(name)
+    if path.exists():
+        verify_cached(path, url, timeout)
+        return path
     try:
         sha256 = hub_sha256(url, timeout)
     except requests.RequestException as err:
         raise FileNotFoundError(
             f"Could not reach {url} ({err.__class__.__name__}). If you are offline, download that file "
             f"elsewhere and place it at {path} (or set MOE_TUTORIAL_DATA to a directory that holds "
-            f"gpt2/{path.name})."
+            f"gpt2/{path.name}), with its sha256 in {sha256_record(path).name} beside it."
         ) from err
-    return download(url, path, sha256, timeout=timeout, progress=progress)
+    download(url, path, sha256, timeout=timeout, progress=progress)
+    record_sha256(path, sha256)
+    return path
+
+
+def verify_cached(path: Path, url: str, timeout: float = 30.0):
+    """Check a cached checkpoint against its recorded sha256 (or, with no record, the Hub's)."""
+    record = sha256_record(path)
+    if record.exists():
+        expected = record.read_text().strip()
+    else:
+        try:
+            expected = hub_sha256(url, timeout)
+        except requests.RequestException as err:
+            raise ValueError(
+                f"{path} has no recorded sha256 ({record.name}) and {url} cannot be reached to get one, so the "
+                f"file cannot be verified. Put its sha256 in {record}, or delete the file to download it again."
+            ) from err
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(f"{path} is not the file that was downloaded: its sha256 is {actual}, expected {expected}. "
+                         f"Delete it (and {record.name}) to download it again.")
+    if not record.exists():
+        record_sha256(path, expected)
+
+
+# Every field of transformers' GPT2Config, sorted by what loading does with it.
+HF_HONOURED = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+               "resid_pdrop", "embd_pdrop", "attn_pdrop", "tie_word_embeddings",
+               # the same computation, only arranged differently (fp32 results agree to rounding):
+               "reorder_and_upcast_attn", "chunk_size_feed_forward"}
+HF_DEFAULT_ONLY = {  # options model.py does not implement: loaded only at these values
+    "layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False, "is_encoder_decoder": False, "pruned_heads": {},
+}
+HF_IGNORED = {  # no effect on the language model's outputs: initialisation, other heads, runtime, metadata
+    "initializer_range", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "output_hidden_states", "output_attentions", "return_dict", "torchscript", "dtype",
+    "torch_dtype", "use_bfloat16", "id2label", "label2id", "problem_type", "finetuning_task", "tokenizer_class",
+    "prefix", "task_specific_params", "architectures", "model_type", "transformers_version", "n_ctx", "is_decoder",
+    "tie_encoder_decoder", "cross_attention_hidden_size", "tf_legacy_loss", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+}
+HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+HF_LM_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model", "GPT2DoubleHeadsModel"}  # same language model
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-    """Our GPTConfig from a transformers GPT2Config's config.json."""
-    unsupported = {k: hf[k] for k in ("n_inner", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
-                   if hf.get(k)}
-    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        unsupported["layer_norm_epsilon"] = hf["layer_norm_epsilon"]
-    activations = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-    if hf.get("activation_function", "gelu_new") not in activations:
-        unsupported["activation_function"] = hf["activation_function"]
-    if unsupported:
-        raise ValueError(f"This GPT-2 checkpoint uses options model.py does not implement: {unsupported}")
+    """Our GPTConfig from a transformers GPT2Config's config.json: every option is either
+    honoured exactly or refused with its name and value."""
+    refused = {k: v for k, v in hf.items()
+               if k not in HF_HONOURED | HF_DEFAULT_ONLY.keys() | HF_IGNORED and not k.startswith("_")}
+    refused |= {k: hf[k] for k, default in HF_DEFAULT_ONLY.items() if k in hf and hf[k] != default}
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in HF_ACTIVATIONS:
+        refused["activation_function"] = activation
+    pdrops = {k: hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(set(pdrops.values())) > 1:  # model.py has one dropout rate for all three places
+        refused |= pdrops
+    if hf.get("n_ctx") not in (None, hf.get("n_positions")):
+        refused["n_ctx"] = hf["n_ctx"]
+    other_heads = set(hf.get("architectures") or []) - HF_LM_ARCHITECTURES
+    if other_heads:
+        refused["architectures"] = sorted(other_heads)
+    if refused:
+        detail = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        raise ValueError(f"This GPT-2 checkpoint uses options model.py does not implement: {detail}. "
+                         f"Loading it would give different outputs, so it is refused.")
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                     gelu_approximate=activations[hf.get("activation_function", "gelu_new")])
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=pdrops["resid_pdrop"],
+                     gelu_approximate=HF_ACTIVATIONS[activation], mlp_hidden=hf.get("n_inner"),
+                     tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
-def convert_hf_state_dict(hf_state: dict) -> dict:
-    """GPT-2 checkpoint tensors -> our state dict names and layouts (lm_head is tied to wte)."""
+def convert_hf_state_dict(hf_state: dict, tie_embeddings: bool = True) -> dict:
+    """GPT-2 checkpoint tensors -> our state dict names and layouts. With tied embeddings the
+    output layer is the token embedding; untied, the file's own lm_head.weight is used."""
     state = {}
     for name, tensor in hf_state.items():
         name = name.removeprefix("transformer.")
@@ -98,21 +176,31 @@ def convert_hf_state_dict(hf_state: dict) -> dict:
         if name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
         state["transformer." + name] = tensor.contiguous()
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    elif "lm_head.weight" in hf_state:
+        state["lm_head.weight"] = hf_state["lm_head.weight"]
     return state
 
 
 def load_hf_weights(model: GPT, hf_state: dict, source="checkpoint"):
-    state = convert_hf_state_dict(hf_state)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit this GPT config: missing {missing[:4]}, unexpected "
-                         f"{unexpected[:4]}, wrong shapes {wrong[:4]}. Is it a GPT-2 checkpoint of this size?")
+    state = convert_hf_state_dict(hf_state, model.config.tie_embeddings)
+    check_state_fits(model, state, source)
     model.load_state_dict(state)
     return model
+
+
+def check_state_fits(model: GPT, state: dict, source):
+    """Refuse weights that do not fit the model, naming the tensors, the shapes and the file."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k} has shape {tuple(state[k].shape)} in the file but {tuple(expected[k])} in the config"
+             for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        problems = "; ".join(wrong[:3] + ([f"missing {missing[:4]}"] if missing else [])
+                             + ([f"unexpected {unexpected[:4]}"] if unexpected else []))
+        raise ValueError(f"{source} does not fit its model config: {problems}. Were the weights and the "
+                         f"config written together (same model size)?")
 
 
 def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0) -> GPT:
@@ -124,7 +212,7 @@ def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0) -
     if name_or_dir not in HUB_REPOS:
         raise ValueError(f"Unknown model {name_or_dir!r}: use one of {sorted(HUB_REPOS)} or a directory holding "
                          f"config.json and model.safetensors")
-    weights = download_checkpoint(name_or_dir, progress=progress, timeout=timeout)
+    weights = download_checkpoint(name_or_dir, progress=progress, timeout=timeout)  # verified
     model = GPT(gpt2_config(name_or_dir))
     return load_hf_weights(model, _read_safetensors(weights), source=str(weights))
 
@@ -133,7 +221,33 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(path)
     except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it and download it again") from err
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: truncated or not "
+                         f"safetensors); delete it and download or save it again") from None
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                         f"fix it or save the model again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} should hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def config_from_dict(fields: dict, source) -> GPTConfig:
+    """GPTConfig(**fields), with a misspelt or unknown field named (and the closest real one)."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
+                 else repr(name) for name in unknown]
+        raise ValueError(f"{source}: unknown GPTConfig field(s) {', '.join(hints)}")
+    try:
+        return GPTConfig(**fields)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def _from_directory(path: Path) -> GPT:
@@ -141,18 +255,22 @@ def _from_directory(path: Path) -> GPT:
     for f in (config_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing: a model directory holds config.json and model.safetensors")
-    config = json.loads(config_file.read_text())
+    config = _read_config(config_file)
+    state = _read_safetensors(weights)
     if "moe_tutorial" in config:  # written by save_pretrained
-        model = GPT(GPTConfig(**config["moe_tutorial"]))
-        missing, unexpected = load_model(model, weights, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not match {config_file}: missing {sorted(missing)[:4]}, "
-                             f"unexpected {sorted(unexpected)[:4]}")
+        model = GPT(config_from_dict(config["moe_tutorial"], config_file))
+        if model.config.tie_embeddings:  # the shared matrix is stored once, under either name
+            head, embedding = "lm_head.weight", "transformer.wte.weight"
+            for name, twin in ((head, embedding), (embedding, head)):
+                if name not in state and twin in state:
+                    state[name] = state[twin]
+        check_state_fits(model, state, weights)
+        model.load_state_dict(state)
         return model
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{config_file} is neither a moe_tutorial nor a GPT-2 config "
                          f"(model_type={config.get('model_type')!r})")
-    return load_hf_weights(GPT(config_from_hf(config)), _read_safetensors(weights), source=str(weights))
+    return load_hf_weights(GPT(config_from_hf(config)), state, source=str(weights))
 
 
 def save_pretrained(model: GPT, directory) -> Path:

@@ -15,8 +15,8 @@ language model a token's routing depends on later tokens: it leaks the future an
 route one token at a time during generation.
 """
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -59,8 +59,15 @@ class Routing:
 
 
 def capacity(n_tokens: int, n_experts: int, capacity_factor: float, top_k: int = 1) -> int:
-    """Slots per expert: ceil(capacity_factor * top_k * tokens / experts)."""
-    return math.ceil(capacity_factor * top_k * n_tokens / n_experts)
+    """Slots per expert: ceil(capacity_factor * top_k * tokens / experts), computed exactly.
+
+    In floating point 1.1 * 50 is 55.000000000000007 and its ceiling 56: one slot too many.
+    The factor is read as the decimal the user wrote (Fraction("1.1") = 11/10) and the
+    ceiling taken in integers.
+    """
+    factor = Fraction(str(capacity_factor))
+    slots = factor * top_k * n_tokens / n_experts
+    return -(-slots.numerator // slots.denominator)  # ceil for a non-negative fraction
 
 
 def positions_in_expert(expert: torch.Tensor, n_experts: int, active=None) -> torch.Tensor:
@@ -129,6 +136,9 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise.weight)  # start at softplus(0) = 0.69 noise; learned from there
         # Aux-loss-free balancing: added to the scores when selecting experts, never to gates.
         self.register_buffer("selection_bias", torch.zeros(n_experts))
+        # Assignments per expert since the last bias update: every micro-batch of an optimizer
+        # step counts, not only the last one (gradient accumulation).
+        self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
         self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.second_expert_policy, self.bias_update_rate = second_expert_policy, bias_update_rate
@@ -178,6 +188,8 @@ class Router(nn.Module):
             # weak second choices do not use up capacity.
             active = torch.ones_like(expert, dtype=torch.bool)
             active[:, 1] = torch.rand_like(gate[:, 1]) < 2 * gate[:, 1].detach()
+        if self.training and self.bias_update_rate > 0:
+            self.load_since_update += torch.bincount(expert.reshape(-1), minlength=self.n_experts)
         cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)
         position = positions_in_expert(expert, self.n_experts, active)
         kept = position < cap
@@ -208,9 +220,16 @@ class Router(nn.Module):
                        expert_choice=True)
 
     @torch.no_grad()
-    def update_selection_bias(self, routing: Routing):
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded."""
+    def update_selection_bias(self):
+        """Aux-loss-free balancing, once per optimizer step: raise the bias of the experts that
+        got fewer assignments than average since the last update, lower the busier ones.
+
+        Only the sign of (mean - load) matters, so a forward pass counted twice (activation
+        checkpointing reruns it in backward, with the same routing) changes nothing.
+        """
         if self.bias_update_rate <= 0:
             return
-        load = torch.bincount(routing.expert.reshape(-1), minlength=self.n_experts).float()
-        self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load = self.load_since_update
+        if load.sum() > 0:
+            self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load.zero_()

@@ -9,6 +9,27 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def _package_data_dir():
+    from moe_tutorial.data import data_dir
+
+    return data_dir()
+
+
+# The data folder the package itself uses (data/ or $MOE_TUTORIAL_DATA), read once before any test
+# points MOE_TUTORIAL_DATA at a temporary cache.
+PACKAGE_DATA = _package_data_dir()
+
+
+def course_data_file(name):
+    """A file of the course's data (tests never download): from the package's data folder, else
+    ../shared/data; otherwise the test fails with one line naming the file and where to put it."""
+    for folder in (PACKAGE_DATA, SHARED_DATA):
+        if (folder / name).exists():
+            return folder / name
+    pytest.fail(f"{name} is not in {PACKAGE_DATA} (nor {SHARED_DATA}): put a copy there (see data/README.md "
+                f"for its URL and sha256), or set MOE_TUTORIAL_DATA to a folder that holds it", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
@@ -30,16 +51,8 @@ def tiny_dataset(tiny_text):
 
 @pytest.fixture
 def shakespeare_file():
-    """The real corpus, from the data cache or ../shared/data (tests never download)."""
-    from moe_tutorial.data import SHAKESPEARE_FILENAME, data_dir
-
-    for path in (data_dir() / SHAKESPEARE_FILENAME, SHARED_DATA / "tinyshakespeare.txt"):
-        if path.exists():
-            return path
-    pytest.fail(
-        f"tinyshakespeare.txt not found in {data_dir()} or {SHARED_DATA}; "
-        f"copy it there (see data/README.md)"
-    )
+    """The real corpus, from the package's data folder or ../shared/data (tests never download)."""
+    return course_data_file("tinyshakespeare.txt")
 
 
 @pytest.fixture

@@ -8,10 +8,12 @@ import threading
 
 class LocalServer:
     """Serves one directory. `drop_after` cuts responses short after that many bytes;
+    `trickle` sends one byte every `trickle` seconds (a server too slow to ever finish);
     `headers` are added to every response (e.g. the Hub's X-Linked-Etag)."""
 
-    def __init__(self, directory, drop_after=None, headers=None):
+    def __init__(self, directory, drop_after=None, headers=None, trickle=None):
         drop, extra_headers = drop_after, dict(headers or {})
+        stop = self.stopping = threading.Event()
 
         class Handler(http.server.SimpleHTTPRequestHandler):
             def log_message(self, *args):
@@ -23,6 +25,12 @@ class LocalServer:
                 super().end_headers()
 
             def copyfile(self, source, outputfile):
+                if trickle is not None:
+                    while not stop.is_set() and (byte := source.read(1)):
+                        outputfile.write(byte)
+                        outputfile.flush()
+                        stop.wait(trickle)
+                    return None
                 if drop is None:
                     return super().copyfile(source, outputfile)
                 outputfile.write(source.read(drop))  # promise the full length, send part, hang up
@@ -39,6 +47,7 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

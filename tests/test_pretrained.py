@@ -35,7 +35,8 @@ def test_model_info_counts_every_parameter(name):
 
 
 @pytest.mark.parametrize("extra", [dict(n_experts=4, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=24),
-                                   dict(n_experts=3, noisy_gating=True, bias=True), dict(bias=True)])
+                                   dict(n_experts=3, noisy_gating=True, bias=True), dict(bias=True),
+                                   dict(tie_embeddings=False, mlp_hidden=40, bias=True)])
 def test_model_info_matches_numel_for_variants(extra):
     config = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, **extra)
     assert model_info(config).total_params == sum(p.numel() for p in GPT(config).parameters())
@@ -62,6 +63,10 @@ def test_model_info_by_hand():
 def test_gpt2_flops_by_hand():
     # nanoGPT's estimate for GPT-2 124M at T=1024: 6 * 123.65M non-position-embedding + 12 * L * C * T.
     assert model_info(gpt2_config("gpt2")).train_flops_per_token == 6 * 123_653_376 + 12 * 12 * 768 * 1024
+    # An untied output layer adds a matrix to memory, not to compute: the output matmul is there either way.
+    untied, tied = model_info(gpt2_config("gpt2", tie_embeddings=False)), model_info(gpt2_config("gpt2"))
+    assert untied.train_flops_per_token == tied.train_flops_per_token
+    assert untied.total_params - tied.total_params == 50257 * 768
 
 
 def test_unknown_preset_is_named():
@@ -73,12 +78,9 @@ def test_unknown_preset_is_named():
 
 @pytest.fixture
 def r50k_in_cache(data_cache):
-    from conftest import SHARED_DATA, copy_into
+    from conftest import copy_into, course_data_file
 
-    source = SHARED_DATA / "r50k_base.tiktoken"
-    if not source.exists():
-        pytest.fail(f"{source} is missing: the offline copy of GPT-2's BPE ranks (see data/README.md)")
-    return copy_into(source, data_cache / tokenizers.R50K_FILENAME)
+    return copy_into(course_data_file(tokenizers.R50K_FILENAME), data_cache / tokenizers.R50K_FILENAME)
 
 
 def test_gpt2_tokenizer_offline(r50k_in_cache, monkeypatch):
