@@ -13,9 +13,10 @@ import time
 import torch
 
 from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
-from moe_tutorial.train import estimate_loss, fixed_batches, train
+from moe_tutorial.train import train
 
 REFERENCE = "nanogpt-cpu"
 

@@ -8,7 +8,6 @@ sharded layer gives the same outputs and gradients as the full layer. Rank 0 pri
 """
 
 import argparse
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ def equivalence_check(config, rank, world):
     distributed.shard_experts(sharded)
     x = torch.randn(4, 64, config.n_embd, generator=torch.Generator().manual_seed(rank))
     x_full, x_shard = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_full, y_shard = full(x_full), sharded(x_shard)
+    (y_full, _), (y_shard, _) = full(x_full), sharded(x_shard)  # an MoE layer returns (y, aux_loss)
     y_shard.square().sum().backward()
     y_full.square().sum().backward()  # input gradients depend on this rank's tokens only
     return max((y_full - y_shard).abs().max().item(), (x_full.grad - x_shard.grad).abs().max().item())
@@ -48,8 +47,7 @@ def main():
     torch.set_num_threads(1)
     try:
         dataset = shakespeare_dataset(progress=False)
-        model_cfg, _ = preset("char", vocab_size=dataset.tokenizer.vocab_size)
-        model_cfg = dataclasses.replace(model_cfg, **MOE_VARIANTS[args.variant])
+        model_cfg, _ = preset("char", dataset.tokenizer.vocab_size, variant=args.variant)
         distributed.check_same_config(model_cfg)
         diff = torch.tensor(equivalence_check(model_cfg, ranks.rank, ranks.world_size))
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -72,7 +70,7 @@ def main():
 def report(gathered, config, diff, world):
     print(f"sharded vs full MoE layer: max |difference| of outputs and input gradients {diff:.2e}")
     tokens = 12 * config.block_size
-    expected = distributed.all_to_all_bytes(tokens, config.n_embd, config.top_k, world)
+    expected = distributed.all_to_all_bytes(tokens, config.n_embd, config.moe.top_k, world)
     print(f"\nall-to-all per MoE layer, forward (fp32): rows sent to each rank; the backward sends as much again"
           f"\n(even routing would send {expected / 1e3:.0f} kB per rank: tokens x top_k x (W-1)/W x C x 4 B x 2)")
     print(f"{'step':>4}{'layer':>6}{'rank':>5}  {'rows to ranks':<16}{'kB out':>8}  {'rows on my experts':<20}")

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.config import GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.presets import PRESETS, gpt2_config
 
 MODELS = {  # name -> (config, prompt length, new tokens), each run within its block_size

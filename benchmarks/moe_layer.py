@@ -6,8 +6,8 @@ For top-1 and top-2 routing with E=8 experts, at the course's char-model shape (
 768 tokens) and a GPT-2-small-like shape (d=384, h=4d, 8192 tokens):
   moe      moe_tutorial.moe.MoE (sorted dispatch, grouped matmul)
   dense    a GELU MLP with hidden = top_k * h: the same matmul FLOPs per token as the MoE
-  hf-loop  a per-expert loop in the style of Hugging Face's Mixtral block: a one-hot expert
-           mask, torch.where per expert, index_add_ back (same router, same experts)
+  hf-loop  the same layer with the per-expert loop of Hugging Face's Mixtral block
+           (moe_tutorial.dispatch.loop_dispatch: torch.where per expert, index_add back)
 Capacity is set high enough (factor E) that no token is dropped, so all three do the same work.
 Median of 40 interleaved repeats, 2 threads; ratios are within this run.
 """
@@ -16,46 +16,22 @@ import argparse
 import statistics
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.measure import median_seconds
-from moe_tutorial.model import MLP, GPTConfig
+from moe_tutorial.model import MLP
 from moe_tutorial.moe import MoE
 
 SHAPES = {"char": (128, 768), "gpt2-small-like": (384, 8192)}  # (d_model, tokens per batch)
 N_EXPERTS = 8
 
 
-class HFStyleLoopMoE(nn.Module):
-    """The per-expert loop of transformers' MixtralSparseMoeBlock, over our router and experts."""
-
-    def __init__(self, moe: MoE):
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x):  # (B, T, C)
-        B, T, C = x.shape
-        flat = x.view(-1, C)
-        logits = self.moe.router.logits(flat)
-        probs = F.softmax(logits, dim=-1)
-        gates, chosen = torch.topk(probs, self.moe.router.top_k, dim=-1)
-        if self.moe.router.top_k > 1:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        expert_mask = F.one_hot(chosen, num_classes=N_EXPERTS).permute(2, 1, 0)  # (E, k, N)
-        for e in range(N_EXPERTS):
-            slot, token = torch.where(expert_mask[e])
-            y = self.moe.experts.expert(e, flat[token]) * gates[token, slot, None]
-            out.index_add_(0, token, y.to(flat.dtype))
-        return out.view(B, T, C)
-
-
 def fwd_bwd(module, x):
     def run():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).sum().backward()
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()  # MoE returns (y, aux_loss)
     return run
 
 
@@ -84,13 +60,11 @@ def main():
     for name, (d, tokens) in SHAPES.items():
         for top_k in (1, 2):
             torch.manual_seed(0)
-            cfg = GPTConfig(vocab_size=8, n_embd=d, n_head=1, n_experts=N_EXPERTS, top_k=top_k,
-                            capacity_factor_train=float(N_EXPERTS))  # never drop: equal work
-            moe = MoE(cfg).train()
-            dense = MLP(GPTConfig(vocab_size=8, n_embd=d, n_head=1))
-            dense.c_fc = nn.Linear(d, top_k * 4 * d, bias=False)
-            dense.c_proj = nn.Linear(top_k * 4 * d, d, bias=False)
-            loop = HFStyleLoopMoE(moe)
+            moe_cfg = MoEConfig(n_experts=N_EXPERTS, top_k=top_k, capacity_factor_train=float(N_EXPERTS))  # no drops
+            moe = MoE(GPTConfig(vocab_size=8, n_embd=d, n_head=1, moe=moe_cfg)).train()
+            loop = MoE(GPTConfig(vocab_size=8, n_embd=d, n_head=1, moe=moe_cfg), dispatch="loop").train()
+            loop.load_state_dict(moe.state_dict())  # same router, same experts
+            dense = MLP(GPTConfig(vocab_size=8, n_embd=d, n_head=1, mlp_hidden=top_k * 4 * d))
             x = torch.randn(tokens // 256, 256, d, requires_grad=True)
             t = interleaved_medians({"dense": fwd_bwd(dense, x), "moe": fwd_bwd(moe, x),
                                      "hf": fwd_bwd(loop, x)}, args.repeats)

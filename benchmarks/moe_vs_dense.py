@@ -14,15 +14,17 @@ import time
 import torch
 
 from moe_tutorial.data import shakespeare_dataset
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.model import GPT
 from moe_tutorial.presets import MOE_VARIANTS, preset
-from moe_tutorial.train import estimate_loss, fixed_batches, train
+from moe_tutorial.train import train
 
 
 def build(name, dataset, **train_overrides):
-    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, progress=False, **train_overrides)
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, variant=name, progress=False,
+                                  **train_overrides)
     torch.manual_seed(train_cfg.seed)
-    return GPT(GPTConfig(**{**model_cfg.to_dict(), **MOE_VARIANTS[name]})), train_cfg
+    return GPT(model_cfg), train_cfg
 
 
 def seconds_per_step(name, dataset, steps=30):

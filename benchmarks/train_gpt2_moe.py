@@ -3,8 +3,9 @@
     python benchmarks/train_gpt2_moe.py                     # needs CUDA; says why it skips otherwise
     python benchmarks/train_gpt2_moe.py --smoke             # the same code on CPU, tiny model, 2 steps
 
-bf16 autocast, SDPA attention, torch.compile, fused AdamW, random tokens (throughput does not
-depend on the data). MFU = model FLOPs per token (moe_tutorial.costs, active parameters only)
+The course's own training step (moe_tutorial.train.train_step: bf16 autocast, auxiliary losses,
+clipping, fused AdamW), SDPA attention, torch.compile, random tokens (throughput does not depend
+on the data). MFU = model FLOPs per token (moe_tutorial.costs, active parameters only)
 x tokens per second / the GPU's peak dense bf16 FLOP/s.
 """
 
@@ -14,9 +15,11 @@ import time
 
 import torch
 
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.costs import model_info
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.presets import gpt2_config
+from moe_tutorial.train import TrainConfig, make_optimizer, train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense, no sparsity
 
@@ -30,18 +33,14 @@ def peak_tflops(device_name: str, override: float | None):
 def throughput(config: GPTConfig, batch_size, steps, device, compile_model):
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    step_fn = torch.compile(model) if compile_model else model
+    cfg = TrainConfig(batch_size=batch_size, learning_rate=1e-4, min_lr=0.0, dtype="bfloat16", device=device)
+    optimizer = make_optimizer(model, cfg)
+    net = torch.compile(model) if compile_model else model
     x = torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
 
-    def step():
-        with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            _, loss = step_fn(x, y)
-            loss = loss + model.moe_loss().to(loss.device)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():  # the course's training step: bf16 autocast, aux losses, clipping, fused AdamW
+        train_step(net, model, optimizer, [(x, y)], cfg, lr=cfg.learning_rate)
 
     for _ in range(3):  # compile and warm up
         step()
@@ -70,7 +69,7 @@ def main():
         device, name, configs = "cpu", "CPU (smoke test)", {
             "tiny dense": GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True),
             "tiny MoE": GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True,
-                                  n_experts=4, moe_every=2)}
+                                  moe=MoEConfig(n_experts=4, every=2))}
         args.batch_size, args.steps, args.no_compile = 2, 2, True
     elif not torch.cuda.is_available():
         print("skipped: no CUDA device (this benchmark measures GPU training; --smoke runs it on CPU)")

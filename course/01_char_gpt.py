@@ -39,7 +39,8 @@ torch.set_num_threads(2)  # same thread count, same floats: reruns reproduce exa
 # path the error message names.
 
 # %%
-from moe_tutorial.data import CharTokenizer, Dataset, get_batch, load_shakespeare
+from moe_tutorial.data import Dataset, get_batch, load_shakespeare
+from moe_tutorial.tokenizers import CharTokenizer
 
 text = load_shakespeare(progress=False)
 print(f"{len(text):,} characters")
@@ -286,7 +287,8 @@ class ScratchGPT(nn.Module):
 # scratch model — head *h* gets rows `h·hs … (h+1)·hs` of each third — and ask for the same logits.
 
 # %%
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.config import GPTConfig
+from moe_tutorial.model import GPT
 
 config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=32)
 torch.manual_seed(0)
@@ -318,7 +320,7 @@ copy_weights(scratch, package_gpt)
 idx = torch.randint(config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     logits_scratch = scratch(idx)
-    logits_package, _ = package_gpt(idx)
+    logits_package = package_gpt(idx).logits  # the package's forward returns (logits, loss, aux_loss)
 print(f"max |difference| = {(logits_scratch - logits_package).abs().max():.2e}")
 assert torch.allclose(logits_scratch, logits_package, atol=1e-5)
 n_params = sum(p.numel() for p in scratch.parameters())
@@ -356,9 +358,12 @@ assert history.final_val_loss < 1.85
 # Save the trained model (config + safetensors weights) in the data cache: notebook 05 starts from it.
 
 # %%
-from moe_tutorial.pretrained import char_model_dir, save_pretrained
+from moe_tutorial.course import char_model_dir
+from moe_tutorial.downloads import data_dir
+from moe_tutorial.pretrained import save_pretrained
 
-print("saved to", save_pretrained(model, char_model_dir()))
+saved = save_pretrained(model, char_model_dir())
+print("saved to <data folder>/" + saved.relative_to(data_dir()).as_posix())
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -419,6 +424,7 @@ for temperature in (0.5, 1.0):
 # - The `"char"` recipe reaches a validation loss below 1.85 in under two minutes on 2 cores
 #   (asserted above; `benchmarks/char_gpt.py` compares it with nanoGPT's CPU recipe).
 #
-# **Where the finalized code lives:** `moe_tutorial/data.py`, `model.py`, `sampling.py`,
-# `train.py`, `presets.py`. Next: **02 · flash attention** — the same attention, without ever
+# **Where the finalized code lives:** `moe_tutorial/downloads.py`, `data.py`, `tokenizers.py`,
+# `config.py`, `model.py`, `sampling.py`, `train.py`, `evaluate.py`, `checkpoint.py`, `cli.py`,
+# `presets.py`. Next: **02 · flash attention** — the same attention, without ever
 # building the `T × T` matrix.

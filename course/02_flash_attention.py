@@ -330,12 +330,13 @@ assert torch.allclose(top_left, v_all[:, :, :1]) and not torch.allclose(top_left
 
 # %% [markdown]
 # ## 7 · The GPT of notebook 01 with flash attention
-# `GPTConfig.attn_impl` chooses the attention implementation; nothing else changes. We train the
-# same small model twice from the same seed: the losses agree to float rounding.
+# `GPT(config, Kernels(attention=...))` chooses the attention implementation. It is not part of
+# the config: the architecture, and so the function computed, is the same. We train the same small
+# model twice from the same seed: the losses agree to float rounding.
 
 # %%
 from moe_tutorial.data import shakespeare_dataset
-from moe_tutorial.model import GPT
+from moe_tutorial.model import GPT, Kernels
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
 
@@ -344,9 +345,8 @@ losses = {}
 for impl in ("sdpa", "flash"):
     model_cfg, train_cfg = preset("char-tiny", dataset.tokenizer.vocab_size, max_iters=200, eval_interval=100,
                                   progress=False)
-    model_cfg.attn_impl = impl
     torch.manual_seed(0)
-    losses[impl] = train(GPT(model_cfg), dataset, train_cfg)
+    losses[impl] = train(GPT(model_cfg, Kernels(attention=impl)), dataset, train_cfg)
     print(f"{impl:>5}: final train loss {losses[impl].loss[-1]:.5f}, val loss {losses[impl].final_val_loss:.5f}")
 assert abs(losses["sdpa"].final_val_loss - losses["flash"].final_val_loss) < 1e-3
 
@@ -388,7 +388,7 @@ else:
 #   future blocks under a causal mask (exercise 3), normalise once, save the logsumexp.
 # - Backward recomputes `P` from the logsumexp; all gradients match SDPA to 1e-10 in fp64.
 # - Our flash attention uses a few percent of naive attention's memory; SDPA's fused kernel is
-#   still the fastest on CPU, and it stays the model's default (`attn_impl="sdpa"`).
+#   still the fastest on CPU, and it stays the model's default (`Kernels(attention="sdpa")`).
 #
 # **Where the finalized code lives:** `moe_tutorial/attention.py` (naive, flash, the `attention()`
 # entry point), `moe_tutorial/triton_attention.py` (GPU kernel), `moe_tutorial/measure.py`,

@@ -37,7 +37,8 @@ torch.set_num_threads(2)
 # notebook 01, with every other block an MoE of 8 experts:
 
 # %%
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.model import GPT
 
 
 def ffn_counts(config):
@@ -45,12 +46,12 @@ def ffn_counts(config):
     model = GPT(config)
     total = sum(p.numel() for p in model.parameters())
     inactive = sum(m.experts.c_fc.numel() + m.experts.c_proj.numel() for m in model.moe_layers())
-    active = total - inactive * (1 - config.top_k / config.n_experts) if config.n_experts else total
+    active = total - inactive * (1 - config.moe.top_k / config.moe.n_experts) if config.moe else total
     return total, int(active)
 
 
 dense_cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
-moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "n_experts": 8, "top_k": 1, "moe_every": 2})
+moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "moe": MoEConfig(n_experts=8, top_k=1, every=2)})
 for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg)):
     total, active = ffn_counts(cfg)
     print(f"{name:<16} total {total:>9,} parameters, {active:>8,} used per token")
@@ -80,11 +81,11 @@ print("gate per token:  ", [round(g, 2) for g in gate.tolist()])
 
 from moe_tutorial.router import Router
 
-router = Router(C, E, top_k=1)
+router = Router(C, MoEConfig(n_experts=E, top_k=1))
 with torch.no_grad():
     router.gate.weight.copy_(router_weight)
 routing = router(x, capacity_factor=1.0)
-assert torch.equal(routing.expert[:, 0], expert) and torch.allclose(routing.gate[:, 0], gate)
+assert torch.equal(routing.expert[:, 0], expert) and torch.allclose(routing.weights[:, 0], gate)
 print("the package's Router agrees")
 
 # %% [markdown]
@@ -231,11 +232,12 @@ def scratch_moe(x, router_weight, w_fc, w_proj, capacity_factor):
     return out
 
 
-config = GPTConfig(vocab_size=65, n_embd=32, n_head=4, n_experts=4, capacity_factor_eval=1.0)
+config = GPTConfig(vocab_size=65, n_embd=32, n_head=4, moe=MoEConfig(n_experts=4, capacity_factor_eval=1.0))
 layer = MoE(config).eval()
 x = torch.randn(2, 24, 32)  # (B, T, C)
 ours = scratch_moe(x.view(-1, 32), layer.router.gate.weight, layer.experts.c_fc, layer.experts.c_proj, 1.0)
-theirs = layer(x).view(-1, 32)
+theirs, aux_loss = layer(x)  # the layer also returns its weighted balancing losses (sections 4-5)
+theirs = theirs.view(-1, 32)
 print(f"max |difference| {(ours - theirs).abs().max():.1e}; "
       f"dropped {int(layer.last_routing.dropped.sum())} of {x.shape[0] * x.shape[1]} tokens")
 assert torch.allclose(ours, theirs, atol=1e-6)
@@ -254,15 +256,15 @@ from moe_tutorial.train import train
 
 dataset = shakespeare_dataset(progress=False)
 runs = {
-    "dense": {},
-    "Switch MoE": dict(n_experts=8, top_k=1, moe_every=2),
-    "MoE, no aux loss": dict(n_experts=8, top_k=1, moe_every=2, aux_loss_coef=0.0),
+    "dense": None,
+    "Switch MoE": MoEConfig(n_experts=8, top_k=1, every=2),
+    "MoE, no aux loss": MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0),
 }
 histories, models = {}, {}
-for name, moe_kwargs in runs.items():
+for name, moe in runs.items():
     model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=800, eval_interval=200,
                                   progress=False)
-    model_cfg = GPTConfig(**{**model_cfg.to_dict(), **moe_kwargs})
+    model_cfg = GPTConfig(**{**model_cfg.to_dict(), "moe": moe})
     torch.manual_seed(train_cfg.seed)
     models[name] = GPT(model_cfg)
     histories[name] = train(models[name], dataset, train_cfg)
@@ -347,6 +349,6 @@ for capacity_factor in (1.0, 0.5):
 #   `mean(logsumexp²)`; without the former, load collapses onto a few experts (measured above).
 # - Our from-scratch layer equals `moe_tutorial.moe.MoE`.
 #
-# **Where the finalized code lives:** `moe_tutorial/router.py` (routing, capacity, losses),
-# `experts.py` (stacked experts, grouped matmul), `moe.py` (the layer), `viz.py` (the explorer),
+# **Where the finalized code lives:** `moe_tutorial/config.py` (`MoEConfig`), `router.py` (routing,
+# capacity, losses), `experts.py` (stacked experts, grouped matmul), `moe.py` (the layer), `viz.py` (the explorer),
 # `benchmarks/moe_layer.py` (speed against dense and a per-expert loop).

@@ -3,7 +3,7 @@
 #
 # **What you will build.** GShard / Mixtral top-2 routing with capacity priority, expert choice,
 # DeepSeek-style shared experts and auxiliary-loss-free balancing — all as options of the same
-# router and MoE layer from notebook 03 (`GPTConfig` fields, nothing copied) — and three ways to
+# router and MoE layer from notebook 03 (`MoEConfig` fields, nothing copied) — and three ways to
 # dispatch tokens to experts.
 #
 # **What you will measure.** Dense, Switch top-1, top-2, top-2 + a shared expert and
@@ -66,10 +66,11 @@ assert passed  # solutions-only
 # slots per expert. Filled squares were processed, hollow ones dropped.
 
 # %%
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.router import Router
 
 torch.manual_seed(3)
-router = Router(8, 4, top_k=2)
+router = Router(8, MoEConfig(n_experts=4, top_k=2))
 routing = router(torch.randn(12, 8), capacity_factor=1.0)
 fig, ax = plt.subplots(figsize=(7, 2.6))
 for t in range(12):
@@ -81,16 +82,16 @@ ax.set(xlabel="token", ylabel="expert", yticks=range(4), xticks=range(12),
        title=f"top-2, capacity {routing.capacity}: squares = first choice, circles = second")
 plt.show()
 print("per-expert counts:", routing.counts.tolist(), "| gates sum to 1:",
-      bool(torch.allclose(routing.gate.sum(-1), torch.ones(12))))
+      bool(torch.allclose(routing.weights.sum(-1), torch.ones(12))))
 first_dropped = (~routing.kept[:, 0]).sum().item()
 print(f"first choices dropped: {first_dropped}, second choices dropped: {(~routing.kept[:, 1]).sum().item()}")
 
 # %% [markdown]
 # Two more token-choice options live in the same router: **noisy top-k gating** (Shazeer et al.
 # 2017: `logits + N(0,1)·softplus(x·W_noise)`, training only, so that near-ties explore) with
-# `GPTConfig(noisy_gating=True)`, and GShard's **random routing** of the second expert (sent only
+# `MoEConfig(noisy_gating=True)`, and GShard's **random routing** of the second expert (sent only
 # with probability `2·gate₂`, so weak second choices do not eat capacity) with
-# `second_expert_policy="random"`.
+# `MoEConfig(second_expert="random")`.
 #
 # ## 2 · Expert choice, and its causal caveat
 # Zhou et al. (2022) flip the question: each expert picks the `C` tokens that score it highest.
@@ -102,12 +103,11 @@ print(f"first choices dropped: {first_dropped}, second choices dropped: {(~routi
 # many earlier tokens change experts.
 
 # %%
-from moe_tutorial.model import GPTConfig
 from moe_tutorial.moe import MoE
 
 torch.manual_seed(0)
-ec = MoE(GPTConfig(vocab_size=65, n_embd=32, n_head=4, n_experts=4, router_type="expert_choice",
-                   capacity_factor_eval=1.0)).eval()
+ec = MoE(GPTConfig(vocab_size=65, n_embd=32, n_head=4,
+                   moe=MoEConfig(n_experts=4, routing="expert_choice", capacity_factor_eval=1.0))).eval()
 changed_fraction = []
 for trial in range(50):
     x = torch.randn(1, 64, 32)
@@ -163,7 +163,7 @@ assert passed  # solutions-only
 from moe_tutorial.router import balance_metrics
 
 torch.manual_seed(0)
-skewed = Router(16, 4, top_k=1, bias_update_rate=0.01)
+skewed = Router(16, MoEConfig(n_experts=4, top_k=1, bias_update_rate=0.01))
 with torch.no_grad():
     skewed.gate.weight.normal_(std=0.1)
     skewed.gate.weight[0] += 0.1  # expert 0 wins for most inputs
@@ -184,7 +184,7 @@ assert sum(imbalance[-20:]) / 20 < 0.5 * imbalance[0]
 # %% [markdown]
 # **Shared experts** (DeepSeekMoE): some experts see *every* token, next to the routed ones. They
 # learn what all tokens need, so the routed experts can specialise. With
-# `GPTConfig(n_shared_experts=1)` the layer adds one always-on expert; making all experts narrower
+# `MoEConfig(n_shared_experts=1)` the layer adds one always-on expert; making all experts narrower
 # (`expert_hidden`) keeps the compute per token fixed ("fine-grained" experts).
 #
 # ## 4 · The experiment: same budget, same compute per token
@@ -200,14 +200,14 @@ from moe_tutorial.presets import MOE_VARIANTS, preset
 from moe_tutorial.train import train
 
 dataset = shakespeare_dataset(progress=False)
-for name, kwargs in MOE_VARIANTS.items():
-    print(f"{name:<20} {kwargs}")
+for name, moe in MOE_VARIANTS.items():
+    print(f"{name:<20} {moe}")
 histories, models = {}, {}
-for name, kwargs in MOE_VARIANTS.items():
-    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=600, eval_interval=200,
-                                  progress=False)
+for name in MOE_VARIANTS:
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, variant=name, max_iters=600,
+                                  eval_interval=200, progress=False)
     torch.manual_seed(train_cfg.seed)
-    models[name] = GPT(GPTConfig(**{**model_cfg.to_dict(), **kwargs}))
+    models[name] = GPT(model_cfg)
     histories[name] = train(models[name], dataset, train_cfg)
     print(f"{name:<20} val {histories[name].final_val_loss:.3f} in {histories[name].elapsed:.0f} s")
 
@@ -321,8 +321,8 @@ print(f"{'strategy':<8}{'fwd+bwd ms':>12}")
 for name, fn in DISPATCH.items():
     layer.dispatch = fn
     torch.manual_seed(0)
-    outputs[name] = layer(x)
-    ms = 1e3 * median_seconds(lambda: layer(x).sum().backward(), repeats=10)
+    outputs[name], _ = layer(x)
+    ms = 1e3 * median_seconds(lambda: layer(x)[0].sum().backward(), repeats=10)
     print(f"{name:<8}{ms:>12.2f}")
 layer.dispatch = DISPATCH["sort"]
 for name in ("einsum", "loop"):

@@ -145,13 +145,15 @@ assert bpe.decode(ids) == line
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+from moe_tutorial.downloads import data_dir
 from moe_tutorial.pretrained import from_pretrained
 
 try:
     gpt2_model = from_pretrained("gpt2", timeout=10).eval()
 except FileNotFoundError as err:
     gpt2_model = None
-    print("GPT-2's weights are not available here (offline?):\n ", err)
+    message = str(err).replace(str(data_dir()), "<data folder>")  # no machine paths in the output
+    print("GPT-2's weights are not available here (offline?):\n ", message)
 if gpt2_model is not None:
     prompt = torch.tensor([bpe.encode("The meaning of a mixture of experts is")])
     out = gpt2_model.generate(prompt, 40, top_p=0.9, generator=torch.Generator().manual_seed(0))
@@ -164,8 +166,8 @@ if gpt2_model is not None:
 # (`Dataset.from_text(text, tokenizer=bpe)`); nothing else changes.
 
 # %%
+from moe_tutorial.course import pretrained_char_model
 from moe_tutorial.data import Dataset
-from moe_tutorial.pretrained import pretrained_char_model
 
 dataset = Dataset.from_text(text)
 dense = pretrained_char_model(dataset).eval()  # saved by notebook 01 (trained here if it is missing)
@@ -216,8 +218,8 @@ assert passed  # solutions-only
 
 # %%
 from moe_tutorial.data import get_batch
+from moe_tutorial.evaluate import max_logit_difference
 from moe_tutorial.moe import dropless
-from moe_tutorial.pretrained import max_logit_difference
 from moe_tutorial.upcycle import upcycle
 
 x_val, y_val = get_batch(dataset.val, 16, dense.config.block_size, torch.Generator().manual_seed(0))
@@ -248,7 +250,8 @@ for top_k in (1, 2):
 # NBVAL_IGNORE_OUTPUT
 import copy
 
-from moe_tutorial.train import TrainConfig, estimate_loss, fixed_batches, train
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.train import TrainConfig, train
 
 finetune = TrainConfig(batch_size=12, max_iters=400, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20,
                        eval_interval=100, eval_iters=20, seed=2024, progress=False)
@@ -353,4 +356,4 @@ print(f"57 new tokens: {timings[False] * 1e3:.0f} ms without cache, {timings[Tru
 # - `generate()` uses a KV cache; same tokens as without it (asserted), several times faster on GPT-2.
 #
 # **Where the finalized code lives:** `moe_tutorial/costs.py`, `presets.py`, `tokenizers.py`,
-# `pretrained.py`, `upcycle.py`, `kv_cache.py`. Next: **06 · distributed MoE**.
+# `pretrained.py`, `upcycle.py`, `kv_cache.py`, `course.py` (notebook 01's model). Next: **06 · distributed MoE**.

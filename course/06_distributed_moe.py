@@ -217,5 +217,5 @@ assert val_loss < 2.3
 #   the tests check that the sharded layer equals the single-process one (outputs and every gradient)
 #   and that 2-rank DDP equals one process with the doubled batch.
 #
-# **Where the finalized code lives:** `moe_tutorial/distributed.py`, `train.py`;
+# **Where the finalized code lives:** `moe_tutorial/distributed.py`, `train.py`, `cli.py`;
 # `benchmarks/expert_parallel_stats.py`.

@@ -1,25 +1,23 @@
 """moe-tutorial: the finalized code of the course, one module per idea.
 
-data              corpora (verified downloads), CharTokenizer, batches
-tokenizers        GPT-2's BPE (tiktoken r50k_base) from the data cache
-attention         naive, FlashAttention-2 in PyTorch, SDPA; one `attention()` entry point
-triton_attention  the flash forward as a Triton kernel (GPU; tested through the interpreter)
-model             GPTConfig, GPT (GPT-2 parameter names); MoE through config fields
-kv_cache          keys and values of past positions, for decoding
-sampling          temperature, top-k, top-p
-router            token-choice and expert-choice routing, capacity, balancing losses, metrics
-experts           stacked expert weights, grouped matmul
-dispatch          sort / einsum / loop dispatch of tokens to experts
-moe               the Mixture-of-Experts layer (routed + optional shared experts), dropless()
-train             TrainConfig, train() (also under torchrun), checkpoints, the command line
-presets           named recipes ("char", ...), GPT-2 shapes and GPT-2 MoE presets
-costs             model_info: total/active parameters, FLOPs per token, training memory
-pretrained        from_pretrained (GPT-2 from the Hub, safetensors), save_pretrained
-upcycle           sparse upcycling of a dense model into an MoE
-distributed       torchrun setup, DDP, expert parallelism with all-to-all
-measure           median timings and peak memory in a fresh process
-viz               the routing explorer and its static rendering
-exercises         the checks behind the notebooks' exercises
+The course, chapter by chapter, and the modules each one introduces (every module's docstring
+names its chapter too):
+
+01 char GPT          downloads (verified cache), data, tokenizers (characters), model (GPTConfig in
+                     config), sampling, train, evaluate, history, checkpoint, cli, presets
+02 flash attention   attention (naive / FlashAttention-2 / SDPA; model.Kernels picks one),
+                     triton_attention, measure
+03 Switch MoE        config (MoEConfig), router, experts, dispatch (sort), moe, viz (routing explorer)
+04 top-2 and beyond  router variants (top-k, noisy, random second expert, expert choice,
+                     aux-loss-free bias), moe (shared experts), dispatch (einsum, loop)
+05 GPT-2 MoE         presets (GPT-2 shapes), costs, tokenizers (GPT-2 BPE), pretrained, upcycle,
+                     kv_cache, course (notebook 01's model, shared by later chapters)
+06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)
+all                  exercises (the checks behind every notebook's exercises)
+
+Import direction, bottom to top: config, downloads -> tokenizers -> data; attention, router,
+experts -> dispatch -> moe -> model; then evaluate, history, checkpoint, train, presets, cli,
+pretrained, upcycle, course. Nothing imports upward (tests/test_imports.py walks the graph).
 """
 
 __version__ = "0.1.0"

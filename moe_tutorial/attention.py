@@ -1,4 +1,5 @@
-"""Scaled dot-product attention three ways: naive, FlashAttention-2 in plain PyTorch, and SDPA.
+"""Scaled dot-product attention three ways: naive, FlashAttention-2 in plain PyTorch, and SDPA
+(notebook 02; the naive one is notebook 01's).
 
 All take q (B, H, Tq, D), k and v (B, H, Tk, D) and return (B, H, Tq, D). With `causal=True`
 query i sees keys 0..i (top-left aligned, as `F.scaled_dot_product_attention(is_causal=True)`).

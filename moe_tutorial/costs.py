@@ -1,4 +1,5 @@
-"""What a model costs, from its config alone: parameters, FLOPs per token, training memory.
+"""What a model costs, from its config alone: parameters, FLOPs per token, training memory
+(notebook 05).
 
 An MoE layer's parameters are all stored and trained, but each token only runs top_k of the
 experts: *total* parameters set the memory, *active* parameters set the compute. Counts follow
@@ -12,7 +13,7 @@ the token embedding counts once, as the (tied) output projection.
 
 from dataclasses import dataclass
 
-from .model import GPTConfig
+from .config import GPTConfig
 
 # Bytes per parameter while training with AdamW: the weights, their gradients, and two
 # moment estimates. "float32": everything fp32 (also what torch.autocast training keeps,
@@ -51,12 +52,13 @@ def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
     if not config.is_moe_layer(layer_idx):
         mlp = _mlp_params(C, config.mlp_hidden or 4 * C, bias)
         return norms + attn + mlp, norms + attn + mlp
-    hidden = config.expert_hidden or 4 * C
-    router = C * config.n_experts * (2 if config.noisy_gating else 1)
+    moe = config.moe
+    hidden = moe.expert_hidden or 4 * C
+    router = C * moe.n_experts * (2 if moe.noisy_gating else 1)
     expert = _mlp_params(C, hidden, bias)
-    shared = _mlp_params(C, config.n_shared_experts * hidden, bias) if config.n_shared_experts else 0
-    total = norms + attn + router + config.n_experts * expert + shared
-    active = norms + attn + router + config.top_k * expert + shared
+    shared = _mlp_params(C, moe.n_shared_experts * hidden, bias) if moe.n_shared_experts else 0
+    total = norms + attn + router + moe.n_experts * expert + shared
+    active = norms + attn + router + moe.top_k * expert + shared
     return total, active
 
 

@@ -1,4 +1,5 @@
-"""Three ways to send tokens to their experts and bring the results back; same outputs.
+"""Three ways to send tokens to their experts and bring the results back; same outputs
+(sort: notebook 03; einsum and loop: notebook 04). `model.Kernels(dispatch=...)` picks one.
 
     einsum  dense one-hot dispatch and combine tensors (N, E, C), as in GShard / Mesh
             TensorFlow: simple and static-shaped, but memory grows as tokens x experts x capacity
@@ -27,7 +28,7 @@ def sort_by_expert(routing: Routing, n_experts: int):
     order = torch.argsort(expert, stable=True)  # group by expert, token order within a group
     assignment, expert = assignment.index_select(0, order), expert.index_select(0, order)
     token = assignment // k  # (M,) which token each sorted row comes from
-    gate = routing.gate.reshape(-1).index_select(0, assignment)  # (M,)
+    gate = routing.weights.reshape(-1).index_select(0, assignment)  # (M,)
     return token, gate, torch.bincount(expert, minlength=n_experts)
 
 
@@ -50,16 +51,16 @@ def einsum_dispatch(x, routing: Routing, experts: Experts):
     E, cap = experts.n_experts, routing.capacity
     slot = routing.expert * cap + routing.position.clamp(0, max(cap - 1, 0))  # (N, k) into E*cap; dropped: weight 0
     kept = routing.kept.float()
-    dispatch = torch.zeros(N, E * cap, device=x.device).scatter_add(1, slot, kept).view(N, E, cap)
-    combine = torch.zeros(N, E * cap, device=x.device).scatter_add(1, slot, routing.gate * kept).view(N, E, cap)
-    expert_in = torch.einsum("nec,nd->ecd", dispatch.to(x.dtype), x)  # (E, cap, C), empty slots zero
+    to_slots = torch.zeros(N, E * cap, device=x.device).scatter_add(1, slot, kept).view(N, E, cap)
+    from_slots = torch.zeros(N, E * cap, device=x.device).scatter_add(1, slot, routing.weights * kept).view(N, E, cap)
+    expert_in = torch.einsum("nec,nd->ecd", to_slots.to(x.dtype), x)  # (E, cap, C), empty slots zero
     h = torch.einsum("ecd,edh->ech", expert_in, experts.c_fc.to(x.dtype))
     if experts.b_fc is not None:
         h = h + experts.b_fc[:, None, :]
     y = torch.einsum("ech,ehd->ecd", experts.activation(h), experts.c_proj.to(x.dtype))
     if experts.b_proj is not None:
         y = y + experts.b_proj[:, None, :]
-    return torch.einsum("nec,ecd->nd", combine, y.float()).to(x.dtype)
+    return torch.einsum("nec,ecd->nd", from_slots, y.float()).to(x.dtype)
 
 
 def loop_dispatch(x, routing: Routing, experts: Experts):
@@ -69,7 +70,7 @@ def loop_dispatch(x, routing: Routing, experts: Experts):
         token, choice = torch.where((routing.expert == e) & routing.kept)
         if token.numel():
             y = experts.expert(e, x.index_select(0, token))
-            out = out.index_add(0, token, (y.float() * routing.gate[token, choice, None]).to(x.dtype))
+            out = out.index_add(0, token, (y.float() * routing.weights[token, choice, None]).to(x.dtype))
     return out
 
 

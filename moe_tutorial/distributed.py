@@ -1,4 +1,5 @@
-"""Training on several processes with torch.distributed: data parallel and expert parallel.
+"""Training on several processes with torch.distributed: data parallel and expert parallel
+(notebook 06).
 
 Launch any training script with torchrun; each process is one rank:
 
@@ -19,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import config_diff
 from .dispatch import combine, sort_by_expert
 from .experts import Experts
 from .moe import MoE
@@ -67,8 +69,7 @@ def check_same_config(config, group=None):
     configs = [None] * dist.get_world_size(group)
     dist.all_gather_object(configs, config.to_dict(), group=group)
     for rank, other in enumerate(configs):
-        diff = {k: (configs[0][k], other.get(k)) for k in configs[0] if other.get(k) != configs[0][k]}
-        if diff:
+        if diff := config_diff(configs[0], other):
             detail = ", ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"Ranks were given different model configs ({detail}); "
                              f"every rank must build the same model")
@@ -168,6 +169,14 @@ def is_expert_parallel(param) -> bool:
     return getattr(param, "expert_parallel", False)
 
 
+def wrap_for_training(model, device: str):
+    """What runs forward and backward: DDP's wrapper when several ranks train, else the model."""
+    ranks = info()
+    if ranks.world_size == 1:
+        return model
+    return ddp(model, [ranks.local_rank] if str(device).startswith("cuda") else None)
+
+
 def ddp(model, device_ids=None):
     """Wrap in DistributedDataParallel; expert-parallel weights are left out of its all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
@@ -203,6 +212,18 @@ def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
     for p in params:
         p.grad.mul_(scale.to(p.grad.dtype))
     return total
+
+
+def finish_gradients(model, max_norm: float):
+    """Between backward and the optimizer step: average expert-parallel gradients over ranks (if
+    any), then clip by the whole model's gradient norm (0: no clipping)."""
+    expert_parallel = any(is_expert_parallel(p) for p in model.parameters())
+    if expert_parallel:
+        average_expert_grads(model, info().world_size)
+    if max_norm > 0 and expert_parallel:
+        clip_grad_norm_(model, max_norm)  # expert grads differ per rank
+    elif max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def all_to_all_bytes(tokens: int, n_embd: int, top_k: int, world_size: int, bytes_per_element: int = 4) -> float:

@@ -1,4 +1,4 @@
-"""E feed-forward experts stored as stacked weights, run on tokens grouped by expert.
+"""E feed-forward experts stored as stacked weights, run on tokens grouped by expert (notebook 03).
 
 Weights are (E, C, H) and (E, H, C) tensors rather than E separate modules, so that one
 grouped matrix multiply (`F.grouped_mm`, PyTorch >= 2.8) can run every expert on its own
@@ -8,7 +8,6 @@ experts fall back to one matmul per expert: a loop over experts, never over toke
 """
 
 import functools
-import math
 
 import torch
 import torch.nn as nn
@@ -115,8 +114,3 @@ class Experts(nn.Module):
 
     def activation(self, h):
         return F.gelu(h, approximate=self.gelu_approximate)
-
-
-def residual_std(n_layer):
-    """GPT-2's init for projections into the residual stream (see model.GPT._init_weights)."""
-    return 0.02 / math.sqrt(2 * n_layer)

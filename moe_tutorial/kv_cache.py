@@ -1,4 +1,5 @@
-"""A key/value cache: generate one token at a time without recomputing the whole prefix.
+"""A key/value cache: generate one token at a time without recomputing the whole prefix
+(notebook 05).
 
 Without a cache, sampling token t runs the model over all t previous tokens again: O(t) work
 per token, O(T^2) for a sequence. Attention is the only place where a position looks at other

@@ -1,4 +1,5 @@
-"""Honest measurements: median wall time, and peak extra memory in a fresh process.
+"""Honest measurements: median wall time, and peak extra memory in a fresh process (notebooks
+02 and 04, and the benchmarks).
 
 Peak memory is read from the operating system: the process's resident-set high-water mark
 (VmHWM), reset just before the measured call (Linux `/proc/self/clear_refs`; elsewhere the
@@ -18,6 +19,9 @@ import sys
 import time
 
 import torch
+
+from .attention import ATTENTION_IMPLS
+from .dispatch import DISPATCH
 
 
 def median_seconds(fn, repeats=5, warmup=1):
@@ -93,21 +97,21 @@ def attention_point(impl, seq_len, backward=False, batch=1, heads=8, head_dim=64
 
 def dispatch_point(dispatch, tokens, n_experts, n_embd=128, top_k=2, repeats=5, threads=2):
     """Forward+backward time and peak extra memory of one MoE layer with a given dispatch."""
-    from .model import GPTConfig
+    from .config import GPTConfig, MoEConfig
     from .moe import MoE
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    layer = MoE(GPTConfig(vocab_size=8, n_embd=n_embd, n_head=1, n_experts=n_experts, top_k=top_k,
-                          dispatch=dispatch)).train()
+    config = GPTConfig(vocab_size=8, n_embd=n_embd, n_head=1, moe=MoEConfig(n_experts=n_experts, top_k=top_k))
+    layer = MoE(config, dispatch).train()
     x = torch.randn(tokens // 64, 64, n_embd, requires_grad=True)
 
     def run():
         layer.zero_grad(set_to_none=True)
-        layer(x).sum().backward()
+        layer(x)[0].sum().backward()  # the layer returns (output, aux_loss)
 
     small = torch.randn(1, 64, n_embd)
-    layer(small).sum().backward()  # load kernels before the baseline
+    layer(small)[0].sum().backward()  # load kernels before the baseline
     baseline = reset_peak_rss()
     run()
     extra_mib = peak_rss_mib() - baseline
@@ -134,7 +138,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Measure one point in a fresh process; prints JSON.")
     sub = parser.add_subparsers(dest="kind", required=True)
     att = sub.add_parser("attention")
-    att.add_argument("--impl", required=True, choices=["naive", "flash", "sdpa"])
+    att.add_argument("--impl", required=True, choices=ATTENTION_IMPLS)
     att.add_argument("--seq-len", type=int, required=True)
     att.add_argument("--backward", action="store_true")
     att.add_argument("--heads", type=int, default=8)
@@ -142,7 +146,7 @@ def main(argv=None):
     att.add_argument("--repeats", type=int, default=3)
     att.add_argument("--threads", type=int, default=2)
     dis = sub.add_parser("dispatch")
-    dis.add_argument("--dispatch", required=True, choices=["sort", "einsum", "loop"])
+    dis.add_argument("--dispatch", required=True, choices=list(DISPATCH))
     dis.add_argument("--tokens", type=int, required=True)
     dis.add_argument("--n-experts", type=int, required=True)
     dis.add_argument("--top-k", type=int, default=2)

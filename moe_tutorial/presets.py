@@ -1,7 +1,10 @@
-"""Named model + training recipes, so notebooks, tests and the CLI agree on what "char" means,
-and OpenAI's GPT-2 shapes with the Mixture-of-Experts models built on them (notebook 05)."""
+"""Named model + training recipes, so notebooks, tests and the CLI agree on what "char" means
+(notebook 01), the MoE variants compared in notebook 04, and OpenAI's GPT-2 shapes with the
+Mixture-of-Experts models built on them (notebook 05)."""
 
-from .model import GPTConfig
+from dataclasses import replace
+
+from .config import GPTConfig, MoEConfig
 from .train import TrainConfig
 
 PRESETS = {
@@ -29,24 +32,29 @@ PRESETS = {
 }
 
 
-# Notebook 04's comparison and benchmarks/moe_vs_dense.py: GPTConfig fields added to the "char"
-# model. Compute per token is held at the dense model's: top-1 experts are 4C wide (C = 128),
-# top-2 experts 2C, top-2 + shared has three active experts of 172 ~ 4C/3.
+# Notebook 04's comparison, benchmarks/moe_vs_dense.py and the CLI's --variant: the MoE layers
+# of the "char" model. Compute per token is held at the dense model's: top-1 experts are 4C wide
+# (C = 128), top-2 experts 2C, top-2 + shared has three active experts of 172 ~ 4C/3.
 MOE_VARIANTS = {
-    "dense": {},
-    "Switch top-1": dict(n_experts=8, top_k=1, moe_every=2),
-    "top-2": dict(n_experts=8, top_k=2, moe_every=2, expert_hidden=256),
-    "top-2 + shared": dict(n_experts=8, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=172),
-    "aux-loss-free top-1": dict(n_experts=8, top_k=1, moe_every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
+    "dense": None,
+    "Switch top-1": MoEConfig(n_experts=8, top_k=1, every=2),
+    "top-2": MoEConfig(n_experts=8, top_k=2, every=2, expert_hidden=256),
+    "top-2 + shared": MoEConfig(n_experts=8, top_k=2, every=2, n_shared_experts=1, expert_hidden=172),
+    "aux-loss-free top-1": MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
 }
 
 
-def preset(name: str, vocab_size: int, **train_overrides):
-    """(GPTConfig, TrainConfig) for a named preset; keyword arguments override the recipe."""
+def preset(name: str, vocab_size: int, variant: str | None = None, **train_overrides):
+    """(GPTConfig, TrainConfig) for a named preset, its MoE layers from MOE_VARIANTS[variant] if
+    given; keyword arguments override the training recipe."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if variant is not None and variant not in MOE_VARIANTS:
+        raise ValueError(f"Unknown MoE variant {variant!r}; choose one of {sorted(MOE_VARIANTS)}")
     model_kwargs, train_kwargs = PRESETS[name]
-    return GPTConfig(vocab_size=vocab_size, **model_kwargs), TrainConfig(**{**train_kwargs, **train_overrides})
+    moe = replace(MOE_VARIANTS[variant]) if variant and MOE_VARIANTS[variant] else None  # a copy of our own
+    return (GPTConfig(vocab_size=vocab_size, **model_kwargs, moe=moe),
+            TrainConfig(**{**train_kwargs, **train_overrides}))
 
 
 # OpenAI's GPT-2 family (Radford et al. 2019): BPE vocabulary of 50257, context 1024, biases,
@@ -62,9 +70,9 @@ GPT2_SHAPES = {
 # Total parameters ~0.55B / ~1.1B / ~2.4B while each token uses ~0.12B / ~0.46B / ~1.0B
 # (moe_tutorial.costs.model_info prints the exact figures).
 GPT2_MOE_SHAPES = {
-    "gpt2-moe-16x": ("gpt2", dict(n_experts=16, top_k=1, moe_every=2)),
-    "gpt2-medium-moe-8x-top2": ("gpt2-medium", dict(n_experts=8, top_k=2, moe_every=2)),
-    "gpt2-large-moe-8x-top2": ("gpt2-large", dict(n_experts=8, top_k=2, moe_every=2)),
+    "gpt2-moe-16x": ("gpt2", dict(n_experts=16, top_k=1, every=2)),
+    "gpt2-medium-moe-8x-top2": ("gpt2-medium", dict(n_experts=8, top_k=2, every=2)),
+    "gpt2-large-moe-8x-top2": ("gpt2-large", dict(n_experts=8, top_k=2, every=2)),
 }
 
 
@@ -74,5 +82,5 @@ def gpt2_config(name: str, **overrides) -> GPTConfig:
         return GPTConfig(**{**GPT2_BASE, **GPT2_SHAPES[name], **overrides})
     if name in GPT2_MOE_SHAPES:
         base, moe = GPT2_MOE_SHAPES[name]
-        return GPTConfig(**{**GPT2_BASE, **GPT2_SHAPES[base], **moe, **overrides})
+        return GPTConfig(**{**GPT2_BASE, **GPT2_SHAPES[base], "moe": MoEConfig(**moe), **overrides})
     raise ValueError(f"Unknown GPT-2 preset {name!r}; choose one of {sorted(GPT2_SHAPES) + sorted(GPT2_MOE_SHAPES)}")

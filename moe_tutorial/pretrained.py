@@ -1,9 +1,9 @@
-"""Pretrained weights: GPT-2 from the Hugging Face Hub, our own models in safetensors.
+"""Pretrained weights in and out: GPT-2 from the Hugging Face Hub, our own models in
+safetensors (notebook 05; notebook 01 saves its model with it).
 
     model = from_pretrained("gpt2")          # downloads model.safetensors once, into the data cache
     save_pretrained(model, "out/my-model")    # config.json + model.safetensors
     model = from_pretrained("out/my-model")   # a directory: ours, or one written by transformers
-    model = pretrained_char_model(dataset)    # notebook 01's character model (saved there)
 
 GPT-2 was written in TensorFlow with "Conv1D" layers whose weights are stored (in, out); our
 nn.Linear stores (out, in), so those four matrices per block are transposed. Everything else
@@ -11,21 +11,18 @@ maps name for name (model.py uses GPT-2's names). The Hub serves the file's sha2
 X-Linked-Etag header; the download is checked against it before it is moved into the cache.
 """
 
-import dataclasses
-import difflib
 import json
 import os
 import re
 from pathlib import Path
 
 import requests
-import torch
 from safetensors.torch import load_file, save_model
 
-from .data import atomic_path, data_dir, download, sha256_of
-from .model import GPT, GPTConfig
-from .presets import gpt2_config, preset
-from .train import train
+from .config import CONFIG_VERSION, GPTConfig
+from .downloads import atomic_path, data_dir, download, sha256_of
+from .model import GPT
+from .presets import gpt2_config
 
 HUB_REPOS = {  # our name -> Hugging Face repository
     "gpt2": "openai-community/gpt2",
@@ -236,20 +233,6 @@ def _read_config(config_file: Path) -> dict:
     return config
 
 
-def config_from_dict(fields: dict, source) -> GPTConfig:
-    """GPTConfig(**fields), with a misspelt or unknown field named (and the closest real one)."""
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
-                 else repr(name) for name in unknown]
-        raise ValueError(f"{source}: unknown GPTConfig field(s) {', '.join(hints)}")
-    try:
-        return GPTConfig(**fields)
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-
-
 def _from_directory(path: Path) -> GPT:
     config_file, weights = path / "config.json", path / "model.safetensors"
     for f in (config_file, weights):
@@ -258,7 +241,7 @@ def _from_directory(path: Path) -> GPT:
     config = _read_config(config_file)
     state = _read_safetensors(weights)
     if "moe_tutorial" in config:  # written by save_pretrained
-        model = GPT(config_from_dict(config["moe_tutorial"], config_file))
+        model = GPT(GPTConfig.from_dict(config["moe_tutorial"], config_file))
         if model.config.tie_embeddings:  # the shared matrix is stored once, under either name
             head, embedding = "lm_head.weight", "transformer.wte.weight"
             for name, twin in ((head, embedding), (embedding, head)):
@@ -277,38 +260,9 @@ def save_pretrained(model: GPT, directory) -> Path:
     """Write config.json and model.safetensors (tied weights stored once); both atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = json.dumps({"moe_tutorial": model.config.to_dict()}, indent=2)
+    config = json.dumps({"moe_tutorial": model.config.to_dict(), "config_version": CONFIG_VERSION}, indent=2)
     with atomic_path(directory / "model.safetensors") as tmp:
         save_model(model, str(tmp))
     with atomic_path(directory / "config.json") as tmp:
         tmp.write_text(config)
     return directory
-
-
-def char_model_dir() -> Path:
-    return data_dir() / "checkpoints" / "char-gpt"
-
-
-def pretrained_char_model(dataset, progress: bool = False) -> GPT:
-    """Notebook 01's character-level GPT ("char" preset): loaded from the data cache where
-    notebook 01 saved it, else trained here exactly as there (same seed; ~100 s on 2 cores) and saved."""
-    model_config, train_config = preset("char", vocab_size=dataset.tokenizer.vocab_size, progress=progress)
-    directory = char_model_dir()
-    if (directory / "model.safetensors").exists():
-        model = from_pretrained(directory)
-        if model.config != model_config:
-            raise ValueError(f"{directory} holds a model with another config than the 'char' preset; "
-                             f"delete that directory and it will be trained again")
-        return model
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config)
-    train(model, dataset, train_config)
-    save_pretrained(model, directory)
-    return model
-
-
-@torch.no_grad()
-def max_logit_difference(a: GPT, b: GPT, idx: torch.Tensor) -> float:
-    """Largest |logit difference| of two models on the same tokens (eval mode)."""
-    a.eval(), b.eval()
-    return (a(idx)[0] - b(idx)[0]).abs().max().item()

@@ -1,4 +1,5 @@
-"""The router: which expert(s) each token goes to, with what gate, and what it costs.
+"""The router: which expert(s) each token goes to, with what weight, and what it costs
+(notebook 03; the variants below: notebook 04).
 
 Token-choice routing (Switch top-1, GShard/Mixtral top-k): each token picks its k highest-
 scoring experts. Every expert has a fixed capacity, ceil(capacity_factor * k * N / E) slots
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import MoEConfig
+
 
 @dataclass
 class Routing:
@@ -30,7 +33,7 @@ class Routing:
     logits: torch.Tensor  # (N, E) fp32 router logits
     probs: torch.Tensor  # (N, E) softmax over all experts
     expert: torch.Tensor  # (N, k) chosen experts, best first
-    gate: torch.Tensor  # (N, k) weight of each chosen expert's output (differentiable)
+    weights: torch.Tensor  # (N, k) weight of each chosen expert's output in the sum (differentiable)
     kept: torch.Tensor  # (N, k) bool: the assignment fits in its expert's capacity
     position: torch.Tensor  # (N, k) arrival order of the assignment at its expert (its slot if kept)
     capacity: int  # slots per expert
@@ -120,35 +123,31 @@ def balance_metrics(routing: Routing) -> dict:
 class Router(nn.Module):
     """A linear gate over the token's features, computed in fp32 even under autocast.
 
-    Token choice by default; `expert_choice=True` lets experts choose tokens instead.
+    Reads everything it does from one MoEConfig: token choice (top-k) or expert choice,
+    jitter, noisy gating, GShard's random second expert, the loss weights and aux-loss-free
+    balancing.
     """
 
-    def __init__(self, n_embd, n_experts, top_k=1, jitter=0.0, aux_loss_coef=1e-2, z_loss_coef=1e-3,
-                 noisy=False, second_expert_policy="all", bias_update_rate=0.0, expert_choice=False,
-                 straight_through=False):
+    def __init__(self, n_embd: int, config: MoEConfig):
         super().__init__()
-        if second_expert_policy not in ("all", "random"):
-            raise ValueError(f"second_expert_policy must be 'all' or 'random', got {second_expert_policy!r}")
-        self.gate = nn.Linear(n_embd, n_experts, bias=False)
+        self.config = config
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.expert_choice = config.expert_choice
+        self.gate = nn.Linear(n_embd, config.n_experts, bias=False)  # Mixtral's name for it
         # Noisy top-k gating: a second linear map sets each expert's noise scale per token.
-        self.noise = nn.Linear(n_embd, n_experts, bias=False) if noisy else None
-        if noisy:
+        self.noise = nn.Linear(n_embd, config.n_experts, bias=False) if config.noisy_gating else None
+        if self.noise is not None:
             nn.init.zeros_(self.noise.weight)  # start at softplus(0) = 0.69 noise; learned from there
         # Aux-loss-free balancing: added to the scores when selecting experts, never to gates.
-        self.register_buffer("selection_bias", torch.zeros(n_experts))
+        self.register_buffer("selection_bias", torch.zeros(config.n_experts))
         # Assignments per expert since the last bias update: every micro-batch of an optimizer
         # step counts, not only the last one (gradient accumulation).
-        self.register_buffer("load_since_update", torch.zeros(n_experts), persistent=False)
-        self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
-        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.second_expert_policy, self.bias_update_rate = second_expert_policy, bias_update_rate
-        self.expert_choice = expert_choice
-        self.straight_through = straight_through
+        self.register_buffer("load_since_update", torch.zeros(config.n_experts), persistent=False)
 
     def logits(self, x):  # (N, C) -> (N, E) fp32
-        if self.training and self.jitter > 0:
+        if self.training and self.config.jitter > 0:
             # Switch: multiplicative noise on the router input explores routings (train only).
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x = x * torch.empty_like(x).uniform_(1.0 - self.config.jitter, 1.0 + self.config.jitter)
         # "Selective precision": the softmax over experts is sensitive to rounding, so the
         # router runs in fp32 whatever autocast does to the rest of the model.
         if not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
@@ -168,7 +167,7 @@ class Router(nn.Module):
         probs = F.softmax(logits, dim=-1)
         if self.expert_choice:
             return self._expert_choice(logits, probs, capacity_factor)
-        scores = probs + self.selection_bias if self.bias_update_rate > 0 else probs
+        scores = probs + self.selection_bias if self.config.bias_update_rate > 0 else probs
         if self.top_k == 1:
             expert = scores.argmax(dim=-1, keepdim=True)  # (N, 1); cheaper than topk
         else:
@@ -178,17 +177,17 @@ class Router(nn.Module):
             # Renormalise over the chosen experts. This equals Mixtral's softmax over the top-k
             # logits: exp(l_i) / sum_chosen exp(l_j) either way.
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        elif self.straight_through:
+        elif self.config.straight_through_gate:
             # Value 1, gradient of p: the expert's output passes unscaled (an upcycled MoE then
             # computes exactly its dense parent) while the router still learns from the task loss.
             gate = gate / gate.detach()
         active = None
-        if self.second_expert_policy == "random" and self.training and self.top_k > 1:
+        if self.config.second_expert == "random" and self.training and self.top_k > 1:
             # GShard: send a token to its second expert only with probability 2 * gate_2, so
             # weak second choices do not use up capacity.
             active = torch.ones_like(expert, dtype=torch.bool)
             active[:, 1] = torch.rand_like(gate[:, 1]) < 2 * gate[:, 1].detach()
-        if self.training and self.bias_update_rate > 0:
+        if self.training and self.config.bias_update_rate > 0:
             self.load_since_update += torch.bincount(expert.reshape(-1), minlength=self.n_experts)
         cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)
         position = positions_in_expert(expert, self.n_experts, active)
@@ -196,9 +195,9 @@ class Router(nn.Module):
         if active is not None:
             kept = kept & active
         return Routing(
-            logits=logits, probs=probs, expert=expert, gate=gate, kept=kept, position=position, capacity=cap,
-            aux_loss=self.aux_loss_coef * load_balancing_loss(probs, expert[:, 0]),
-            z_loss=self.z_loss_coef * z_loss(logits),
+            logits=logits, probs=probs, expert=expert, weights=gate, kept=kept, position=position, capacity=cap,
+            aux_loss=self.config.aux_loss_coef * load_balancing_loss(probs, expert[:, 0]),
+            z_loss=self.config.z_loss_coef * z_loss(logits),
         )
 
     def _expert_choice(self, logits, probs, capacity_factor):
@@ -215,8 +214,8 @@ class Router(nn.Module):
         expert = torch.arange(E, device=probs.device).expand(N, E)  # column j is expert j
         position = positions_in_expert(expert, E, kept)  # token order within each expert
         zero = logits.new_zeros(())
-        return Routing(logits=logits, probs=probs, expert=expert, gate=probs, kept=kept, position=position,
-                       capacity=cap, aux_loss=zero, z_loss=self.z_loss_coef * z_loss(logits),
+        return Routing(logits=logits, probs=probs, expert=expert, weights=probs, kept=kept, position=position,
+                       capacity=cap, aux_loss=zero, z_loss=self.config.z_loss_coef * z_loss(logits),
                        expert_choice=True)
 
     @torch.no_grad()
@@ -227,9 +226,9 @@ class Router(nn.Module):
         Only the sign of (mean - load) matters, so a forward pass counted twice (activation
         checkpointing reruns it in backward, with the same routing) changes nothing.
         """
-        if self.bias_update_rate <= 0:
+        if self.config.bias_update_rate <= 0:
             return
         load = self.load_since_update
         if load.sum() > 0:
-            self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            self.selection_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()

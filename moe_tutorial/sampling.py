@@ -1,4 +1,5 @@
-"""Turning next-token logits into a sampled token: temperature, top-k and top-p (nucleus)."""
+"""Turning next-token logits into a sampled token: temperature, top-k and top-p (nucleus)
+(notebook 01)."""
 
 import torch
 import torch.nn.functional as F

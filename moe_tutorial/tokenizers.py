@@ -1,11 +1,46 @@
-"""GPT-2's byte-level BPE tokenizer (tiktoken's r50k_base), read from the data cache.
+"""Tokenizers: characters (notebook 01) and GPT-2's byte-level BPE (notebook 05).
 
-The ranks file is fetched like every other download of the course (streamed, sha256-checked,
-atomic) into the data cache, so once it is there the tokenizer works offline. It has the
-same interface as data.CharTokenizer: encode, decode, vocab_size.
+Both have the same interface: encode, decode, vocab_size. GPT-2's is tiktoken's r50k_base,
+built from the ranks file that is fetched like every other download of the course (streamed,
+sha256-checked, atomic) into the data cache, so once it is there it works offline.
 """
 
-from .data import fetch
+import torch
+
+from .downloads import fetch
+
+
+class CharTokenizer:
+    """Maps each distinct character of a corpus to an integer id, and back."""
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise ValueError(
+                f"Characters not in the vocabulary: {''.join(unknown)!r} ({unknown}). "
+                f"Use only characters the tokenizer was built from."
+            )
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        bad = [i for i in ids if not 0 <= i < len(self.chars)]
+        if bad:
+            raise ValueError(f"Token ids out of range [0, {len(self.chars)}): {bad[:5]}")
+        return "".join(self.chars[i] for i in ids)
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_FILENAME = "r50k_base.tiktoken"

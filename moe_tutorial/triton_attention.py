@@ -1,4 +1,4 @@
-"""FlashAttention-2 forward as one Triton kernel, for NVIDIA GPUs.
+"""FlashAttention-2 forward as one Triton kernel, for NVIDIA GPUs (notebook 02).
 
 The same algorithm as `moe_tutorial.attention.flash_attention_forward`: each program instance
 owns one block of queries of one (batch, head), keeps the online-softmax state (m, l, acc) in

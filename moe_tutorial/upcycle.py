@@ -1,4 +1,4 @@
-"""Sparse upcycling (Komatsuzaki et al. 2023): turn a trained dense model into an MoE.
+"""Sparse upcycling (Komatsuzaki et al. 2023): turn a trained dense model into an MoE (notebook 05).
 
 Every expert of a new MoE layer starts as a copy of the dense MLP it replaces, and everything
 else (attention, norms, embeddings) is copied as is. If no token is dropped, the upcycled model
@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from .config import MoEConfig
 from .model import GPT
 from .moe import MoE
 
@@ -21,16 +22,18 @@ def upcycle(model: GPT, n_experts: int, top_k: int = 1, moe_every: int = 2, nois
 
     noise_std: relative noise added to each expert copy (std of noise / std of the weight),
     to break the experts' symmetry; 0 keeps the dense function exactly.
-    moe_options: other GPTConfig MoE fields (capacity factors, aux_loss_coef, ...).
+    moe_options: other MoEConfig fields (capacity factors, aux_loss_coef, ...).
     """
-    if model.config.n_experts is not None:
+    if model.config.moe is not None:
         raise ValueError("upcycle() expects a dense model; this one already has MoE layers")
     for field in ("expert_hidden", "n_shared_experts"):
         if field in moe_options:
             raise ValueError(f"upcycle() copies the dense MLP into each expert, so {field} cannot be changed")
-    config = replace(model.config, n_experts=n_experts, top_k=top_k, moe_every=moe_every,
-                     straight_through_gate=top_k == 1, **moe_options)
-    moe_model = GPT(config)
+    if model.config.mlp_hidden is not None:
+        moe_options["expert_hidden"] = model.config.mlp_hidden  # experts are copies of this MLP
+    moe = MoEConfig(n_experts=n_experts, top_k=top_k, every=moe_every, straight_through_gate=top_k == 1,
+                    **moe_options)
+    moe_model = GPT(replace(model.config, moe=moe), model.kernels)
     moe_model.load_state_dict(model.state_dict(), strict=False)  # all but the MLPs we replace
     generator = torch.Generator().manual_seed(seed)
     for dense_block, block in zip(model.transformer.h, moe_model.transformer.h):

@@ -1,4 +1,5 @@
-"""Seeing routing: which expert each character goes to, what gets dropped, how full each expert is.
+"""Seeing routing: which expert each character goes to, what gets dropped, how full each expert is
+(notebook 03; the heatmaps of notebook 04).
 
 `route_text` runs a trained MoE char model on a text and returns one layer's routing.
 `routing_html` / `load_chart_html` render it as HTML (the live explorer uses these), and
@@ -8,12 +9,13 @@ and per-expert load against the capacity line out, updated live.
 """
 
 import html
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import to_hex
+
+from .moe import override_capacity
 
 
 @dataclass
@@ -36,17 +38,6 @@ def expert_colors(n_experts):
     return [to_hex(cmap(i % cmap.N)) for i in range(n_experts)]
 
 
-@contextmanager
-def eval_capacity(layer, capacity_factor):
-    """Temporarily route with another evaluation capacity factor."""
-    saved = layer.capacity_factor_eval
-    layer.capacity_factor_eval = capacity_factor
-    try:
-        yield
-    finally:
-        layer.capacity_factor_eval = saved
-
-
 @torch.no_grad()
 def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRouting:
     """Route `text` through the model; report MoE layer number `layer` (0 = first MoE layer).
@@ -58,7 +49,7 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     """
     moe_layers = model.moe_layers()
     if not moe_layers:
-        raise ValueError("this model has no MoE layers: build it with GPTConfig(n_experts=...)")
+        raise ValueError("this model has no MoE layers: build it with GPTConfig(moe=MoEConfig(...))")
     if not 0 <= layer < len(moe_layers):
         raise ValueError(f"layer must be in 0..{len(moe_layers) - 1}, got {layer}")
     if not text:
@@ -69,7 +60,7 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     windows = torch.cat([ids, ids.new_zeros(pad)]).view(-1, T)  # (B, T); padding routed too
     was_training = model.training
     model.eval()
-    with eval_capacity(moe_layers[layer], capacity_factor):
+    with override_capacity(moe_layers[layer], capacity_factor):
         model(windows)
     model.train(was_training)
     routing = moe_layers[layer].last_routing

@@ -10,7 +10,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _package_data_dir():
-    from moe_tutorial.data import data_dir
+    from moe_tutorial.downloads import data_dir
 
     return data_dir()
 

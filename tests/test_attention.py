@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_tutorial.attention import attention, flash_attention, naive_attention
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.config import GPTConfig
+from moe_tutorial.model import GPT, Kernels
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 CASES = [  # (T, block_q, block_k): multiples, ragged tails, one block, T smaller than a block
@@ -71,14 +72,14 @@ def test_gpt_with_flash_tracks_sdpa():
     losses = {}
     for impl in ("sdpa", "flash"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=20, block_size=48, n_layer=2, n_head=2, n_embd=32, attn_impl=impl))
+        model = GPT(GPTConfig(vocab_size=20, block_size=48, n_layer=2, n_head=2, n_embd=32), Kernels(attention=impl))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(0)
         losses[impl] = []
         for _ in range(8):
             offsets = torch.randint(20, (4, 1), generator=g)
             x = (torch.arange(48) * 3 + offsets) % 20  # a learnable pattern
-            _, loss = model(x, x.roll(-1, dims=1))
+            loss = model(x, x.roll(-1, dims=1)).loss
             opt.zero_grad()
             loss.backward()
             opt.step()

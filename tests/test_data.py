@@ -3,8 +3,10 @@ import requests
 import torch
 from local_server import LocalServer, closed_port_url
 
-from moe_tutorial import data
-from moe_tutorial.data import CharTokenizer, Dataset, download, get_batch, load_shakespeare
+from moe_tutorial import data, downloads
+from moe_tutorial.data import Dataset, get_batch, load_shakespeare
+from moe_tutorial.downloads import download
+from moe_tutorial.tokenizers import CharTokenizer
 
 
 def test_tokenizer_round_trip(tiny_text):
@@ -37,7 +39,7 @@ def test_split_and_batches(tiny_dataset):
 
 def test_real_corpus_checksum(shakespeare_file):
     assert shakespeare_file.stat().st_size == data.SHAKESPEARE_BYTES
-    assert data.sha256_of(shakespeare_file) == data.SHAKESPEARE_SHA256
+    assert downloads.sha256_of(shakespeare_file) == data.SHAKESPEARE_SHA256
 
 
 def _leftovers(directory):
@@ -86,7 +88,7 @@ def test_load_shakespeare_offline_error(data_cache, monkeypatch):
     def offline(*args, **kwargs):
         raise requests.ConnectionError("no network")
 
-    monkeypatch.setattr(data.requests, "get", offline)
+    monkeypatch.setattr(downloads.requests, "get", offline)
     with pytest.raises(FileNotFoundError) as err:
         load_shakespeare(progress=False)
     assert data.SHAKESPEARE_URL in str(err.value)

@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_tutorial import distributed
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.data import Dataset
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.moe import MoE
 from moe_tutorial.train import TrainConfig, train
 
@@ -62,8 +63,8 @@ def run_on_two_ranks(scenario, tmp_path):
 # --- expert parallelism: same outputs and gradients as one process -----------------------------
 
 MOE_CONFIGS = {
-    "top-1": GPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=1, bias=True),
-    "top-2 + shared": GPTConfig(n_embd=16, n_head=2, n_experts=4, top_k=2, n_shared_experts=1),
+    "top-1": GPTConfig(n_embd=16, n_head=2, bias=True, moe=MoEConfig(n_experts=4, top_k=1)),
+    "top-2 + shared": GPTConfig(n_embd=16, n_head=2, moe=MoEConfig(n_experts=4, top_k=2, n_shared_experts=1)),
 }
 
 
@@ -80,23 +81,23 @@ def _ep_equivalence(rank, result_dir):
         ref_router_grad = None
         for r in range(WORLD):  # the reference: each rank's tokens through the full layer
             reference.zero_grad()
-            (reference(inputs[r]) * weights[r]).sum().backward()  # this rank's loss alone
+            (reference(inputs[r])[0] * weights[r]).sum().backward()  # this rank's loss alone
             if r == rank:
                 ref_router_grad = reference.router.gate.weight.grad.clone()
         reference.zero_grad()
-        ref_out = [reference(x) for x in ref_x]
+        ref_out = [reference(x)[0] for x in ref_x]
         sum((o * w).sum() for o, w in zip(ref_out, weights)).backward()  # experts see everyone's tokens
 
         layer = MoE(config)
         layer.load_state_dict(reference.state_dict())
         distributed.shard_experts(layer)
         x = inputs[rank].clone().requires_grad_()
-        out = layer(x)
+        out, _ = layer(x)
         (out * weights[rank]).sum().backward()
         torch.testing.assert_close(out, ref_out[rank], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x.grad, ref_x[rank].grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.router.gate.weight.grad, ref_router_grad, atol=1e-5, rtol=1e-5)
-        n_local = config.n_experts // WORLD
+        n_local = config.moe.n_experts // WORLD
         mine = slice(rank * n_local, (rank + 1) * n_local)
         for name, p in layer.experts.named_parameters():
             torch.testing.assert_close(p.grad, getattr(reference.experts, name).grad[mine], atol=1e-5, rtol=1e-5)
@@ -135,7 +136,7 @@ def test_ddp_matches_single_process_with_doubled_batch(tmp_path):
 
 def _ep_train(rank, result_dir):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, n_experts=4, top_k=2, capacity_factor_train=4.0))  # no drops
+    model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0)))  # no drops
     distributed.shard_experts(model)
     history = train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=4, **RECIPE))
     torch.save({"val": history.final_val_loss, "wte": model.transformer.wte.weight}, result_dir / f"ep{rank}.pt")
@@ -144,7 +145,8 @@ def _ep_train(rank, result_dir):
 def test_expert_parallel_training_matches_single_process(tmp_path):
     run_on_two_ranks(_ep_train, tmp_path)
     torch.manual_seed(0)
-    single = GPT(GPTConfig(**TINY, n_experts=4, top_k=2, capacity_factor_train=4.0, capacity_factor_eval=4.0))
+    single = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0,
+                                                  capacity_factor_eval=4.0)))
     history = train(single, Dataset.from_text(TEXT), TrainConfig(batch_size=8, **RECIPE))
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"ep{rank}.pt", weights_only=True)
@@ -156,13 +158,13 @@ def test_expert_parallel_training_matches_single_process(tmp_path):
 # --- bad setups fail clearly, on every rank, without hanging ------------------------------------
 
 def _bad_setups(rank, result_dir):
-    model = GPT(GPTConfig(**TINY, n_experts=3))
+    model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=3)))
     with pytest.raises(ValueError, match="n_experts=3 is not divisible by the 2 expert-parallel ranks"):
         distributed.shard_experts(model)
     config = GPTConfig(**{**TINY, "n_embd": 32 if rank == 0 else 48})
     with pytest.raises(ValueError, match="n_embd: rank 0 has 32, rank 1 has 48"):
         distributed.check_same_config(config)
-    sharded = distributed.shard_experts(GPT(GPTConfig(**TINY, n_experts=2)))
+    sharded = distributed.shard_experts(GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=2))))
     with pytest.raises(ValueError, match="expert-parallel runs"):
         train(sharded, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "x")
 

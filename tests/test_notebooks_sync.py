@@ -48,3 +48,25 @@ def test_builder_strips_solutions():
     assert "assert f(1)" not in student
     solved = build_notebooks.solution_source(src)
     assert "return x" in solved and "SOLUTION" not in solved and solved.endswith("assert f(1)")
+
+
+@pytest.mark.parametrize("source, words", [
+    ("# %% solutions\ndef f():\n    # BEGIN SOLUTION\n    return 1\n", "x.py:3: BEGIN SOLUTION without an END"),
+    ("# %% solutions\n# END SOLUTION\n", "x.py:2: END SOLUTION without a BEGIN"),
+    ("# %% solutions\n# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION\n", "x.py:3: BEGIN SOLUTION inside"),
+    ("# %%\ndef f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION\n",
+     "x.py:3: '# BEGIN SOLUTION' in a code"),
+    ("# %%\nassert f(1)  # solutions-only\n", "x.py:2: '# solutions-only' in a code cell without"),
+    ("# %% [markdown] solutions\n# # BEGIN SOLUTION\n", "in a markdown cell"),
+    ("# %% solution\nx = 1\n", "x.py:1: unknown cell tag(s) ['solution']"),
+])
+def test_builder_refuses_broken_markers_with_file_and_line(source, words):
+    with pytest.raises(build_notebooks.SourceError) as err:
+        build_notebooks.parse_cells(source, "x.py")
+    assert words in str(err.value)
+
+
+def test_builder_accepts_well_formed_markers():
+    cells = build_notebooks.parse_cells("# %% [markdown]\n# Title\n\n# %% solutions\n# BEGIN SOLUTION\nx = 1\n"
+                                        "# END SOLUTION\nassert x  # solutions-only\n", "x.py")
+    assert [(kind, sorted(tags)) for kind, tags, _ in cells] == [("markdown", []), ("code", ["solutions"])]

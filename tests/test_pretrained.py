@@ -8,8 +8,9 @@ import torch
 from local_server import LocalServer, closed_port_url
 
 from moe_tutorial import pretrained, tokenizers
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.costs import model_info
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.presets import GPT2_MOE_SHAPES, GPT2_SHAPES, gpt2_config
 from moe_tutorial.pretrained import from_pretrained, save_pretrained
 from moe_tutorial.tokenizers import GPT2Tokenizer
@@ -34,8 +35,9 @@ def test_model_info_counts_every_parameter(name):
         assert info.active_params < info.total_params
 
 
-@pytest.mark.parametrize("extra", [dict(n_experts=4, top_k=2, moe_every=2, n_shared_experts=1, expert_hidden=24),
-                                   dict(n_experts=3, noisy_gating=True, bias=True), dict(bias=True),
+@pytest.mark.parametrize("extra", [dict(moe=MoEConfig(n_experts=4, top_k=2, every=2, n_shared_experts=1,
+                                                     expert_hidden=24)),
+                                   dict(moe=MoEConfig(n_experts=3, noisy_gating=True), bias=True), dict(bias=True),
                                    dict(tie_embeddings=False, mlp_hidden=40, bias=True)])
 def test_model_info_matches_numel_for_variants(extra):
     config = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, **extra)
@@ -44,7 +46,8 @@ def test_model_info_matches_numel_for_variants(extra):
 
 def test_model_info_by_hand():
     # C=8, V=10, T=4, 2 layers, no biases; block 1 (index 1) is MoE with 4 experts, top-2.
-    config = GPTConfig(vocab_size=10, block_size=4, n_layer=2, n_head=2, n_embd=8, n_experts=4, top_k=2, moe_every=2)
+    config = GPTConfig(vocab_size=10, block_size=4, n_layer=2, n_head=2, n_embd=8,
+                       moe=MoEConfig(n_experts=4, top_k=2, every=2))
     C = 8
     embeddings, final_norm = 10 * C + 4 * C, C
     attn_and_norms = 3 * C * C + C * C + 2 * C
@@ -211,7 +214,8 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_save_pretrained_round_trip_moe(tmp_path):
-    config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, n_experts=4, top_k=2)
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                       moe=MoEConfig(n_experts=4, top_k=2))
     model = GPT(config).eval()
     save_pretrained(model, tmp_path / "moe")
     assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == ["config.json", "model.safetensors"]

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.evaluate import max_logit_difference
 from moe_tutorial.kv_cache import KVCache
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.moe import dropless
-from moe_tutorial.pretrained import max_logit_difference
 from moe_tutorial.upcycle import upcycle
 
 
@@ -24,12 +25,12 @@ def dense():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_upcycled_logits_equal_dense(dense, top_k):
     moe = upcycle(dense, n_experts=8, top_k=top_k, moe_every=2)
-    assert len(moe.moe_layers()) == 2 and moe.config.straight_through_gate == (top_k == 1)
+    assert len(moe.moe_layers()) == 2 and moe.config.moe.straight_through_gate == (top_k == 1)
     idx = torch.randint(0, 65, (4, 32))
     with dropless(moe):  # a dropped token would skip its MLP: equality holds when none is
         assert max_logit_difference(dense, moe, idx) < 1e-5
         assert not any(layer.last_routing.dropped.any() for layer in moe.moe_layers())
-    assert dense.config.n_experts is None  # the dense model is left as it was
+    assert dense.config.moe is None  # the dense model is left as it was
 
 
 def test_upcycled_experts_differ_with_noise_and_the_router_learns(dense):
@@ -39,7 +40,7 @@ def test_upcycled_experts_differ_with_noise_and_the_router_learns(dense):
         assert max_logit_difference(dense, noisy, idx) > 1e-4
     moe = upcycle(dense, n_experts=4, top_k=1)
     moe.train()
-    _, loss = moe(idx, idx)
+    loss = moe(idx, idx).loss
     loss.backward()  # task loss only: the straight-through gate still passes the router a gradient
     assert all(layer.router.gate.weight.grad.abs().sum() > 0 for layer in moe.moe_layers())
 
@@ -51,10 +52,11 @@ def test_upcycle_rejects_bad_input(dense):
     with pytest.raises(ValueError, match="expert_hidden"):
         upcycle(dense, n_experts=4, expert_hidden=32)
     with pytest.raises(ValueError, match="top-1 token choice only"):
-        GPTConfig(n_experts=4, top_k=2, straight_through_gate=True)
+        MoEConfig(n_experts=4, top_k=2, straight_through_gate=True)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(n_experts=4, top_k=2, moe_every=2), dict(n_experts=4, top_k=1)])
+@pytest.mark.parametrize("extra", [{}, dict(moe=MoEConfig(n_experts=4, top_k=2, every=2)),
+                                   dict(moe=MoEConfig(n_experts=4, top_k=1))])
 def test_kv_cache_generates_the_same_tokens(extra):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=32, **extra)).eval()
@@ -63,7 +65,7 @@ def test_kv_cache_generates_the_same_tokens(extra):
         with_cache = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), **kwargs)
         without = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=False, **kwargs)
         assert torch.equal(with_cache, without)  # 36 > block_size 24: the sliding window is covered too
-    assert all(not layer.dropless for layer in model.moe_layers())  # capacity restored afterwards
+    assert all(layer.capacity_override is None for layer in model.moe_layers())  # capacity restored afterwards
 
 
 def test_cached_forward_equals_full_forward():

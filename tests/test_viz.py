@@ -6,8 +6,9 @@ import matplotlib
 import pytest
 import torch
 
-from moe_tutorial.data import CharTokenizer
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.model import GPT
+from moe_tutorial.tokenizers import CharTokenizer
 from moe_tutorial.viz import RoutingExplorer, plot_routing, route_text
 
 matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def model_and_tokenizer():
     tokenizer = CharTokenizer.from_text(TEXT)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16,
-                          n_experts=4, moe_every=1))
+                          moe=MoEConfig(n_experts=4)))
     with torch.no_grad():  # a skewed router, so that small capacities really drop tokens
         for layer in model.moe_layers():
             layer.router.gate.weight.normal_(std=2.0)

@@ -29,18 +29,56 @@ SOLUTION_BLOCK = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTIO
 SOLUTIONS_ONLY = "# solutions-only"
 
 
-def parse_cells(text):
-    """[(kind, tags, source)] from a percent-format file."""
+KNOWN_TAGS = {"solutions"}
+MARKERS = re.compile(r"# (BEGIN|END) SOLUTION\b|" + re.escape(SOLUTIONS_ONLY))
+
+
+class SourceError(ValueError):
+    """A course source the builder would turn into a wrong notebook; names the file and line."""
+
+
+def parse_cells(text, path="<source>"):
+    """[(kind, tags, source)] from a percent-format file, after checking its markers and tags."""
     cells = []
-    for chunk in re.split(r"^# %%", text, flags=re.M)[1:]:
-        header, _, body = chunk.partition("\n")
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("# %%")]
+    for n, start in enumerate(starts):
+        header, body_lines = lines[start], lines[start + 1:starts[n + 1] if n + 1 < len(starts) else len(lines)]
         kind = "markdown" if "[markdown]" in header else "code"
-        tags = set(header.replace("[markdown]", "").split())
-        body = body.strip("\n")
+        tags = set(header[4:].replace("[markdown]", "").split())
+        if tags - KNOWN_TAGS:
+            raise SourceError(f"{path}:{start + 1}: unknown cell tag(s) {sorted(tags - KNOWN_TAGS)}; "
+                              f"the builder knows {sorted(KNOWN_TAGS)}")
+        check_markers(kind, tags, body_lines, path, first_line=start + 2)
+        body = "\n".join(body_lines).strip("\n")
         if kind == "markdown":
             body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
         cells.append((kind, tags, body))
     return cells
+
+
+def check_markers(kind, tags, lines, path, first_line):
+    """Solution markers pair up, sit in code cells, and only in cells tagged `solutions`:
+    otherwise an answer would leak into notebooks/ or an exercise would vanish from solutions/."""
+    open_at = None
+    for i, line in enumerate(lines, start=first_line):
+        marker = MARKERS.search(line)
+        if not marker:
+            continue
+        if kind != "code" or "solutions" not in tags:
+            raise SourceError(f"{path}:{i}: {marker.group(0)!r} in a {kind} cell without the 'solutions' tag: "
+                              f"the marker would be ignored (write '# %% solutions' above the cell)")
+        if marker.group(1) == "BEGIN":
+            if open_at is not None:
+                raise SourceError(f"{path}:{i}: BEGIN SOLUTION inside the solution opened at line {open_at}")
+            open_at = i
+        elif marker.group(1) == "END":
+            if open_at is None:
+                raise SourceError(f"{path}:{i}: END SOLUTION without a BEGIN SOLUTION before it")
+            open_at = None
+    if open_at is not None:
+        raise SourceError(f"{path}:{open_at}: BEGIN SOLUTION without an END SOLUTION in the same cell: "
+                          f"the answer would leak into the walkthrough")
 
 
 def student_source(source):
@@ -68,7 +106,8 @@ def new_notebook(cells):
 
 def build(source_path):
     """(walkthrough, solutions) notebooks for one course source file."""
-    cells = parse_cells(source_path.read_text())
+    cells = parse_cells(source_path.read_text(), source_path.relative_to(ROOT) if source_path.is_relative_to(ROOT)
+                        else source_path)
     walkthrough = new_notebook([
         make_cell(kind, student_source(src) if kind == "code" else src) for kind, _, src in cells
     ])
@@ -97,8 +136,12 @@ def main():
     sources = sorted(p for p in SOURCES.glob("[0-9]*.py") if not args.only or p.stem.startswith(tuple(args.only)))
     if not sources:
         sys.exit(f"no course sources match {args.only} in {SOURCES}")
+    try:
+        built = {src: build(src) for src in sources}  # every source is checked before anything runs
+    except SourceError as err:
+        sys.exit(f"error: {err}")
     for src in sources:
-        for nb, path in zip(build(src), (ROOT / "notebooks" / f"{src.stem}.ipynb",
+        for nb, path in zip(built[src], (ROOT / "notebooks" / f"{src.stem}.ipynb",
                                          ROOT / "solutions" / f"{src.stem}_solutions.ipynb")):
             if not args.no_execute:
                 print(f"executing {path.relative_to(ROOT)} ...", flush=True)

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from ..config import MoEConfig
 from ..router import Router
 from . import CheckFailed, check, expect, expect_close, expect_shape
 
@@ -16,7 +17,7 @@ def check_top2_gates(top2_gates):
     experts, gates = result
     expect_shape(experts, (10, 2), "experts")
     expect_shape(gates, (10, 2), "gates")
-    reference = Router(6, 6, top_k=2)
+    reference = Router(6, MoEConfig(n_experts=6, top_k=2))
     with torch.no_grad():
         reference.gate.weight.copy_(torch.eye(6))
     r = reference(logits, capacity_factor=10.0)
@@ -25,7 +26,7 @@ def check_top2_gates(top2_gates):
     if torch.allclose(gates, F.softmax(logits, -1).gather(1, r.expert)):
         raise CheckFailed("gates are the raw softmax probabilities: renormalise them over the two chosen experts")
     expect(torch.allclose(gates.sum(-1), torch.ones(10), atol=1e-5), "each token's two gates must sum to 1")
-    expect_close(gates, r.gate, "gates")
+    expect_close(gates, r.weights, "gates")
 
 
 @check("update_selection_bias")

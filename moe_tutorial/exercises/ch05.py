@@ -3,8 +3,9 @@
 import torch
 import torch.nn.functional as F
 
+from ..config import GPTConfig
 from ..costs import model_info
-from ..model import MLP, GPTConfig
+from ..model import MLP
 from ..presets import gpt2_config
 from . import CheckFailed, check, expect, expect_close, expect_shape
 

@@ -31,15 +31,15 @@ EXPLORER_NOTEBOOK = "03_switch_routing.ipynb"
 QUICK_MODEL_CELL = """
 import torch
 from moe_tutorial.data import shakespeare_dataset
-from moe_tutorial.model import GPT, GPTConfig
+from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
 
 dataset = shakespeare_dataset(progress=False)
-model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=40, eval_interval=40,
-                              eval_iters=2, progress=False)
+model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, variant="Switch top-1", max_iters=40,
+                              eval_interval=40, eval_iters=2, progress=False)
 torch.manual_seed(0)
-models = {"Switch MoE": GPT(GPTConfig(**{**model_cfg.to_dict(), "n_experts": 8, "moe_every": 2}))}
+models = {"Switch MoE": GPT(model_cfg)}
 train(models["Switch MoE"], dataset, train_cfg)
 """
 
@@ -119,12 +119,11 @@ def lab(tmp_path_factory, shakespeare_dir):
 
 @pytest.fixture(scope="module")
 def shakespeare_dir(tmp_path_factory):
-    from moe_tutorial.data import SHAKESPEARE_FILENAME, data_dir
+    from conftest import course_data_file
 
-    src = next((p for p in (data_dir() / SHAKESPEARE_FILENAME, ROOT.parent / "shared" / "data" / SHAKESPEARE_FILENAME)
-                if p.exists()), None)
-    if src is None:
-        pytest.fail("tinyshakespeare.txt is not in the data cache; see data/README.md")
+    from moe_tutorial.data import SHAKESPEARE_FILENAME
+
+    src = course_data_file(SHAKESPEARE_FILENAME)
     cache = tmp_path_factory.mktemp("data")
     shutil.copy(src, cache / SHAKESPEARE_FILENAME)
     return cache

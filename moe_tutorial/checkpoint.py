@@ -1,0 +1,102 @@
+"""Training checkpoints: save, load (weights only), check that a resume fits (notebook 01).
+
+A checkpoint holds the model and optimizer states, the step, both configs, the history and
+every random state, so a resumed run continues exactly as an uninterrupted one would. It is
+written atomically and read with `torch.load(..., weights_only=True)`: tensors and plain values
+only, no code can run. Anything that is not such a checkpoint is refused with the reason.
+"""
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import CONFIG_VERSION, GPTConfig, config_diff
+from .distributed import is_expert_parallel
+from .downloads import atomic_path
+from .history import History
+from .model import GPT
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "history", "rng")
+
+
+def refuse_expert_parallel(model):
+    if any(is_expert_parallel(p) for p in model.parameters()):
+        raise ValueError("Checkpoints of expert-parallel runs are not implemented (each rank holds a different "
+                         "slice of the experts); train without checkpoint_path or without --expert-parallel")
+
+
+def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra=None):
+    """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config_version": CONFIG_VERSION,
+        "model_config": model.config.to_dict(),
+        "train_config": asdict(cfg),
+        "history": history.to_dict(),
+        "rng": {"torch": torch.get_rng_state(), "batches": batch_rng.get_state()},
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by save_checkpoint, loaded weights-only. Anything else is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}; train first or check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message would suggest weights_only=False: never do that here
+        if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save archive
+            raise ValueError(f"{path} holds Python objects other than tensors and plain values, so it was not "
+                             f"written by moe_tutorial and is refused (loading it could run code)") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: truncated, corrupt or not "
+                         f"a PyTorch file); delete it and retrain") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is a PyTorch file but not a moe_tutorial training checkpoint "
+                         f"(no {', '.join(missing)}); use a ckpt.pt written by moe_tutorial.train")
+    return state
+
+
+def config_from_checkpoint(state: dict, source="checkpoint") -> GPTConfig:
+    """The model config a checkpoint was saved with (older layouts converted)."""
+    return GPTConfig.from_dict(state["model_config"], source)
+
+
+def model_from_checkpoint(state: dict) -> GPT:
+    model = GPT(config_from_checkpoint(state))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def check_compatible(model, state, path="checkpoint"):
+    """Refuse to resume a model from a checkpoint made for another configuration. Options
+    added since the checkpoint was written count at their defaults; kernels are not compared."""
+    diff = config_diff(config_from_checkpoint(state, path).to_dict(), model.config.to_dict())
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{path} was saved for a different model config ({detail}). Build the model with "
+            f"config_from_checkpoint(state) or start a fresh run in another out_dir."
+        )
+
+
+def restore(state: dict, model, optimizer, batch_rng, path, max_iters: int) -> tuple[int, History]:
+    """Load a checkpoint's model, optimizer and random states for a resume; returns its step
+    and its history."""
+    check_compatible(model, state, path)
+    if state["step"] >= max_iters:
+        raise ValueError(f"{path} has already trained {state['step']} steps, so max_iters={max_iters} leaves "
+                         f"nothing to train; ask for more (e.g. --max-iters {2 * state['step']})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    batch_rng.set_state(state["rng"]["batches"])
+    return state["step"], History(**state["history"])

@@ -1,0 +1,165 @@
+"""The command line: train a preset, print val loss and a sample (notebook 01; torchrun: 06).
+
+    python -m moe_tutorial.train --preset char --max-iters 2000 --sample 300
+    torchrun --nproc_per_node=2 -m moe_tutorial.train --variant "Switch top-1" --expert-parallel
+
+Everything a user can get wrong on the command line (a device the machine lacks, a count below 1,
+an out-dir that cannot be written, a fresh run over a trained one, a resume that would train
+nothing) is refused before training, in one line on stderr with exit status 2.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .data import shakespeare_dataset
+from .downloads import ensure_writable_dir
+from .evaluate import DTYPES
+from .model import GPT
+from .presets import MOE_VARIANTS, PRESETS, preset
+from .train import train
+
+
+def _count(minimum):
+    """An argparse type: an integer >= minimum, with a one-line error otherwise."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+# Errors caused by what the user asked for: one line on stderr, no traceback (exit status 2).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, TimeoutError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (the problem) instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def main(argv=None):
+    parser = OneLineParser(
+        prog="python -m moe_tutorial.train",
+        description="Train a character-level GPT on tiny Shakespeare, print val loss and a sample. "
+                    "Runs data parallel under torchrun (--nproc_per_node=N).",
+    )
+    parser.add_argument("--preset", default="char", choices=sorted(PRESETS), help="model + recipe")
+    parser.add_argument("--variant", choices=sorted(MOE_VARIANTS), help="an MoE variant of the preset's model")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun: shard each MoE layer's experts over the ranks (writes no checkpoint)")
+    parser.add_argument("--max-iters", type=_count(1), help="optimizer steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=_count(1), help="sequences per rank per step (default: the preset's)")
+    parser.add_argument("--out-dir", default="out", help="where ckpt.pt is written (default: out)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh and replace OUT_DIR/ckpt.pt")
+    parser.add_argument("--sample", type=_count(0), default=300, metavar="N",
+                        help="characters to generate after training (0: none)")
+    parser.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or bfloat16 autocast")
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--threads", type=_count(1), help="torch.set_num_threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other: continue the run or replace it, not both")
+    if args.expert_parallel and args.resume:
+        parser.error("--expert-parallel runs write no checkpoint (each rank holds different experts; saving them "
+                     "is not implemented), so there is nothing to --resume")
+    try:
+        ranks = distributed.setup()
+        try:
+            _run(args, ranks)
+        finally:
+            distributed.cleanup()  # also on errors: leave no process group behind
+    except USER_ERRORS as err:
+        if os.environ.get("MOE_TUTORIAL_TRACEBACK"):
+            raise
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_device(name: str) -> str:
+    """Refuse a device this machine does not have, before any work is done."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device PyTorch knows: use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: PyTorch sees no CUDA GPU on this machine "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: the training loop supports cpu and cuda")
+    return name
+
+
+def check_out_dir(args, ranks) -> Path | None:
+    """Where the checkpoint goes, checked before training: nothing trained is lost by a typo."""
+    if args.expert_parallel:
+        return None
+    ckpt = Path(args.out_dir) / "ckpt.pt"
+    if args.resume and not ckpt.exists():
+        raise FileNotFoundError(f"--resume: there is no checkpoint at {ckpt}; drop --resume to start a fresh run "
+                                f"there, or point --out-dir to the run to continue")
+    if not args.resume and ckpt.exists() and not args.overwrite:
+        raise ValueError(f"{ckpt} already holds a trained run: add --resume to continue it, --overwrite to "
+                         f"replace it, or choose another --out-dir")
+    if ranks.is_main:
+        ensure_writable_dir(Path(args.out_dir), "--out-dir")
+    return ckpt
+
+
+def _run(args, ranks):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.expert_parallel and ranks.world_size == 1:
+        raise ValueError("--expert-parallel needs several ranks: torchrun --nproc_per_node=2 -m moe_tutorial.train ...")
+    if args.device:
+        check_device(args.device)
+    ckpt = check_out_dir(args, ranks)
+    overrides = {k: v for k, v in dict(max_iters=args.max_iters, seed=args.seed, batch_size=args.batch_size,
+                                         dtype=args.dtype, device=args.device).items() if v is not None}
+    if args.device and args.device.startswith("cuda") and ranks.world_size > 1:
+        overrides["device"] = f"cuda:{ranks.local_rank}"
+    if args.no_progress:
+        overrides["progress"] = False
+    dataset = shakespeare_dataset(progress=not args.no_progress and ranks.is_main)
+    model_cfg, train_cfg = preset(args.preset, dataset.tokenizer.vocab_size, variant=args.variant, **overrides)
+    if ranks.world_size > 1:
+        distributed.check_same_config(model_cfg)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg)
+    if args.expert_parallel:
+        distributed.shard_experts(model)
+    history = train(model, dataset, train_cfg, checkpoint_path=ckpt, resume=args.resume,
+                    extra={"chars": dataset.tokenizer.chars, "preset": args.preset})
+    log = print if ranks.is_main else (lambda *a, **k: None)
+    log(f"preset {args.preset}{' + ' + args.variant if args.variant else ''}: {model.num_params():,} parameters "
+        f"on rank 0, {ranks.world_size} rank(s), {train_cfg.max_iters} iters, {history.elapsed:.1f} s")
+    log(f"val loss {history.final_val_loss:.4f} (train {history.train_loss[-1]:.4f})")
+    log(f"checkpoint: {ckpt}" if ckpt else "no checkpoint written: expert-parallel checkpoints are not implemented")
+    if args.sample > 0:  # every rank samples: expert-parallel layers need all of them in each forward
+        model.eval()
+        start = torch.tensor([dataset.tokenizer.encode("\n")], device=train_cfg.device)
+        out = model.generate(start, args.sample, temperature=0.8, top_k=40,
+                             generator=torch.Generator(device=train_cfg.device).manual_seed(0))
+        log("-" * 40)
+        log(dataset.tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()
+

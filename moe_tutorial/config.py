@@ -1,0 +1,173 @@
+"""What a model is: GPTConfig (notebook 01) and, for its Mixture-of-Experts layers, MoEConfig
+(notebooks 03-04).
+
+A config describes the architecture only: two models with equal configs compute the same
+function. Which kernel computes attention or dispatches tokens to experts is a runtime choice
+(`model.Kernels`): it changes speed and memory, never the result, so it is not part of a config,
+checkpoints do not record it and a resume never compares it.
+
+Configs round-trip through plain dicts (`to_dict` / `GPTConfig.from_dict`), which is how
+checkpoints and `save_pretrained` store them. `from_dict` also reads the flat layout written
+before MoE options had a dataclass of their own (CONFIG_VERSION 1), and names any unknown field.
+"""
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+
+CONFIG_VERSION = 2  # 1: one flat GPTConfig with every MoE option and the kernel names in it
+
+ROUTINGS = ("token_choice", "expert_choice")
+SECOND_EXPERT = ("all", "random")
+
+
+@dataclass
+class MoEConfig:
+    """Everything about a model's Mixture-of-Experts layers; validated on construction."""
+
+    n_experts: int = 8
+    top_k: int = 1  # experts per token: 1 = Switch, 2 = GShard / Mixtral
+    every: int = 1  # every `every`-th block is MoE (2: the 2nd, 4th, ... block; indices 1, 3, ...)
+    expert_hidden: int | None = None  # None: 4 * n_embd, the dense MLP's width
+    n_shared_experts: int = 0  # DeepSeekMoE: experts every token uses, beside the routed ones
+    routing: str = "token_choice"  # or "expert_choice" (sees the whole batch: not causal)
+    capacity_factor_train: float = 1.25  # Switch Transformer's defaults
+    capacity_factor_eval: float = 2.0
+    aux_loss_coef: float = 1e-2  # load-balancing loss weight (alpha)
+    z_loss_coef: float = 1e-3  # router z-loss weight
+    jitter: float = 0.0  # multiplicative noise on the router input, training only (Switch)
+    noisy_gating: bool = False  # Shazeer 2017: learned softplus noise on the logits, training only
+    second_expert: str = "all"  # "random": GShard's stochastic second expert (top_k >= 2)
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3's gamma); 0: off
+    straight_through_gate: bool = False  # top-1: gate value 1, gradient of p (upcycled models)
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "every"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"MoEConfig.top_k={self.top_k} must be at most n_experts={self.n_experts}: "
+                             f"a token cannot pick more experts than exist")
+        if self.expert_hidden is not None and (not _is_int(self.expert_hidden) or self.expert_hidden < 1):
+            raise ValueError(f"MoEConfig.expert_hidden must be a positive integer or None, got {self.expert_hidden!r}")
+        if not _is_int(self.n_shared_experts) or self.n_shared_experts < 0:
+            raise ValueError(f"MoEConfig.n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MoEConfig.{name} must be > 0 (1.0 = exactly the average load), "
+                                 f"got {getattr(self, name)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name, allowed in (("routing", ROUTINGS), ("second_expert", SECOND_EXPERT)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.straight_through_gate and (self.top_k != 1 or self.routing != "token_choice"):
+            raise ValueError("MoEConfig.straight_through_gate applies to top-1 token choice only (top-k gates are "
+                             f"renormalised already); got top_k={self.top_k}, routing={self.routing!r}")
+
+    @property
+    def expert_choice(self) -> bool:
+        return self.routing == "expert_choice"
+
+
+@dataclass
+class GPTConfig:
+    """A GPT's architecture (nanoGPT's GPTConfig); `moe` turns feed-forward layers into MoE layers."""
+
+    block_size: int = 256  # longest context the position embedding covers
+    vocab_size: int = 65  # tiny Shakespeare has 65 distinct characters
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # 0 for small, short runs: they underfit rather than overfit
+    bias: bool = False  # biases in Linear and LayerNorm; GPT-2 checkpoints have them
+    gelu_approximate: str = "none"  # "tanh": GPT-2's GELU, needed to reproduce its weights' outputs
+    mlp_hidden: int | None = None  # dense MLP width; None: 4 * n_embd (GPT-2's n_inner)
+    tie_embeddings: bool = True  # output layer shares the token embedding (GPT-2 does)
+    moe: MoEConfig | None = None  # None: a dense MLP in every block
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # as read back from a checkpoint or config.json
+            self.moe = MoEConfig(**self.moe)
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                f"(each head gets n_embd // n_head channels); pick e.g. "
+                f"n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is not None and (not _is_int(self.mlp_hidden) or self.mlp_hidden < 1):
+            raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None (4 * n_embd), "
+                             f"got {self.mlp_hidden!r}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"GPTConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe is not None and (layer_idx + 1) % self.moe.every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields_: dict, source="config") -> "GPTConfig":
+        """The config a dict describes, from this version or version 1; unknown fields are named."""
+        fields_ = upgrade_v1(fields_) if "moe" not in fields_ else dict(fields_)
+        _refuse_unknown(cls, fields_, source)
+        if isinstance(fields_.get("moe"), dict):
+            _refuse_unknown(MoEConfig, fields_["moe"], source)
+        try:
+            return cls(**fields_)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+# Version 1 stored MoE options flat in GPTConfig, some under other names, and the kernel choices.
+V1_MOE_FIELDS = {"n_experts": "n_experts", "top_k": "top_k", "moe_every": "every", "expert_hidden": "expert_hidden",
+                 "n_shared_experts": "n_shared_experts", "router_type": "routing",
+                 "capacity_factor_train": "capacity_factor_train", "capacity_factor_eval": "capacity_factor_eval",
+                 "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef", "router_jitter": "jitter",
+                 "noisy_gating": "noisy_gating", "second_expert_policy": "second_expert",
+                 "bias_update_rate": "bias_update_rate", "straight_through_gate": "straight_through_gate"}
+V1_KERNEL_FIELDS = ("attn_impl", "dispatch")  # runtime choices now: dropped
+
+
+def upgrade_v1(flat: dict) -> dict:
+    """A version-1 (flat) config dict in this version's layout."""
+    flat = dict(flat)
+    moe = {new: flat.pop(old) for old, new in V1_MOE_FIELDS.items() if old in flat}
+    for name in V1_KERNEL_FIELDS:
+        flat.pop(name, None)
+    flat["moe"] = moe if moe.get("n_experts") is not None else None
+    return flat
+
+
+def config_diff(a: dict, b: dict, prefix="") -> dict:
+    """{field: (a's value, b's value)} where two config dicts differ; nested fields as 'moe.top_k'."""
+    diff = {}
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            diff |= config_diff(x, y, prefix=f"{prefix}{key}.")
+        elif x != y:
+            diff[prefix + key] = (x, y)
+    return diff
+
+
+def _refuse_unknown(cls, fields_: dict, source):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
+                 else repr(name) for name in unknown]
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {', '.join(hints)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

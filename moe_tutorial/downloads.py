@@ -1,0 +1,172 @@
+"""Downloads and the data cache: streamed, sha256-checked, atomic (notebook 01).
+
+Every file the course needs (corpora, tokenizer ranks, pretrained weights) is downloaded once
+into one cache directory and checked against a known sha256, so a learner never trains on a
+truncated or corrupt file. Writes go to a temporary file beside the destination and are renamed
+only when complete: a crash or a kill never leaves a half-written file in its place.
+"""
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+import urllib3
+from tqdm.auto import tqdm
+
+
+def data_dir() -> Path:
+    """The cache directory: $MOE_TUTORIAL_DATA if set, else `data/` in the repository."""
+    env = os.environ.get("MOE_TUTORIAL_DATA")
+    if env:
+        path = Path(env).expanduser()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"MOE_TUTORIAL_DATA={env} is a file, not a directory: point it to a "
+                                     f"directory (it is created if missing) or unset it to use the default")
+        return path
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").exists():  # an editable install or a checkout
+        return repo / "data"
+    return Path.home() / ".cache" / "moe_tutorial"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_writable_dir(directory: Path, what: str = "directory") -> Path:
+    """Create `directory` if needed and prove it is writable now, before any long work is done."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{what} {directory} is a file, not a directory: choose another path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"Cannot write to {what}{'' if what.endswith('=') else ' '}{directory} "
+                              f"({err.strerror or err}): choose a writable directory") from None
+    return directory
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: Path, suffix: str) -> list[Path]:
+    """Delete temporary files that an interrupted write of `dest` left beside it.
+
+    atomic_path names its temporaries `<dest>.<pid>.<random><suffix>`; one whose process has
+    exited is a leftover of a killed download or save. A live writer's file is left alone.
+    """
+    pattern = re.compile(re.escape(dest.name) + r"\.(\d+)\.[^.]+" + re.escape(suffix) + "$")
+    removed = []
+    for path in dest.parent.glob(f"{dest.name}.*{suffix}"):
+        match = pattern.match(path.name)
+        if match and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def atomic_path(dest: Path, suffix: str = ".tmp"):
+    """A temporary path beside `dest` to write to; moved onto `dest` only if the block succeeds,
+    deleted otherwise, so `dest` is never left half-written. Temporaries that a killed earlier
+    write of the same `dest` left behind are cleaned up first."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest, suffix)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{dest.name}.{os.getpid()}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress: bool = True,
+             deadline: float | None = None) -> Path:
+    """Stream `url` to `dest`, verify its sha256, and only then move it into place.
+
+    The bytes go to a temporary file beside `dest`; it is renamed atomically once the
+    checksum matches and deleted on any failure, so `dest` is either complete or absent.
+    `timeout` bounds each wait for data; `deadline` bounds the whole download (default: 10
+    minutes plus one second per 50 kB announced), so a server that trickles bytes cannot hang it.
+    """
+    dest = Path(dest)
+    ensure_writable_dir(dest.parent, "data directory")
+    try:
+        with atomic_path(dest, suffix=".part") as tmp:
+            with open(tmp, "wb") as out, requests.get(url, stream=True, timeout=timeout) as response:
+                response.raise_for_status()
+                total = int(response.headers.get("content-length", 0)) or None
+                limit = deadline if deadline is not None else 600.0 + (total or 0) / 50e3
+                give_up_at = time.monotonic() + limit
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                          disable=not progress) as bar:
+                    for chunk in _chunks_as_they_arrive(response):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                        if time.monotonic() > give_up_at:
+                            raise TimeoutError(
+                                f"Download of {url} exceeded its {limit:.0f} s deadline after {bar.n:,} bytes: "
+                                f"the server is too slow. Nothing was saved to {dest}; try again later or "
+                                f"place the file there yourself.")
+            actual = sha256_of(tmp)
+            if actual != sha256:
+                raise ValueError(
+                    f"Checksum mismatch for {url}: expected sha256 {sha256}, got {actual}. "
+                    f"The download is corrupt or the file changed upstream; nothing was saved to {dest}."
+                )
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:  # read1 raises urllib3's own
+        raise FileNotFoundError(
+            f"Could not download {url} ({err.__class__.__name__}). "
+            f"If you are offline, download that file elsewhere and place it at {dest} "
+            f"(or set MOE_TUTORIAL_DATA to a directory that holds {dest.name})."
+        ) from err
+    return dest
+
+
+def _chunks_as_they_arrive(response, size: int = 1 << 16):
+    """The body in pieces of at most `size` bytes, each returned as soon as the socket has it
+    (a plain read(size) would wait for all `size` bytes, and never check the deadline)."""
+    raw = response.raw
+    if not hasattr(raw, "read1"):  # urllib3 < 2: fall back to requests' chunking
+        yield from response.iter_content(chunk_size=size)
+        return
+    while chunk := raw.read1(size, decode_content=True):
+        yield chunk
+
+
+def fetch(url: str, filename: str, sha256: str, progress: bool = True) -> Path:
+    """Return the cached, verified file `filename`, downloading it on first use."""
+    path = data_dir() / filename
+    if path.exists():
+        if sha256_of(path) != sha256:
+            raise ValueError(
+                f"{path} exists but its sha256 is not {sha256}: the file is corrupt or a "
+                f"different file. Delete it to download it again from {url}."
+            )
+        return path
+    if os.environ.get("MOE_TUTORIAL_DATA"):
+        ensure_writable_dir(path.parent, "the data directory MOE_TUTORIAL_DATA=")
+    return download(url, path, sha256, progress=progress)

@@ -1,0 +1,44 @@
+"""What happened during training, for plots and checkpoints (notebook 01; routing logs from 03)."""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class History:
+    """What happened during training, for plots: one row per step, one per evaluation."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    eval_step: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    val_loss: list = field(default_factory=list)
+    elapsed: float = 0.0  # seconds spent in train(), over all (resumed) runs
+    tokens: int = 0
+    # MoE models only, one row per step, one entry per MoE layer:
+    moe_loss: list = field(default_factory=list)  # load-balancing + z-loss (already weighted)
+    expert_load: list = field(default_factory=list)  # share of tokens whose top choice is each expert
+    dropped: list = field(default_factory=list)  # fraction of tokens with every choice dropped
+
+    def record_step(self, step: int, loss: float, lr: float, tokens: int, model, aux_loss: float):
+        self.step.append(step)
+        self.loss.append(loss)
+        self.lr.append(lr)
+        self.tokens += tokens
+        self.record_routing(model, aux_loss)
+
+    def record_routing(self, model, aux_loss: float):
+        """Log what the routers did in the last micro-batch (from the layers' routing records)."""
+        routings = [layer.last_routing for layer in model.moe_layers()]
+        if not routings:
+            return
+        self.moe_loss.append(aux_loss)
+        self.expert_load.append([r.top_choice_share.tolist() for r in routings])
+        self.dropped.append([r.dropped.float().mean().item() for r in routings])
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.val_loss[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
