@@ -1,0 +1,328 @@
+"""What a Mixture of Experts buys on the char recipe: the experts sweep, with seeds.
+
+    python benchmarks/moe_scaling.py             # the full sweep (resumable: skips runs already in the JSON)
+    python benchmarks/moe_scaling.py --report    # table and plots from the JSON alone, no training
+    python benchmarks/moe_scaling.py --quick --out /tmp/q.json   # a ~2-minute subset (tests use it)
+
+Every variant keeps the dense `char` model's *active* compute per token: a token passes through
+experts whose hidden widths add up to the dense MLP's 4C (C = 128). Top-1 variants use full-width
+experts; fine-grained ones (DeepSeekMoE) split each expert into m narrower ones and route to m x
+more; shared-expert variants turn one of the k active experts into an always-on one.
+
+Phases, in order (--phases picks some); every training comparison over 3 seeds:
+  steps    equal steps: every variant at the recipe's 1800 steps
+  derived  the best variant with MoE in every other block, and with aux-loss-free balancing
+  speed    seconds per training step of every variant, measured interleaved in one process on an
+           otherwise idle machine (a "step_time" record each); the wall-time figures use these,
+           never the wall time of runs that may have shared the machine
+  long     equal steps at 2x the budget, for dense and the best MoE
+  time     equal wall time: dense and the best MoE, each for as many steps as fit in 120 s and
+           in 300 s at its measured seconds per step
+
+Each finished run is appended to benchmarks/results/moe_scaling.json at once (one record per
+run, with the machine and the command), so an interrupted sweep continues where it stopped.
+Mean +- sd over seeds; a difference under 2 sd of the difference (sqrt(sd_a^2 + sd_b^2)) is a tie.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe_tutorial.config import MoEConfig
+from moe_tutorial.costs import model_info
+from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.downloads import atomic_path
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.model import GPT
+from moe_tutorial.presets import preset
+from moe_tutorial.train import train
+
+RESULTS = Path(__file__).resolve().parent / "results" / "moe_scaling.json"
+SEEDS = (1337, 1338, 1339)
+STEPS = 1800  # the char recipe
+LONG_STEPS = 2 * STEPS
+TIME_BUDGETS = (120.0, 300.0)  # seconds of training per run in the equal-time comparison
+
+# MoEConfig fields of the char model's MoE layers (C = 128, dense hidden 4C = 512); in every block.
+VARIANTS = {
+    "dense": {},
+    "top-1 E=4": dict(n_experts=4, top_k=1),
+    "top-1 E=8": dict(n_experts=8, top_k=1),
+    "top-1 E=16": dict(n_experts=16, top_k=1),
+    "top-1 E=32": dict(n_experts=32, top_k=1),
+    "E=16 k=2 (2C)": dict(n_experts=16, top_k=2, expert_hidden=256),
+    "E=32 k=4 (C)": dict(n_experts=32, top_k=4, expert_hidden=128),
+    "E=64 k=8 (C/2)": dict(n_experts=64, top_k=8, expert_hidden=64),
+    "E=16 k=1 (2C) + shared": dict(n_experts=16, top_k=1, expert_hidden=256, n_shared_experts=1),
+    "E=32 k=3 (C) + shared": dict(n_experts=32, top_k=3, expert_hidden=128, n_shared_experts=1),
+    "E=64 k=7 (C/2) + shared": dict(n_experts=64, top_k=7, expert_hidden=64, n_shared_experts=1),
+}
+EVERY_OTHER = ", every other block"
+AUX_FREE = ", aux-loss-free"
+QUICK_VARIANTS = ("dense", "top-1 E=8", "E=32 k=4 (C)")
+PHASES = ("steps", "derived", "speed", "long", "time")
+
+
+def moe_config(name: str) -> MoEConfig | None:
+    """A variant's MoE layers (None: dense); derived names add a suffix to a base variant."""
+    fields = dict(VARIANTS[name.removesuffix(EVERY_OTHER).removesuffix(AUX_FREE)])
+    if not fields:
+        return None
+    if name.endswith(EVERY_OTHER):
+        fields["every"] = 2
+    if name.endswith(AUX_FREE):
+        fields.update(aux_loss_coef=0.0, bias_update_rate=1e-3)  # DeepSeek-V3's balancing instead
+    return MoEConfig(**fields)
+
+
+def build(name, dataset, seed, steps):
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, progress=False, seed=seed,
+                                  max_iters=steps, eval_interval=steps)
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(model_cfg, moe=moe_config(name))), train_cfg
+
+
+def machine(threads) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, threads=threads, torch=torch.__version__)
+
+
+def run_one(comparison, name, seed, steps, dataset, eval_sets, threads, **extra) -> dict:
+    model, cfg = build(name, dataset, seed, steps)
+    t0 = time.perf_counter()
+    history = train(model, dataset, cfg)
+    seconds = time.perf_counter() - t0
+    info, moe = model_info(model.config), model.config.moe
+    return dict(
+        comparison=comparison, variant=name, seed=seed, steps=steps,
+        val_loss=round(estimate_loss(model, eval_sets["val"], cfg), 5),
+        train_loss=round(estimate_loss(model, eval_sets["train"], cfg), 5),
+        seconds=round(seconds, 2), final_step_loss=round(history.loss[-1], 5),
+        active_params=info.active_params, total_params=info.total_params,
+        n_experts=moe.n_experts if moe else 0, top_k=moe.top_k if moe else 0,
+        expert_hidden=(moe.expert_hidden or 4 * model.config.n_embd) if moe else 4 * model.config.n_embd,
+        moe_every=moe.every if moe else 0, n_shared_experts=moe.n_shared_experts if moe else 0,
+        aux_loss_free=bool(moe and moe.bias_update_rate > 0),
+        machine=machine(threads), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
+        **extra,
+    )
+
+
+def load(path: Path) -> list:
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def append(path: Path, record: dict):
+    runs = load(path) + [record]
+    with atomic_path(path) as tmp:  # an interrupted write never corrupts earlier runs
+        tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+
+
+def key(r):
+    return (r["comparison"], r["variant"], r["seed"], r.get("budget_seconds") or r["steps"])
+
+
+def stats(runs, comparison, budget):
+    """{variant: (mean, sd, n)} of val loss for one comparison and budget (steps, or seconds)."""
+    groups = {}
+    for r in runs:
+        if r["comparison"] == comparison and (r.get("budget_seconds") or r["steps"]) == budget:
+            groups.setdefault(r["variant"], []).append(r["val_loss"])
+    return {v: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else float("nan"), len(x))
+            for v, x in groups.items()}
+
+
+def step_times(runs) -> dict:
+    """{variant: seconds per step}, from the latest speed measurement of each variant."""
+    return {r["variant"]: r["seconds_per_step"] for r in runs if r["comparison"] == "step_time"}
+
+
+def verdict(a, b) -> str:
+    """a vs b (mean, sd, ...): 'better' / 'worse' when lower / higher by more than 2 sd, else 'tie'."""
+    diff, sd = a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
+    if math.isnan(sd):
+        return "n<2"  # one seed says nothing about noise: no verdict
+    if abs(diff) <= 2 * sd:
+        return "tie"
+    return "better" if diff < 0 else "worse"
+
+
+def ranking(runs, steps=STEPS) -> list:
+    """MoE variants by mean val loss at `steps`, best first."""
+    table = {v: s for v, s in stats(runs, "equal_steps", steps).items() if v != "dense"}
+    return sorted(table, key=lambda v: table[v][0])
+
+
+def seconds_per_step(names, dataset, steps=30, rounds=3):
+    """Median seconds per training step of each variant, measured interleaved in this process
+    (A, B, C, A, B, C, ...) so that drifts in machine speed hit every variant alike."""
+    times = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            model, cfg = build(n, dataset, SEEDS[0], steps)
+            cfg = dataclasses.replace(cfg, eval_iters=1)
+            train(model, dataset, dataclasses.replace(cfg, max_iters=3, eval_interval=3))  # warm-up, untimed
+            t0 = time.perf_counter()
+            train(model, dataset, cfg)
+            times[n].append((time.perf_counter() - t0) / steps)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON of runs (appended to)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a ~2-minute subset: 3 variants x 2 seeds x 60 steps")
+    parser.add_argument("--report", action="store_true", help="only print the table and draw the plots")
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.report:
+        sweep(args)
+    report(load(args.out), args.out)
+
+
+def sweep(args):
+    dataset = shakespeare_dataset(progress=False)
+    eval_sets = {split: fixed_batches(dataset.split(split), 100, 16, 64, seed=0) for split in ("train", "val")}
+    done = {key(r) for r in load(args.out)}
+    command = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
+
+    def run(comparison, variant, seed, steps, **extra):
+        k = (comparison, variant, seed, extra.get("budget_seconds") or steps)
+        if k in done:
+            return
+        record = run_one(comparison, variant, seed, steps, dataset, eval_sets, args.threads, **extra)
+        append(args.out, record)
+        done.add(k)
+        print(f"{comparison:<12}{variant:<34}seed {seed}  {steps:>5} steps  val {record['val_loss']:.4f}  "
+              f"{record['seconds']:.0f} s", flush=True)
+
+    def measure_speed(names, **kw):
+        for name, sec in seconds_per_step(names, dataset, **kw).items():
+            append(args.out, dict(comparison="step_time", variant=name, seed=0, steps=0, seconds_per_step=sec,
+                                  machine=machine(args.threads), command=command))
+
+    if args.quick:
+        for seed in SEEDS[:2]:
+            for variant in QUICK_VARIANTS:
+                run("equal_steps", variant, seed, 60)
+        if not step_times(load(args.out)):
+            measure_speed(QUICK_VARIANTS, steps=5, rounds=1)
+        return
+    if "steps" in args.phases:
+        for seed in SEEDS:  # seed-major: a partial sweep already has one run of every variant
+            for variant in VARIANTS:
+                run("equal_steps", variant, seed, STEPS)
+    best = ranking(load(args.out))[:1]
+    if "derived" in args.phases and best:
+        for seed in SEEDS:
+            for variant in (best[0] + EVERY_OTHER, best[0] + AUX_FREE):
+                run("equal_steps", variant, seed, STEPS)
+    if "speed" in args.phases:
+        trained = sorted({r["variant"] for r in load(args.out) if r["comparison"] == "equal_steps"})
+        if set(trained) - set(step_times(load(args.out))):
+            measure_speed(trained)  # all together, so that the ratios come from one sitting
+    best = ranking(load(args.out))[:1]
+    if "long" in args.phases and best:
+        for seed in SEEDS:
+            for variant in ["dense"] + best:
+                run("equal_steps", variant, seed, LONG_STEPS)
+    per_step = step_times(load(args.out))
+    if "time" in args.phases and best and {"dense", best[0]} <= per_step.keys():
+        for budget in TIME_BUDGETS:
+            for seed in SEEDS:
+                for variant in ["dense"] + best:
+                    run("equal_time", variant, seed, max(1, int(budget / per_step[variant])),
+                        budget_seconds=budget, seconds_per_step=per_step[variant])
+
+
+def report(runs, path):
+    if not runs:
+        print(f"no runs in {path}")
+        return
+    per_step = step_times(runs)
+    budgets = sorted({("equal_steps", r["steps"]) for r in runs if r["comparison"] == "equal_steps"}
+                     | {("equal_time", r["budget_seconds"]) for r in runs if r["comparison"] == "equal_time"})
+    meta = {r["variant"]: r for r in runs if "total_params" in r}
+    print(f"{'comparison':<12}{'budget':<12} {'variant':<34}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<8}"
+          f"{'total':>10}{'active':>9}{'ms/step':>8}{'x dense':>8}")
+    for comparison, budget in budgets:
+        table = stats(runs, comparison, budget)
+        dense = table.get("dense")
+        unit = "steps" if comparison == "equal_steps" else "s"
+        for v, s in sorted(table.items(), key=lambda kv: kv[1][0]):
+            delta = f"{s[0] - dense[0]:+.4f}" if dense else ""
+            call = verdict(s, dense) if dense and v != "dense" else ""
+            ms = f"{1e3 * per_step[v]:.1f}" if v in per_step else "-"
+            ratio = f"{per_step[v] / per_step['dense']:.2f}" if v in per_step and "dense" in per_step else "-"
+            print(f"{comparison:<12}{budget:>5g} {unit:<6}{v:<34}{s[2]:>2}{s[0]:>10.4f} ± {s[1]:.4f}{delta:>10}  "
+                  f"{call:<8}{meta[v]['total_params']:>10,}{meta[v]['active_params']:>9,}{ms:>8}{ratio:>8}")
+    plot(runs, path.with_suffix(".png"))
+
+
+FAMILIES = {
+    "top-1, full-width experts": [(f"top-1 E={e}", e) for e in (4, 8, 16, 32)],
+    "fine-grained top-k (width 4C/k)": [("E=16 k=2 (2C)", 16), ("E=32 k=4 (C)", 32), ("E=64 k=8 (C/2)", 64)],
+    "fine-grained + 1 shared": [("E=16 k=1 (2C) + shared", 16), ("E=32 k=3 (C) + shared", 32),
+                                ("E=64 k=7 (C/2) + shared", 64)],
+}
+
+
+def plot(runs, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    table = stats(runs, "equal_steps", STEPS)
+    for label, members in FAMILIES.items():
+        points = [(e, table[v]) for v, e in members if v in table]
+        if points:
+            ax1.errorbar([e for e, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points],
+                         marker="o", capsize=3, label=label)
+    if "dense" in table:
+        mean, sd = table["dense"][:2]
+        ax1.axhspan(mean - sd, mean + sd, color="grey", alpha=0.25)
+        ax1.axhline(mean, color="grey", label="dense (mean ± sd)")
+    ax1.set_xscale("log", base=2)
+    ax1.set(xlabel="routed experts per MoE layer", ylabel=f"validation loss after {STEPS} steps",
+            title="Equal steps, equal active compute per token")
+    ax1.legend(fontsize=8)
+    per_step = step_times(runs)  # wall time = steps x measured seconds per step (never a shared machine's)
+    for variant in [v for v in ["dense"] + ranking(runs)[:1] if v in per_step]:
+        by_steps = {}
+        for r in runs:
+            if r["variant"] == variant and r["comparison"] in ("equal_steps", "equal_time"):
+                by_steps.setdefault(r["steps"], []).append(r["val_loss"])
+        steps = sorted(by_steps)
+        ax2.errorbar([n * per_step[variant] for n in steps], [statistics.mean(by_steps[n]) for n in steps],
+                     yerr=[statistics.stdev(by_steps[n]) if len(by_steps[n]) > 1 else 0.0 for n in steps],
+                     marker="o", capsize=3, label=variant)
+    ax2.set(xlabel="training seconds (steps x measured s/step)", ylabel="validation loss",
+            title="Validation loss vs wall time on this machine")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"plot: {png.name} beside the JSON")
+
+
+if __name__ == "__main__":
+    main()

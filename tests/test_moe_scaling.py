@@ -1,0 +1,34 @@
+"""benchmarks/moe_scaling.py: its --quick subset writes the records the README and notebook read,
+one per run, and a second invocation resumes instead of training again."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, copy_into
+
+FIELDS = {"comparison", "variant", "seed", "steps", "val_loss", "train_loss", "seconds", "active_params",
+          "total_params", "n_experts", "top_k", "expert_hidden", "moe_every", "n_shared_experts", "machine",
+          "command"}
+
+
+def test_quick_sweep_records_every_run_and_resumes(tmp_path, shakespeare_file):
+    copy_into(shakespeare_file, tmp_path / "cache" / "tinyshakespeare.txt")
+    out = tmp_path / "runs.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_scaling.py"), "--quick", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "MOE_TUTORIAL_DATA": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    runs = json.loads(out.read_text())["runs"]
+    trained = [r for r in runs if r["comparison"] == "equal_steps"]
+    assert len(trained) == 6 and all(FIELDS <= r.keys() for r in trained)
+    assert {r["variant"] for r in trained} == {"dense", "top-1 E=8", "E=32 k=4 (C)"}
+    assert all(r["active_params"] <= r["total_params"] and 1.0 < r["val_loss"] < 4.5 for r in trained)
+    assert {r["machine"]["threads"] for r in trained} == {1} and "--quick" in trained[0]["command"]
+    speed = [r for r in runs if r["comparison"] == "step_time"]
+    assert len(speed) == 3 and all(r["seconds_per_step"] > 0 for r in speed)
+    assert "tie" in first or "better" in first or "worse" in first  # every MoE row gets a verdict vs dense
+    assert (tmp_path / "runs.png").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    assert len(json.loads(out.read_text())["runs"]) == len(runs)  # nothing trained twice
+    assert "seed" not in again.split("comparison")[0]  # no training lines before the table
