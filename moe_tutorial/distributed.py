@@ -178,13 +178,17 @@ def wrap_for_training(model, device: str):
 
 
 def ddp(model, device_ids=None):
-    """Wrap in DistributedDataParallel; expert-parallel weights are left out of its all-reduce."""
+    """Wrap in DistributedDataParallel; expert-parallel weights are left out of its all-reduce.
+
+    Buffers are not broadcast from rank 0 before each forward (DDP's default): the only buffers
+    are the routers' aux-loss-free state, whose bias every rank updates identically from the
+    all-reduced load (router.update_selection_bias) and whose load counts are each rank's own."""
     from torch.nn.parallel import DistributedDataParallel
 
     ignored = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def average_expert_grads(model, world_size: int):

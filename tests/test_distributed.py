@@ -155,6 +155,30 @@ def test_expert_parallel_training_matches_single_process(tmp_path):
         assert abs(result["val"] - history.final_val_loss) < 2e-2
 
 
+def _aux_free_train(rank, result_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, aux_loss_coef=0.0, bias_update_rate=1e-2,
+                                                 capacity_factor_train=4.0)))
+    train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=4, **RECIPE))
+    torch.save([layer.router.selection_bias for layer in model.moe_layers()], result_dir / f"bias{rank}.pt")
+
+
+def test_aux_loss_free_bias_follows_the_global_load(tmp_path):
+    """Each rank routes its own half of the batch; the bias must follow the load of the whole batch
+    (all-reduced counts), be the same on every rank, and equal one process's with the doubled batch."""
+    run_on_two_ranks(_aux_free_train, tmp_path)
+    biases = [torch.load(tmp_path / f"bias{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    torch.manual_seed(0)
+    single = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, aux_loss_coef=0.0, bias_update_rate=1e-2,
+                                                  capacity_factor_train=4.0)))
+    train(single, Dataset.from_text(TEXT), TrainConfig(batch_size=8, **RECIPE))
+    expected = [layer.router.selection_bias for layer in single.moe_layers()]
+    for rank_biases in biases:
+        for got, want in zip(rank_biases, expected):
+            torch.testing.assert_close(got, want)
+    assert any(b.abs().sum() > 0 for b in expected)
+
+
 # --- bad setups fail clearly, on every rank, without hanging ------------------------------------
 
 def _bad_setups(rank, result_dir):
