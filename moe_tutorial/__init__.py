@@ -16,8 +16,8 @@ names its chapter too):
 all                  exercises (the checks behind every notebook's exercises)
 
 Import direction, bottom to top: config, downloads -> tokenizers -> data; attention, router,
-experts -> dispatch -> moe -> model; then evaluate, history, checkpoint, train, presets, cli,
-pretrained, upcycle, course. Nothing imports upward (tests/test_imports.py walks the graph).
+experts -> dispatch -> moe -> model; distributed; then evaluate, history, checkpoint, train,
+presets, cli, pretrained, upcycle, course. Nothing imports upward (tests/test_imports.py walks the graph).
 """
 
 __version__ = "0.1.0"

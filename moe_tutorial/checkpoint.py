@@ -7,6 +7,7 @@ only, no code can run. Anything that is not such a checkpoint is refused with th
 """
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +39,8 @@ def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra
         "model_config": model.config.to_dict(),
         "train_config": asdict(cfg),
         "history": history.to_dict(),
-        "rng": {"torch": torch.get_rng_state(), "batches": batch_rng.get_state()},
+        "rng": {"torch": torch.get_rng_state(), "batches": batch_rng.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
         "extra": extra or {},
     }
     with atomic_path(path) as tmp:
@@ -88,15 +90,33 @@ def check_compatible(model, state, path="checkpoint"):
         )
 
 
-def restore(state: dict, model, optimizer, batch_rng, path, max_iters: int) -> tuple[int, History]:
-    """Load a checkpoint's model, optimizer and random states for a resume; returns its step
-    and its history."""
+# Training options a resume may change: how long to train, where, and how often to evaluate.
+RESUMABLE_CHANGES = ("max_iters", "lr_decay_iters", "device", "progress", "eval_interval", "eval_iters")
+
+
+def restore(state: dict, model, optimizer, batch_rng, path, cfg) -> tuple[int, History]:
+    """Load a checkpoint's model, optimizer and random states to resume it with TrainConfig `cfg`;
+    returns its step and its history. A different recipe (learning rate, batch, seed, ...) is
+    refused: the run would not be the one that was saved. Training longer is allowed, and warned
+    about when it reshapes the learning-rate schedule."""
     check_compatible(model, state, path)
-    if state["step"] >= max_iters:
-        raise ValueError(f"{path} has already trained {state['step']} steps, so max_iters={max_iters} leaves "
-                         f"nothing to train; ask for more (e.g. --max-iters {2 * state['step']})")
+    step, saved = state["step"], state["train_config"]
+    if step >= cfg.max_iters:
+        raise ValueError(f"{path} has already trained {step} steps, so max_iters={cfg.max_iters} leaves "
+                         f"nothing to train; ask for more (e.g. --max-iters {2 * step})")
+    diff = {k: (v, saved.get(k)) for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {b!r} vs now {a!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was trained with another recipe ({detail}); resume with the checkpoint's values "
+                         f"or start a fresh run in another out_dir")
+    saved_decay = saved.get("lr_decay_iters") or saved["max_iters"]
+    if saved_decay != cfg.decay_iters:
+        warnings.warn(f"resuming {path} at step {step} with the cosine schedule stretched from {saved_decay} to "
+                      f"{cfg.decay_iters} steps: the learning rate changes from here on", stacklevel=2)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     batch_rng.set_state(state["rng"]["batches"])
-    return state["step"], History(**state["history"])
+    return step, History(**state["history"])

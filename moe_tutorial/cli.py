@@ -127,9 +127,17 @@ def _run(args, ranks):
         torch.set_num_threads(args.threads)
     if args.expert_parallel and ranks.world_size == 1:
         raise ValueError("--expert-parallel needs several ranks: torchrun --nproc_per_node=2 -m moe_tutorial.train ...")
-    if args.device:
-        check_device(args.device)
-    ckpt = check_out_dir(args, ranks)
+    error = ckpt = None
+    try:  # checked on every rank; under torchrun one rank's error ends all of them
+        if args.device:
+            check_device(args.device)
+        ckpt = check_out_dir(args, ranks)
+    except USER_ERRORS as err:
+        error = err
+    if ranks.world_size > 1:
+        distributed.raise_on_every_rank(error)
+    elif error is not None:
+        raise error
     overrides = {k: v for k, v in dict(max_iters=args.max_iters, seed=args.seed, batch_size=args.batch_size,
                                          dtype=args.dtype, device=args.device).items() if v is not None}
     if args.device and args.device.startswith("cuda") and ranks.world_size > 1:

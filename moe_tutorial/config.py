@@ -61,6 +61,11 @@ class MoEConfig:
         for name, allowed in (("routing", ROUTINGS), ("second_expert", SECOND_EXPERT)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.expert_choice and self.bias_update_rate > 0:
+            raise ValueError("MoEConfig.bias_update_rate (aux-loss-free balancing) biases a token's choice of "
+                             "experts; with routing='expert_choice' experts choose and load is balanced already")
+        if self.second_expert == "random" and self.top_k < 2:
+            raise ValueError("MoEConfig.second_expert='random' needs top_k >= 2 (a second expert to route randomly)")
         if self.straight_through_gate and (self.top_k != 1 or self.routing != "token_choice"):
             raise ValueError("MoEConfig.straight_through_gate applies to top-1 token choice only (top-k gates are "
                              f"renormalised already); got top_k={self.top_k}, routing={self.routing!r}")
@@ -108,6 +113,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ValueError(f"GPTConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+        if self.moe is not None and self.moe.every > self.n_layer:
+            raise ValueError(f"MoEConfig.every={self.moe.every} is more than n_layer={self.n_layer}: no block would "
+                             f"be an MoE layer (use moe=None for a dense model)")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe is not None and (layer_idx + 1) % self.moe.every == 0
@@ -124,7 +132,7 @@ class GPTConfig:
             _refuse_unknown(MoEConfig, fields_["moe"], source)
         try:
             return cls(**fields_)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:  # TypeError: a value of the wrong type, e.g. "1.25"
             raise ValueError(f"{source}: {err}") from None
 
 

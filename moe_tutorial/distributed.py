@@ -64,6 +64,16 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def raise_on_every_rank(error: Exception | None, group=None):
+    """Re-raise on every rank an error that some ranks hit, so that none waits for the others."""
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    if failed:
+        rank, message = failed[0]
+        raise ValueError(f"rank {rank}: {message}")
+
+
 def check_same_config(config, group=None):
     """Every rank must build the same model: compare configs before any collective depends on it."""
     configs = [None] * dist.get_world_size(group)
@@ -174,6 +184,7 @@ def wrap_for_training(model, device: str):
     ranks = info()
     if ranks.world_size == 1:
         return model
+    check_same_config(model.config)  # before any collective depends on it
     return ddp(model, [ranks.local_rank] if str(device).startswith("cuda") else None)
 
 
@@ -188,6 +199,7 @@ def ddp(model, device_ids=None):
     ignored = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    model.data_parallel = True  # GPT.after_optimizer_step sums the routers' load counts over ranks
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 

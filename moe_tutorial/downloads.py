@@ -9,6 +9,7 @@ only when complete: a crash or a kill never leaves a half-written file in its pl
 import hashlib
 import os
 import re
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -68,17 +69,27 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def writer_tag(pid: int | None = None) -> str:
+    """Who writes a temporary file: this machine's name and a process id (`host-1234`)."""
+    host = re.sub(r"\W", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid() if pid is None else pid}"
+
+
 def remove_stale_temporaries(dest: Path, suffix: str) -> list[Path]:
     """Delete temporary files that an interrupted write of `dest` left beside it.
 
-    atomic_path names its temporaries `<dest>.<pid>.<random><suffix>`; one whose process has
-    exited is a leftover of a killed download or save. A live writer's file is left alone.
+    atomic_path names its temporaries `<dest>.<host>-<pid>.<random><suffix>`; one written on this
+    machine by a process that has exited is a leftover of a killed download or save. Files of live
+    processes, and of other machines sharing the folder (whose processes we cannot see), are left.
     """
-    pattern = re.compile(re.escape(dest.name) + r"\.(\d+)\.[^.]+" + re.escape(suffix) + "$")
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only
+        return []
+    host = writer_tag().rsplit("-", 1)[0]
+    pattern = re.compile(re.escape(dest.name) + r"\.(\w+)-(\d+)\.[^.]+" + re.escape(suffix) + "$")
     removed = []
     for path in dest.parent.glob(f"{dest.name}.*{suffix}"):
         match = pattern.match(path.name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and match.group(1) == host and not _process_alive(int(match.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -92,12 +103,14 @@ def atomic_path(dest: Path, suffix: str = ".tmp"):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest, suffix)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{dest.name}.{os.getpid()}.", suffix=suffix, dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{dest.name}.{writer_tag()}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())  # on disk before the rename makes it the real file
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -150,7 +163,7 @@ def _chunks_as_they_arrive(response, size: int = 1 << 16):
     """The body in pieces of at most `size` bytes, each returned as soon as the socket has it
     (a plain read(size) would wait for all `size` bytes, and never check the deadline)."""
     raw = response.raw
-    if not hasattr(raw, "read1"):  # urllib3 < 2: fall back to requests' chunking
+    if not hasattr(raw, "read1"):  # urllib3 < 2.3: requests' chunking (the deadline is checked per chunk)
         yield from response.iter_content(chunk_size=size)
         return
     while chunk := raw.read1(size, decode_content=True):

@@ -18,6 +18,8 @@ HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 def grouped_matmul(x, weight, counts):
     """Rows of x (M, K) in expert order, counts (E,) per expert, weight (E, K, N) -> (M, N)."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: do as nn.Linear
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if _can_group(x) and _aligned(x, weight):
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
         return _ContiguousGrad.apply(F.grouped_mm(x, weight.to(x.dtype), offs=offsets))
@@ -52,14 +54,19 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     backend once with a tiny problem, since its dtype support differs by device and version."""
     if not HAS_GROUPED_MM:
         return False
-    try:
-        x = torch.zeros(4, 8, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.zeros(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
-        y = F.grouped_mm(x, w, offs=torch.tensor([2, 4], device=device_type, dtype=torch.int32))
-        y.backward(torch.ones_like(y))
-        return True
+    try:  # the answer must not depend on the caller's mode: no_grad, inference_mode, autocast
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def _probe_grouped_mm(device_type, dtype) -> bool:
+    x = torch.zeros(4, 8, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.zeros(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
+    y = F.grouped_mm(x, w, offs=torch.tensor([2, 4], device=device_type, dtype=torch.int32))
+    y.backward(torch.ones_like(y))
+    return True
 
 
 def _aligned(x, weight):

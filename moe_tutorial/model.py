@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -134,6 +135,7 @@ class GPT(nn.Module):
         _check_kernels(config, kernels)
         self.kernels = kernels
         self.gradient_checkpointing = False  # recompute block activations in backward
+        self.data_parallel = False  # set by distributed.ddp(): ranks share per-step statistics
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -179,9 +181,16 @@ class GPT(nn.Module):
     def after_optimizer_step(self):
         """Per-step updates that are not gradient steps: aux-loss-free balancing's expert biases,
         from the load of every micro-batch since the last call. The training loop calls this
-        right after optimizer.step()."""
-        for layer in self.moe_layers():
-            layer.router.update_selection_bias()
+        right after optimizer.step(). In data-parallel training each rank routed its own tokens:
+        the counts are summed over ranks (one all-reduce) so that every rank moves the same bias."""
+        routers = [layer.router for layer in self.moe_layers() if layer.router.config.bias_update_rate > 0]
+        if routers and self.data_parallel:
+            loads = torch.stack([r.load_since_update for r in routers])  # (layers, E)
+            dist.all_reduce(loads)
+            for router, load in zip(routers, loads):
+                router.load_since_update.copy_(load)
+        for router in routers:
+            router.update_selection_bias()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default, as in GPT-2's papers."""
@@ -206,7 +215,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.transformer.h:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x, block_aux = checkpoint(block, x, use_reentrant=False)
             else:
                 x, block_aux = block(x, cache)

@@ -257,7 +257,7 @@ def _from_directory(path: Path) -> GPT:
 
 
 def save_pretrained(model: GPT, directory) -> Path:
-    """Write config.json and model.safetensors (tied weights stored once); both atomically."""
+    """Write config.json and model.safetensors (tied weights stored once), each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = json.dumps({"moe_tutorial": model.config.to_dict(), "config_version": CONFIG_VERSION}, indent=2)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -224,16 +223,14 @@ class Router(nn.Module):
         """Aux-loss-free balancing, once per optimizer step: raise the bias of the experts that
         got fewer assignments than average since the last update, lower the busier ones.
 
-        Under torch.distributed the counts are summed over ranks first: the bias follows the load
-        of the global batch, and every rank computes the same bias. Only the sign of (mean - load)
-        matters, so a forward pass counted twice (activation checkpointing reruns it in backward,
-        with the same routing) changes nothing.
+        In data-parallel training the model sums the counts over ranks first
+        (GPT.after_optimizer_step), so the bias follows the global batch's load and is the same on
+        every rank. Only the sign of (mean - load) matters, so a forward pass counted twice
+        (activation checkpointing reruns it in backward, with the same routing) changes nothing.
         """
         if self.config.bias_update_rate <= 0:
             return
         load = self.load_since_update
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(load)  # (E,) assignments of every rank's tokens
         if load.sum() > 0:
             self.selection_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()

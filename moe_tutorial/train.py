@@ -110,7 +110,7 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
     start, history = 0, History()
     if resume:
         start, history = restore(load_checkpoint(checkpoint_path), model, optimizer, batch_rng, checkpoint_path,
-                                 cfg.max_iters)
+                                 cfg)
     else:
         torch.manual_seed(cfg.seed)  # dropout and any other randomness inside the model
     eval_sets = {name: fixed_batches(dataset.split(name), cfg.eval_iters, cfg.batch_size, T, cfg.seed + 1)

@@ -31,8 +31,9 @@ def upcycle(model: GPT, n_experts: int, top_k: int = 1, moe_every: int = 2, nois
             raise ValueError(f"upcycle() copies the dense MLP into each expert, so {field} cannot be changed")
     if model.config.mlp_hidden is not None:
         moe_options["expert_hidden"] = model.config.mlp_hidden  # experts are copies of this MLP
-    moe = MoEConfig(n_experts=n_experts, top_k=top_k, every=moe_every, straight_through_gate=top_k == 1,
-                    **moe_options)
+    straight_through = top_k == 1 and moe_options.get("routing", "token_choice") == "token_choice"
+    moe = MoEConfig(**{"n_experts": n_experts, "top_k": top_k, "every": moe_every,
+                       "straight_through_gate": straight_through, **moe_options})
     moe_model = GPT(replace(model.config, moe=moe), model.kernels)
     moe_model.load_state_dict(model.state_dict(), strict=False)  # all but the MLPs we replace
     generator = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from moe_tutorial import data, pretrained
 from moe_tutorial.checkpoint import load_checkpoint, save_checkpoint
 from moe_tutorial.cli import main
 from moe_tutorial.config import GPTConfig, MoEConfig
-from moe_tutorial.downloads import atomic_path, download, remove_stale_temporaries
+from moe_tutorial.downloads import atomic_path, download, remove_stale_temporaries, writer_tag
 from moe_tutorial.experts import grouped_mm_supported, per_expert_matmul
 from moe_tutorial.history import History
 from moe_tutorial.model import GPT
@@ -235,6 +235,15 @@ def test_moe_layer_runs_in_every_float_dtype(dtype):
     torch.testing.assert_close(y.double(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_grouped_mm_probe_does_not_depend_on_the_callers_mode():
+    """A first MoE forward under no_grad (evaluation, generation) must not switch grouped_mm off."""
+    grouped_mm_supported.cache_clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_no_grad = grouped_mm_supported("cpu", torch.float32)
+    grouped_mm_supported.cache_clear()
+    assert under_no_grad == grouped_mm_supported("cpu", torch.float32) is True
+
+
 def test_grouped_mm_support_is_asked_of_the_backend():
     # float64 is not a grouped_mm dtype on CPU: the layer must have used the per-expert fallback above.
     assert not grouped_mm_supported("cpu", torch.float64)
@@ -289,20 +298,22 @@ def dead_pid():
 
 def test_leftovers_of_killed_writes_are_cleaned_up_on_the_next_write(tmp_path, tiny_dataset):
     ckpt = tmp_path / "ckpt.pt"
-    stale = tmp_path / f"ckpt.pt.{dead_pid()}.x1y2z3.tmp"
-    live = tmp_path / f"ckpt.pt.{os.getpid()}.abcdef.tmp"  # a writer that is still running
+    stale = tmp_path / f"ckpt.pt.{writer_tag(dead_pid())}.x1y2z3.tmp"
+    live = tmp_path / f"ckpt.pt.{writer_tag()}.abcdef.tmp"  # a writer that is still running
+    elsewhere = tmp_path / f"ckpt.pt.other_machine-{dead_pid()}.abcdef.tmp"  # its process: not ours to judge
+    elsewhere.write_bytes(b"being written on another machine")
     stale.write_bytes(b"half a checkpoint")
     live.write_bytes(b"being written")
     model = GPT(GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
     cfg = TrainConfig(max_iters=1, progress=False)
     save_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), 1, cfg, History(), torch.Generator())
-    assert ckpt.exists() and not stale.exists() and live.exists()
+    assert ckpt.exists() and not stale.exists() and live.exists() and elsewhere.exists()
     assert remove_stale_temporaries(ckpt, ".tmp") == []
 
 
 def test_a_killed_download_leaves_no_part_file_after_the_next_one(tmp_path, shakespeare_file, data_cache):
     data_cache.mkdir(parents=True)
-    stale = data_cache / f"t.txt.{dead_pid()}.abcdef.part"
+    stale = data_cache / f"t.txt.{writer_tag(dead_pid())}.abcdef.part"
     stale.write_bytes(b"first 100 kB of a download that was killed")
     served = tmp_path / "served"
     served.mkdir()

@@ -65,8 +65,8 @@ def test_a_version_1_save_pretrained_directory_loads(tmp_path):
 
 
 def test_config_diff_names_nested_fields():
-    other = GPTConfig(**{**V1_AS_V2.to_dict(), "n_embd": 32, "moe": {**V1_AS_V2.moe.__dict__, "top_k": 1}})
-    assert config_diff(V1_AS_V2.to_dict(), other.to_dict()) == {"moe.top_k": (2, 1), "n_embd": (16, 32)}
+    other = GPTConfig(**{**V1_AS_V2.to_dict(), "n_embd": 32, "moe": {**V1_AS_V2.moe.__dict__, "top_k": 3}})
+    assert config_diff(V1_AS_V2.to_dict(), other.to_dict()) == {"moe.top_k": (2, 3), "n_embd": (16, 32)}
     dense = GPTConfig(**{**V1_AS_V2.to_dict(), "moe": None})
     assert set(config_diff(V1_AS_V2.to_dict(), dense.to_dict())) == {"moe"}
 
@@ -103,10 +103,31 @@ def test_kernels_change_nothing_but_speed(kernel, dispatch):
     (dict(top_k=2, straight_through_gate=True), "top-1 token choice only"),
     (dict(n_shared_experts=-1), "n_shared_experts must be an integer >= 0"),
     (dict(expert_hidden=0), "expert_hidden must be a positive integer"),
+    (dict(routing="expert_choice", bias_update_rate=0.01), "load is balanced already"),
+    (dict(second_expert="random", top_k=1), "needs top_k >= 2"),
 ])
 def test_moe_config_validates_every_field(fields, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
         MoEConfig(**fields)
+
+
+def test_impossible_combinations_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="every=4 is more than n_layer=2"):
+        GPTConfig(n_layer=2, moe=MoEConfig(every=4))
+    with pytest.raises(ValueError, match="config.json: .*not supported between"):
+        GPTConfig.from_dict({**V1_AS_V2.to_dict(), "moe": {"capacity_factor_train": "1.25"}}, "config.json")
+
+
+def test_resuming_with_another_recipe_is_refused(tiny_dataset, tmp_path):
+    config = GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    cfg = TrainConfig(batch_size=2, max_iters=2, eval_interval=2, eval_iters=1, progress=False)
+    train(GPT(config), tiny_dataset, cfg, checkpoint_path=tmp_path / "ckpt.pt")
+    other = TrainConfig(**{**cfg.__dict__, "max_iters": 4, "learning_rate": 5e-3, "batch_size": 3})
+    with pytest.raises(ValueError, match="another recipe .*batch_size: checkpoint 2 vs now 3"):
+        train(GPT(config), tiny_dataset, other, checkpoint_path=tmp_path / "ckpt.pt", resume=True)
+    longer = TrainConfig(**{**cfg.__dict__, "max_iters": 4})
+    with pytest.warns(UserWarning, match="schedule stretched from 2 to 4 steps"):
+        train(GPT(config), tiny_dataset, longer, checkpoint_path=tmp_path / "ckpt.pt", resume=True)
 
 
 def test_a_dense_config_has_no_moe_options_to_misspell():

@@ -188,6 +188,8 @@ def _bad_setups(rank, result_dir):
     config = GPTConfig(**{**TINY, "n_embd": 32 if rank == 0 else 48})
     with pytest.raises(ValueError, match="n_embd: rank 0 has 32, rank 1 has 48"):
         distributed.check_same_config(config)
+    with pytest.raises(ValueError, match="rank 1: PermissionError: cannot write"):  # one rank's error, everywhere
+        distributed.raise_on_every_rank(PermissionError("cannot write") if rank == 1 else None)
     sharded = distributed.shard_experts(GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=2))))
     with pytest.raises(ValueError, match="expert-parallel runs"):
         train(sharded, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "x")

@@ -68,6 +68,26 @@ def test_kv_cache_generates_the_same_tokens(extra):
     assert all(layer.capacity_override is None for layer in model.moe_layers())  # capacity restored afterwards
 
 
+def test_kv_cache_with_activation_checkpointing_left_on():
+    """A model left in training mode with checkpointing on still fills and reads its KV cache."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=32)).train()
+    model.gradient_checkpointing = True
+    idx = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        cache = KVCache(model.config, 1, None, torch.float32)
+        model(idx[:, :-1], cache=cache)  # prefill
+        decoded = model(idx[:, -1:], cache=cache).logits[:, -1]  # one step that needs the cache
+        full = model(idx).logits[:, -1]
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
+
+
+def test_upcycle_passes_moe_options_through(dense):
+    moe = upcycle(dense, n_experts=4, top_k=2, capacity_factor_eval=3.0, routing="expert_choice")
+    assert moe.config.moe.routing == "expert_choice" and moe.config.moe.capacity_factor_eval == 3.0
+    assert not moe.config.moe.straight_through_gate
+
+
 def test_cached_forward_equals_full_forward():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
