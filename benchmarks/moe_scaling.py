@@ -20,7 +20,9 @@ Phases, in order (--phases picks some); every training comparison over 3 seeds:
            in 300 s at its measured seconds per step
 
 Each finished run is appended to benchmarks/results/moe_scaling.json at once (one record per
-run, with the machine and the command), so an interrupted sweep continues where it stopped.
+run, with the machine and the command), so an interrupted sweep continues where it stopped. A
+run's `seconds` is its own wall time, which may include a shared or paused machine: only the
+speed phase's `seconds_per_step` feeds wall-time comparisons.
 Mean +- sd over seeds; a difference under 2 sd of the difference (sqrt(sd_a^2 + sd_b^2)) is a tie.
 """
 
