@@ -90,11 +90,14 @@ def positions_in_expert(expert: torch.Tensor, n_experts: int, active=None) -> to
 
 
 def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's N * sum_i f_i * P_i (without the coefficient alpha).
+    """Switch Transformer's E * sum_i f_i * P_i (without the coefficient alpha).
 
     f_i: fraction of tokens whose top choice is expert i (a count: no gradient).
     P_i: mean router probability of expert i over all tokens (differentiable).
-    Minimised (= 1) by a uniform split; equals E when every token picks one expert.
+    It is 1 when both are uniform and E when every token picks one expert with probability 1.
+    Its value alone does not diagnose balance (f = (1, 0, ...) with uniform P also gives 1, and
+    f = (.6, .4), P = (.3, .7) gives 0.92): what balances is its gradient, which lowers P_i most
+    for the experts that receive the most tokens. Watch f itself to see the load.
     """
     n_experts = probs.size(1)
     f = torch.bincount(top1, minlength=n_experts).float() / top1.numel()  # (E,)
