@@ -146,8 +146,6 @@ def _run(args, ranks):
         overrides["progress"] = False
     dataset = shakespeare_dataset(progress=not args.no_progress and ranks.is_main)
     model_cfg, train_cfg = preset(args.preset, dataset.tokenizer.vocab_size, variant=args.variant, **overrides)
-    if ranks.world_size > 1:
-        distributed.check_same_config(model_cfg)
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg)
     if args.expert_parallel:

@@ -192,8 +192,8 @@ def ddp(model, device_ids=None):
     """Wrap in DistributedDataParallel; expert-parallel weights are left out of its all-reduce.
 
     Buffers are not broadcast from rank 0 before each forward (DDP's default): the only buffers
-    are the routers' aux-loss-free state, whose bias every rank updates identically from the
-    all-reduced load (router.update_selection_bias) and whose load counts are each rank's own."""
+    are the routers' aux-loss-free state, whose bias every rank updates identically from the load
+    all-reduced in GPT.after_optimizer_step, and whose load counts are each rank's own."""
     from torch.nn.parallel import DistributedDataParallel
 
     ignored = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
