@@ -191,6 +191,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset: 3 variants x 2 seeds x 60 steps")
     parser.add_argument("--report", action="store_true", help="only print the table and draw the plots")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                        help="train only these variants in the steps phase (to finish the seeds that matter first)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.report:
@@ -228,7 +230,7 @@ def sweep(args):
         return
     if "steps" in args.phases:
         for seed in SEEDS:  # seed-major: a partial sweep already has one run of every variant
-            for variant in VARIANTS:
+            for variant in args.variants:
                 run("equal_steps", variant, seed, STEPS)
     best = ranking(load(args.out))[:1]
     if "derived" in args.phases and best:

@@ -130,6 +130,12 @@ def flash_attention(q, k, v, causal=True, block_q=DEFAULT_BLOCK_Q, block_k=DEFAU
     return FlashAttention.apply(q, k, v, causal, block_q, block_k)
 
 
+def repeat_kv(x, n_rep: int):
+    """Grouped-query attention's sharing: key/value heads (B, KV, T, D) -> (B, KV * n_rep, T, D),
+    each repeated for the n_rep query heads of its group (query head h uses kv head h // n_rep)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
 def attention(q, k, v, causal=True, impl="sdpa", dropout_p=0.0):
     """The one entry point the model uses; `impl` comes from GPTConfig.attn_impl."""
     if impl == "sdpa":

@@ -40,23 +40,41 @@ def _linear(n_in, n_out, bias):
     return n_in * n_out + (n_out if bias else 0)
 
 
-def _mlp_params(C, hidden, bias):
-    return _linear(C, hidden, bias) + _linear(hidden, C, bias)
+def _mlp_params(config: GPTConfig, hidden):
+    """A feed-forward network of width `hidden`: SwiGLU's c_fc is twice as wide ([gate | up])."""
+    C, bias = config.n_embd, config.bias
+    fc_width = 2 * hidden if config.activation == "swiglu" else hidden
+    return _linear(C, fc_width, bias) + _linear(hidden, C, bias)
+
+
+def _norm_params(config: GPTConfig, dim):
+    return 2 * dim if config.norm == "layernorm" and config.bias else dim  # RMSNorm: a weight only
+
+
+def _attention_params(config: GPTConfig):
+    C, bias = config.n_embd, config.bias
+    q_width, kv_width = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    params = _linear(C, q_width + 2 * kv_width, bias) + _linear(q_width, C, bias)
+    if config.qk_norm == "head":
+        params += 2 * config.head_dim
+    elif config.qk_norm == "projection":
+        params += q_width + kv_width
+    return params
 
 
 def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
     """(total, active) parameters of one transformer block."""
-    C, bias = config.n_embd, config.bias
-    norms = 2 * (2 * C if bias else C)
-    attn = _linear(C, 3 * C, bias) + _linear(C, C, bias)
+    C = config.n_embd
+    norms = 2 * _norm_params(config, C)
+    attn = _attention_params(config)
     if not config.is_moe_layer(layer_idx):
-        mlp = _mlp_params(C, config.mlp_hidden or 4 * C, bias)
+        mlp = _mlp_params(config, config.mlp_width)
         return norms + attn + mlp, norms + attn + mlp
     moe = config.moe
-    hidden = moe.expert_hidden or 4 * C
+    hidden = config.expert_width
     router = C * moe.n_experts * (2 if moe.noisy_gating else 1)
-    expert = _mlp_params(C, hidden, bias)
-    shared = _mlp_params(C, moe.n_shared_experts * hidden, bias) if moe.n_shared_experts else 0
+    expert = _mlp_params(config, hidden)
+    shared = _mlp_params(config, moe.n_shared_experts * hidden) if moe.n_shared_experts else 0
     total = norms + attn + router + moe.n_experts * expert + shared
     active = norms + attn + router + moe.top_k * expert + shared
     return total, active
@@ -64,16 +82,17 @@ def _block_params(config: GPTConfig, layer_idx: int) -> tuple[int, int]:
 
 def model_info(config: GPTConfig) -> ModelInfo:
     C = config.n_embd
-    embeddings = config.vocab_size * C + config.block_size * C  # wte (tied with lm_head) + wpe
+    position_table = config.block_size * C if config.position == "learned" else 0  # RoPE learns nothing
+    embeddings = config.vocab_size * C + position_table  # wte (tied with lm_head) + wpe
     untied_head = 0 if config.tie_embeddings else config.vocab_size * C  # lm_head's own matrix
-    final_norm = 2 * C if config.bias else C
+    final_norm = _norm_params(config, C)
     blocks = [_block_params(config, i) for i in range(config.n_layer)]
     total = embeddings + untied_head + final_norm + sum(t for t, _ in blocks)
     active = embeddings + untied_head + final_norm + sum(a for _, a in blocks)
     # Embedding lookups are not matmuls: wpe never, wte only when it is also the output layer.
-    lookups = config.block_size * C + (0 if config.tie_embeddings else config.vocab_size * C)
+    lookups = position_table + (0 if config.tie_embeddings else config.vocab_size * C)
     matmul_params = active - lookups
-    attention_flops = 12 * config.n_layer * C * config.block_size
+    attention_flops = 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
     memory = {}
     for dtype, per_param in BYTES.items():
         parts = {name: total * nbytes for name, nbytes in per_param.items()}

@@ -81,12 +81,16 @@ def per_expert_matmul(x, weight, counts):
 
 
 class Experts(nn.Module):
-    def __init__(self, n_experts, n_embd, hidden, bias=False, gelu_approximate="none"):
+    """E two-layer MLPs: GELU (GPT-2) or SwiGLU (notebook 07), whose c_fc holds [gate | up]."""
+
+    def __init__(self, n_experts, n_embd, hidden, bias=False, gelu_approximate="none", activation="gelu"):
         super().__init__()
         self.gelu_approximate = gelu_approximate  # "tanh" for GPT-2's weights
-        self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, hidden))  # (E, C, H)
+        self.swiglu = activation == "swiglu"
+        fc_width = 2 * hidden if self.swiglu else hidden
+        self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, fc_width))  # (E, C, H), or (E, C, 2H) for SwiGLU
         self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, C)
-        self.b_fc = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
+        self.b_fc = nn.Parameter(torch.zeros(n_experts, fc_width)) if bias else None
         self.b_proj = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
         self.reset_parameters(std=0.02, proj_std=0.02)
 
@@ -119,5 +123,8 @@ class Experts(nn.Module):
         h = x @ self.c_fc[i] + (self.b_fc[i] if self.b_fc is not None else 0)
         return self.activation(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
 
-    def activation(self, h):
+    def activation(self, h):  # (..., H) -> (..., H); SwiGLU: (..., 2H) -> (..., H)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
         return F.gelu(h, approximate=self.gelu_approximate)

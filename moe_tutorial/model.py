@@ -2,7 +2,10 @@
 
 Parameter names follow OpenAI's GPT-2 checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj,
 ln_2, mlp.c_fc, mlp.c_proj, ln_f), so pretrained weights map onto it name for name
-(`moe_tutorial.pretrained`). `generate()` decodes with a KV cache (`moe_tutorial.kv_cache`).
+(`moe_tutorial.pretrained`). The config's modern options (notebook 07: RMSNorm, RoPE,
+grouped-query attention, QK-norm, SwiGLU) keep those names, so one model class covers GPT-2
+and the Llama / Mixtral / Qwen3 / OLMoE / DeepSeek-V3 family (`moe_tutorial.hf_models`).
+`generate()` decodes with a KV cache (`moe_tutorial.kv_cache`).
 The feed-forward slot of each block is built by `feed_forward()`: later notebooks put a
 Mixture-of-Experts layer there through the config alone (GPTConfig.moe), without touching
 attention. `Kernels` chooses how attention and MoE dispatch are computed (notebooks 02, 04).
@@ -18,12 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import ATTENTION_IMPLS, attention, cached_attention
+from .attention import ATTENTION_IMPLS, attention, cached_attention, repeat_kv
 from .config import GPTConfig
 from .dispatch import DISPATCH
 from .experts import Experts
 from .kv_cache import KVCache
 from .moe import MoE, dropless
+from .norms import RMSNorm, make_norm
+from .rope import RotaryEmbedding, apply_rope
 from .sampling import sample_next_token
 
 
@@ -55,48 +60,77 @@ class GPTOutput(NamedTuple):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; with the modern options (notebook 07) grouped-query
+    heads (n_kv_head), RMSNorm on queries and keys (qk_norm) and rotary positions."""
+
     def __init__(self, config: GPTConfig, layer_idx: int = 0, impl: str = "sdpa"):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.impl = impl  # a Kernels.attention name
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != "none":
+            # Qwen3 normalises each head's vector, OLMoE the whole projection before the split.
+            q_dim, k_dim = (self.head_dim, self.head_dim) if config.qk_norm == "head" else (q_width, kv_width)
+            self.q_norm, self.k_norm = RMSNorm(q_dim, config.norm_eps), RMSNorm(k_dim, config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_width, kv_width, kv_width], dim=2)  # (B, T, nh*hs), (B, T, n_kv*hs) x2
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin) of these positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        n_rep = self.n_head // self.n_kv_head
         if cache is None:
             dropout = self.attn_dropout if self.training else 0.0
-            y = attention(q, k, v, causal=True, impl=self.impl, dropout_p=dropout)  # (B, nh, T, hs)
-        else:  # decoding: attend over every cached position too
+            y = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), causal=True, impl=self.impl,
+                          dropout_p=dropout)  # (B, nh, T, hs)
+        else:  # decoding: attend over every cached position too; the cache holds the n_kv heads only
             past = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-            y = cached_attention(q, k, v, past)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
+            y = cached_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), past)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, q_width)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
+def swiglu(h):
+    """SwiGLU (Shazeer 2020) on h = [gate | up] (..., 2H): silu(gate) * up, (..., H). The gate
+    half decides, per hidden unit, how much of the up half passes."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
-    """The dense feed-forward network: expand (4x by default), GELU, project back."""
+    """The dense feed-forward network: expand (4x by default), GELU, project back; or SwiGLU,
+    whose c_fc computes the gate and up projections at once ([gate | up], Llama's w1 and w3)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = config.mlp_hidden or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        hidden = config.mlp_width
+        fc_width = 2 * hidden if config.activation == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
-        self.gelu_approximate = config.gelu_approximate
+        self.activation, self.gelu_approximate = config.activation, config.gelu_approximate
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
+        h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
+        h = swiglu(h) if self.activation == "swiglu" else F.gelu(h, approximate=self.gelu_approximate)
+        return self.dropout(self.c_proj(h))
 
 
 def feed_forward(config: GPTConfig, layer_idx: int, kernels: Kernels) -> nn.Module:
@@ -105,7 +139,7 @@ def feed_forward(config: GPTConfig, layer_idx: int, kernels: Kernels) -> nn.Modu
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + ffn(ln(x)).
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
 
     Returns the new residual stream and the block's auxiliary loss (an MoE layer's balancing
     losses; zero for a dense MLP), so the loss travels with the forward pass, also through
@@ -113,13 +147,13 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)  # LayerNorm or RMSNorm; GPT-2's names either way
         self.attn = CausalSelfAttention(config, layer_idx, kernels.attention)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = feed_forward(config, layer_idx, kernels)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, rope)
         if isinstance(self.mlp, MoE):
             y, aux_loss = self.mlp(self.ln_2(x))
         else:
@@ -136,13 +170,18 @@ class GPT(nn.Module):
         self.kernels = kernels
         self.gradient_checkpointing = False  # recompute block activations in backward
         self.data_parallel = False  # set by distributed.ddp(): ranks share per-step statistics
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # GPT-2's position table
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        # RoPE: fixed cos/sin tables, shared by every layer (notebook 07).
+        self.rope = (RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta)
+            if config.position == "rope" else None)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # Weight tying: the input embedding and the output projection share one matrix.
@@ -180,9 +219,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self):
         """Per-step updates that are not gradient steps: aux-loss-free balancing's expert biases,
-        from the load of every micro-batch since the last call. The training loop calls this
-        right after optimizer.step(). In data-parallel training each rank routed its own tokens:
-        the counts are summed over ranks (one all-reduce) so that every rank moves the same bias."""
+        from the load of every micro-batch since the last call, and the balancing losses' warm-up.
+        The training loop calls this right after optimizer.step(). In data-parallel training each
+        rank routed its own tokens: the counts are summed over ranks (one all-reduce) so that every
+        rank moves the same bias."""
         routers = [layer.router for layer in self.moe_layers() if layer.router.config.bias_update_rate > 0]
         if routers and self.data_parallel:
             loads = torch.stack([r.load_since_update for r in routers])  # (layers, E)
@@ -191,11 +231,16 @@ class GPT(nn.Module):
                 router.load_since_update.copy_(load)
         for router in routers:
             router.update_selection_bias()
+        for layer in self.moe_layers():
+            if layer.router.config.aux_loss_warmup_steps > 0:
+                layer.router.warmup_step += 1  # the balancing losses' ramp (MoEConfig.aux_loss_warmup_steps)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default, as in GPT-2's papers."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx, targets=None, cache: KVCache | None = None) -> GPTOutput:
         """idx (B, T) token ids -> GPTOutput(logits (B, T, vocab), loss if targets are given, aux_loss).
@@ -211,14 +256,17 @@ class GPT(nn.Module):
                 f"Sequence of length {start + T} is longer than block_size={self.config.block_size}; "
                 f"crop the context to the last {self.config.block_size} tokens."
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.rope is None:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        rope = self.rope(start, T) if self.rope is not None else None  # cos, sin (T, hs)
+        x = self.transformer.drop(x)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x, block_aux = checkpoint(block, x, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, None, rope, use_reentrant=False)
             else:
-                x, block_aux = block(x, cache)
+                x, block_aux = block(x, cache, rope)
             aux_loss = aux_loss + block_aux
         if cache is not None:
             cache.advance(T)

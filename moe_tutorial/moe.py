@@ -25,11 +25,13 @@ class MoE(nn.Module):
     def __init__(self, config: GPTConfig, dispatch: str = "sort"):
         super().__init__()
         moe = config.moe
-        hidden = moe.expert_hidden or 4 * config.n_embd
+        hidden = config.expert_width
         self.router = Router(config.n_embd, moe)
-        self.experts = Experts(moe.n_experts, config.n_embd, hidden, config.bias, config.gelu_approximate)
+        self.experts = Experts(moe.n_experts, config.n_embd, hidden, config.bias, config.gelu_approximate,
+                               config.activation)
         # DeepSeek-style shared experts: always on for every token, next to the routed ones.
-        self.shared = (Experts(1, config.n_embd, moe.n_shared_experts * hidden, config.bias, config.gelu_approximate)
+        self.shared = (Experts(1, config.n_embd, moe.n_shared_experts * hidden, config.bias, config.gelu_approximate,
+                               config.activation)
                        if moe.n_shared_experts else None)
         self.dispatch = DISPATCH[dispatch]  # a Kernels.dispatch name: how, not what
         self.capacity_factor_train = moe.capacity_factor_train
@@ -50,12 +52,15 @@ class MoE(nn.Module):
         """x (B, T, C) -> (output (B, T, C), auxiliary loss: the router's weighted balancing losses)."""
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # routing sees every token of the batch at once
-        routing = self.router(flat, self.capacity_factor)
+        routing = self.router(flat, self.capacity_factor, seq_len=T, bounded=self.capacity_override is None)
         self.last_routing = routing
         out = self.dispatch(flat, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat, torch.tensor([flat.size(0)], device=flat.device))
-        return out.view(B, T, C), routing.aux_loss + routing.z_loss
+        aux_loss = routing.aux_loss + routing.z_loss
+        if routing.seq_aux_loss is not None:
+            aux_loss = aux_loss + routing.seq_aux_loss
+        return out.view(B, T, C), aux_loss
 
 
 @contextmanager

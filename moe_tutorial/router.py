@@ -14,6 +14,14 @@ nudged toward even load after every step), and expert choice (Zhou et al. 2022: 
 picks its top-C tokens). Expert choice looks at the whole batch at once, so in a causal
 language model a token's routing depends on later tokens: it leaks the future and cannot
 route one token at a time during generation.
+
+Modern routers (notebook 07), all options of MoEConfig: sigmoid affinity scoring with
+normalised top-k weights and a routed scaling factor (DeepSeek-V3), where the aux-loss-free
+bias replaces most of the balancing loss and a small sequence-wise loss remains; weights
+left unnormalised (Qwen3-MoE, OLMoE); group-limited routing (DeepSeek-V2/V3: experts live in
+groups, one per device or node, and a token may use only its best `topk_group` groups, which
+bounds how many devices its hidden state is sent to); a warm-up ramp of the balancing losses;
+and bounds on expert capacity.
 """
 
 from dataclasses import dataclass
@@ -31,7 +39,7 @@ class Routing:
     """One layer's routing of N tokens; tensors indexed by token (and choice, for top-k)."""
 
     logits: torch.Tensor  # (N, E) fp32 router logits
-    probs: torch.Tensor  # (N, E) softmax over all experts
+    probs: torch.Tensor  # (N, E) affinities: softmax over all experts, or sigmoid per expert
     expert: torch.Tensor  # (N, k) chosen experts, best first
     weights: torch.Tensor  # (N, k) weight of each chosen expert's output in the sum (differentiable)
     kept: torch.Tensor  # (N, k) bool: the assignment fits in its expert's capacity
@@ -40,6 +48,7 @@ class Routing:
     aux_loss: torch.Tensor  # load-balancing loss, already scaled by its coefficient
     z_loss: torch.Tensor  # router z-loss, already scaled by its coefficient
     expert_choice: bool = False  # columns are experts (k = E), not a token's ranked choices
+    seq_aux_loss: torch.Tensor | None = None  # DeepSeek-V3's sequence-wise balance loss, scaled; None: off
 
     @property
     def dropped(self) -> torch.Tensor:
@@ -105,6 +114,38 @@ def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     return n_experts * torch.sum(f * P)
 
 
+def sequence_balance_loss(affinity: torch.Tensor, expert: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without its coefficient alpha).
+
+    For each sequence of T tokens: f_i = E / (k T) * (number of its tokens that chose expert i),
+    P_i = mean over its tokens of the affinity normalised over all experts, s_i / sum_j s_j; the
+    loss is sum_i f_i P_i, averaged over sequences. Balancing each sequence, not only the batch,
+    keeps one long document from piling onto a few experts.
+    affinity (N, E) with N = B * seq_len tokens in sequence order, expert (N, k) the choices.
+    """
+    N, E = affinity.shape
+    k = expert.size(1)
+    B = N // seq_len
+    counts = torch.zeros(B, E, device=affinity.device).scatter_add_(
+        1, expert.reshape(B, seq_len * k), torch.ones(B, seq_len * k, device=affinity.device))  # (B, E)
+    f = counts * E / (k * seq_len)
+    normalised = affinity / affinity.sum(dim=-1, keepdim=True)
+    P = normalised.view(B, seq_len, E).mean(dim=1)  # (B, E)
+    return (f * P).sum(dim=1).mean()
+
+
+def limit_to_groups(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """Group-limited routing: scores (N, E) with every expert outside a token's `topk_group` best
+    groups set to -inf. A group's score is the sum of its two best experts' scores (DeepSeek-V3;
+    its best one if groups hold a single expert)."""
+    N, E = scores.shape
+    grouped = scores.view(N, n_group, E // n_group)  # (N, G, E/G)
+    group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)  # (N, G)
+    best_groups = group_score.topk(topk_group, dim=-1).indices  # (N, topk_group)
+    allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)  # (N, G)
+    return grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(N, E)
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE's router z-loss: mean(logsumexp(logits)^2) keeps logits small and stable."""
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -113,7 +154,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 def balance_metrics(routing: Routing) -> dict:
     """How evenly the router spreads work: load CV, max/mean load, dropped %, router entropy."""
     load = routing.top_choice_share  # (E,)
-    probs = routing.probs
+    probs = routing.probs / routing.probs.sum(dim=-1, keepdim=True)  # sigmoid scores: as a distribution
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
     return {
         "load_cv": (load.std(unbiased=False) / load.mean()).item(),
@@ -128,7 +169,8 @@ class Router(nn.Module):
 
     Reads everything it does from one MoEConfig: token choice (top-k) or expert choice,
     jitter, noisy gating, GShard's random second expert, the loss weights and aux-loss-free
-    balancing.
+    balancing, and the modern options (softmax or sigmoid scoring, weight normalisation and
+    scaling, group-limited routing, the sequence-wise loss, the warm-up, capacity bounds).
     """
 
     def __init__(self, n_embd: int, config: MoEConfig):
@@ -146,6 +188,10 @@ class Router(nn.Module):
         # Assignments per expert since the last bias update: every micro-batch of an optimizer
         # step counts, not only the last one (gradient accumulation).
         self.register_buffer("load_since_update", torch.zeros(config.n_experts), persistent=False)
+        if config.aux_loss_warmup_steps > 0:
+            # Optimizer steps taken so far, for the balancing losses' ramp; saved with the model so
+            # that a resumed run continues the ramp where it stopped.
+            self.register_buffer("warmup_step", torch.zeros((), dtype=torch.long))
 
     def logits(self, x):  # (N, C) -> (N, E) fp32
         if self.training and self.config.jitter > 0:
@@ -165,43 +211,73 @@ class Router(nn.Module):
             logits = logits + torch.randn_like(logits) * noise_scale  # train only
         return logits
 
-    def forward(self, x, capacity_factor):
+    def forward(self, x, capacity_factor, seq_len: int | None = None, bounded: bool = True):
+        """Route x (N, C). `seq_len`: tokens per sequence (for the sequence-wise loss);
+        `bounded`: apply min/max_capacity (capacity overrides such as dropless do not)."""
+        cfg = self.config
         logits = self.logits(x)  # (N, E)
-        probs = F.softmax(logits, dim=-1)
+        probs = torch.sigmoid(logits) if cfg.scoring == "sigmoid" else F.softmax(logits, dim=-1)
         if self.expert_choice:
             return self._expert_choice(logits, probs, capacity_factor)
-        scores = probs + self.selection_bias if self.config.bias_update_rate > 0 else probs
+        # The aux-loss-free bias (zero unless trained or loaded) shifts which experts are chosen;
+        # weights always come from the unbiased scores.
+        scores = probs + self.selection_bias
+        if cfg.n_group > 1:
+            scores = limit_to_groups(scores, cfg.n_group, cfg.topk_group)
         if self.top_k == 1:
             expert = scores.argmax(dim=-1, keepdim=True)  # (N, 1); cheaper than topk
         else:
             expert = torch.topk(scores, self.top_k, dim=-1).indices  # (N, k)
-        gate = probs.gather(1, expert)  # gates never see the selection bias
-        if self.top_k > 1:
-            # Renormalise over the chosen experts. This equals Mixtral's softmax over the top-k
-            # logits: exp(l_i) / sum_chosen exp(l_j) either way.
-            gate = gate / gate.sum(dim=-1, keepdim=True)
-        elif self.config.straight_through_gate:
-            # Value 1, gradient of p: the expert's output passes unscaled (an upcycled MoE then
-            # computes exactly its dense parent) while the router still learns from the task loss.
-            gate = gate / gate.detach()
+        gate = self._weights(probs.gather(1, expert))  # (N, k)
         active = None
-        if self.config.second_expert == "random" and self.training and self.top_k > 1:
+        if cfg.second_expert == "random" and self.training and self.top_k > 1:
             # GShard: send a token to its second expert only with probability 2 * gate_2, so
             # weak second choices do not use up capacity.
             active = torch.ones_like(expert, dtype=torch.bool)
             active[:, 1] = torch.rand_like(gate[:, 1]) < 2 * gate[:, 1].detach()
-        if self.training and self.config.bias_update_rate > 0:
+        if self.training and cfg.bias_update_rate > 0:
             self.load_since_update += torch.bincount(expert.reshape(-1), minlength=self.n_experts)
         cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)
+        if bounded:
+            cap = max(cap, cfg.min_capacity)
+            cap = min(cap, cfg.max_capacity) if cfg.max_capacity is not None else cap
         position = positions_in_expert(expert, self.n_experts, active)
         kept = position < cap
         if active is not None:
             kept = kept & active
+        # Sigmoid scores are not a distribution: the Switch loss reads them normalised.
+        balance_probs = probs / probs.sum(dim=-1, keepdim=True) if cfg.scoring == "sigmoid" else probs
+        ramp = self.warmup_ramp()
+        seq_aux = None
+        if cfg.seq_aux_loss_coef > 0 and seq_len:
+            seq_aux = ramp * cfg.seq_aux_loss_coef * sequence_balance_loss(probs, expert, seq_len)
         return Routing(
             logits=logits, probs=probs, expert=expert, weights=gate, kept=kept, position=position, capacity=cap,
-            aux_loss=self.config.aux_loss_coef * load_balancing_loss(probs, expert[:, 0]),
-            z_loss=self.config.z_loss_coef * z_loss(logits),
+            aux_loss=ramp * cfg.aux_loss_coef * load_balancing_loss(balance_probs, expert[:, 0]),
+            z_loss=ramp * cfg.z_loss_coef * z_loss(logits), seq_aux_loss=seq_aux,
         )
+
+    def _weights(self, chosen):
+        """How much each chosen expert's output counts, from its unbiased score (N, k)."""
+        cfg = self.config
+        if self.top_k > 1 and cfg.normalize_weights:
+            # Renormalise over the chosen experts. For softmax scores this equals Mixtral's softmax
+            # over the top-k logits: exp(l_i) / sum_chosen exp(l_j) either way.
+            total = chosen.sum(dim=-1, keepdim=True)
+            chosen = chosen / (total + 1e-20 if cfg.scoring == "sigmoid" else total)
+        elif self.top_k == 1 and cfg.straight_through_gate:
+            # Value 1, gradient of p: the expert's output passes unscaled (an upcycled MoE then
+            # computes exactly its dense parent) while the router still learns from the task loss.
+            chosen = chosen / chosen.detach()
+        if cfg.routed_scaling_factor != 1.0:
+            chosen = chosen * cfg.routed_scaling_factor  # DeepSeek-V3: keeps routed outputs from being too small
+        return chosen
+
+    def warmup_ramp(self):
+        """The balancing losses' weight multiplier: (steps + 1) / warm-up steps, up to 1."""
+        if self.config.aux_loss_warmup_steps <= 0:
+            return 1.0
+        return ((self.warmup_step + 1).float() / self.config.aux_loss_warmup_steps).clamp(max=1.0)
 
     def _expert_choice(self, logits, probs, capacity_factor):
         """Each expert takes the C tokens that score it highest; C = ceil(cf * k * N / E).

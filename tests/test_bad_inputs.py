@@ -262,8 +262,8 @@ def test_aux_loss_free_bias_counts_every_micro_batch(tiny_dataset):
     seen = []
     original = router.forward
 
-    def spy(x, capacity_factor):
-        routing = original(x, capacity_factor)
+    def spy(x, capacity_factor, **options):
+        routing = original(x, capacity_factor, **options)
         seen.append(torch.bincount(routing.expert.reshape(-1), minlength=4).float())
         return routing
 
