@@ -20,11 +20,18 @@ stored either fused (transformers' `experts.gate_up_proj` (E, 2I, C)) or one by 
 files store them (`experts.N.gate_proj` for Qwen3 and OLMoE, `experts.N.w1/w2/w3` for Mixtral).
 """
 
+import json
+import os
 import re
+import resource
+from pathlib import Path
 
+import requests
 import torch
+from safetensors import safe_open
 
 from .config import GPTConfig, MoEConfig
+from .downloads import atomic_path, data_dir, download, ensure_writable_dir
 
 ARCHITECTURES = ("llama", "mixtral", "qwen3_moe", "olmoe")
 
@@ -128,81 +135,228 @@ def _require(hf, name, value, why):
         raise ValueError(f"{name}={hf[name]!r} is not supported (only {value!r}: {why})")
 
 
-EXPERT_KEY = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 HUB_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's per-expert names
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 
 
-def state_dict_from_hf(hf_state: dict, config: GPTConfig) -> dict:
-    """The package's state dict from a Hugging Face one (fused or per-expert expert weights).
+def weight_slots(config: GPTConfig, name: str):
+    """Where a Hugging Face tensor goes in the package's model: a list of (parameter name,
+    index into it, transpose?) -- usually one, none for tensors with nothing to fill (the
+    recomputed RoPE frequencies, a tied lm_head). Raises for a name no such model has."""
+    if name == "model.embed_tokens.weight":
+        return [("transformer.wte.weight", ..., False)]
+    if name == "model.norm.weight":
+        return [("transformer.ln_f.weight", ..., False)]
+    if name == "lm_head.weight":
+        return [] if config.tie_embeddings else [("lm_head.weight", ..., False)]
+    match = LAYER_KEY.match(name)
+    if not match or int(match.group(1)) >= config.n_layer:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in a {config.n_layer}-layer model")
+    layer, rest = int(match.group(1)), match.group(2)
+    if rest.startswith("block_sparse_moe."):  # Mixtral's files name the MoE layer so
+        rest = "mlp." + rest.removeprefix("block_sparse_moe.")
+    dst = f"transformer.h.{layer}."
+    q_width, kv_width = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    attn_rows = {"q": slice(0, q_width), "k": slice(q_width, q_width + kv_width),
+                 "v": slice(q_width + kv_width, q_width + 2 * kv_width)}
+    simple = {"input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
+              "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
+              "self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight",
+              "self_attn.rotary_emb.inv_freq": None}
+    if rest in simple:
+        return [] if simple[rest] is None else [(dst + simple[rest], ..., False)]
+    if match := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+        return [(dst + f"attn.c_attn.{match.group(2)}", attn_rows[match.group(1)], False)]
+    if not config.is_moe_layer(layer):  # a dense SwiGLU MLP: c_fc = [gate | up]
+        hidden = config.mlp_width
+        dense = {"gate_proj": slice(0, hidden), "up_proj": slice(hidden, 2 * hidden)}
+        if match := re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", rest):
+            proj, kind = match.groups()
+            if proj == "down_proj":
+                return [(dst + f"mlp.c_proj.{kind}", ..., False)]
+            return [(dst + f"mlp.c_fc.{kind}", dense[proj], False)]
+        raise ValueError(f"checkpoint tensor {name!r} does not fit block {layer}, a dense block in this config")
+    hidden = config.expert_width
+    if rest == "mlp.gate.weight":
+        return [(dst + "mlp.router.gate.weight", ..., False)]
+    if rest == "mlp.experts.gate_up_proj":  # transformers' fused (E, 2I, C) -> ours (E, C, 2I)
+        return [(dst + "mlp.experts.c_fc", ..., True)]
+    if rest == "mlp.experts.down_proj":  # (E, C, I) -> (E, I, C)
+        return [(dst + "mlp.experts.c_proj", ..., True)]
+    if match := EXPERT_KEY.fullmatch(rest):  # the Hub's files: one matrix per expert, (out, in)
+        expert, proj = int(match.group(1)), HUB_NAMES.get(match.group(2), match.group(2))
+        if expert >= config.moe.n_experts:
+            raise ValueError(f"checkpoint tensor {name!r}: expert {expert} of {config.moe.n_experts}")
+        if proj == "down_proj":
+            return [(dst + "mlp.experts.c_proj", (expert,), True)]
+        columns = slice(0, hidden) if proj == "gate_proj" else slice(hidden, 2 * hidden)
+        return [(dst + "mlp.experts.c_fc", (expert, slice(None), columns), True)]
+    raise ValueError(f"checkpoint tensor {name!r} does not fit block {layer}, an MoE block in this config")
 
-    Every tensor is used exactly once and every parameter of the model is filled: a name left
-    over or missing raises, naming it."""
-    hf_state = _fuse_per_expert(dict(hf_state), config)
-    out = {}
 
-    def take(name):
-        if name not in hf_state:
-            raise ValueError(f"checkpoint has no tensor {name!r}")
-        return hf_state.pop(name)
-
-    out["transformer.wte.weight"] = take("model.embed_tokens.weight")
-    out["transformer.ln_f.weight"] = take("model.norm.weight")
-    if config.tie_embeddings:
-        hf_state.pop("lm_head.weight", None)  # the same matrix as the embedding when tied
-        out["lm_head.weight"] = out["transformer.wte.weight"]
-    else:
-        out["lm_head.weight"] = take("lm_head.weight")
-    for i in range(config.n_layer):
-        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        out[dst + "ln_1.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "ln_2.weight"] = take(src + "post_attention_layernorm.weight")
-        for kind in ("weight", "bias") if config.bias else ("weight",):
-            out[dst + f"attn.c_attn.{kind}"] = torch.cat([take(src + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
-            out[dst + f"attn.c_proj.{kind}"] = take(src + f"self_attn.o_proj.{kind}")
-        if config.qk_norm != "none":
-            out[dst + "attn.q_norm.weight"] = take(src + "self_attn.q_norm.weight")
-            out[dst + "attn.k_norm.weight"] = take(src + "self_attn.k_norm.weight")
-        if config.is_moe_layer(i):
-            out[dst + "mlp.router.gate.weight"] = take(src + "mlp.gate.weight")
-            out[dst + "mlp.router.selection_bias"] = torch.zeros(config.moe.n_experts)  # softmax routers have none
-            out[dst + "mlp.experts.c_fc"] = take(src + "mlp.experts.gate_up_proj").transpose(1, 2)  # (E, C, 2I)
-            out[dst + "mlp.experts.c_proj"] = take(src + "mlp.experts.down_proj").transpose(1, 2)  # (E, I, C)
-        else:
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                out[dst + f"mlp.c_fc.{kind}"] = torch.cat([take(src + f"mlp.gate_proj.{kind}"),
-                                                           take(src + f"mlp.up_proj.{kind}")])
-                out[dst + f"mlp.c_proj.{kind}"] = take(src + f"mlp.down_proj.{kind}")
-    hf_state = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed
-    if hf_state:
-        raise ValueError(f"checkpoint tensors not used by a {config.n_layer}-layer model: {sorted(hf_state)[:5]}")
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def _fuse_per_expert(hf_state, config):
-    """Per-expert weights (the Hub's layout) -> transformers' fused (E, 2I, C) and (E, C, I)."""
-    per_expert = {}
-    for name in list(hf_state):
-        match = EXPERT_KEY.match(name)
-        if match:
-            prefix, expert, proj = match.groups()
-            per_expert.setdefault(prefix, {})[(int(expert), HUB_NAMES.get(proj, proj))] = hf_state.pop(name)
-    for prefix, weights in per_expert.items():
-        n_experts = config.moe.n_experts
-        missing = [(e, p) for e in range(n_experts) for p in ("gate_proj", "up_proj", "down_proj")
-                   if (e, p) not in weights]
-        if missing:
-            raise ValueError(f"{prefix}: missing expert weights {missing[:3]}")
-        hf_state[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([weights[(e, "gate_proj")], weights[(e, "up_proj")]]) for e in range(n_experts)])
-        hf_state[prefix + ".down_proj"] = torch.stack([weights[(e, "down_proj")] for e in range(n_experts)])
-    return hf_state
+def load_tensors(model, tensors, source="checkpoint"):
+    """Copy (name, tensor) pairs in Hugging Face naming into `model`, one tensor at a time (so a
+    sharded checkpoint streams through memory), then check that every parameter was filled
+    exactly once. Shapes are checked on the way, naming the tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    filled = {}
+    with torch.no_grad():
+        for name, tensor in tensors:
+            for target, index, transpose in weight_slots(model.config, name):
+                value = tensor.transpose(-2, -1) if transpose else tensor
+                slot = params[target][index]
+                if tuple(slot.shape) != tuple(value.shape):
+                    raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, which does not fit "
+                                     f"{target}{'' if index is ... else f'[{index}]'} of shape {tuple(slot.shape)}")
+                slot.copy_(value)
+                filled[target] = filled.get(target, 0) + value.numel()
+    expected = {n: p.numel() for n, p in model.named_parameters()}
+    missing = sorted(n for n, size in expected.items() if filled.get(n, 0) != size)
+    if missing:
+        raise ValueError(f"{source}: parameters not (or not fully) filled by the checkpoint: {missing[:4]}")
+    for layer in model.moe_layers():  # softmax routers have no selection bias: start it at zero
+        layer.router.selection_bias.zero_()
+        layer.router.load_since_update.zero_()
+    return model
 
 
 def from_transformers(hf_model, block_size: int | None = None):
     """The package's GPT with a loaded transformers model's weights (same outputs, in fp32)."""
-    from .model import GPT  # here, not at import: model imports config, and this module is optional
+    from .model import GPT
 
     config = config_from_hf(hf_model.config.to_dict(), block_size)
-    model = GPT(config)
-    model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config))
-    return model.to(next(hf_model.parameters()).dtype)
+    dtype = next(hf_model.parameters()).dtype
+    model = GPT(config).to(dtype)
+    return load_tensors(model, hf_model.state_dict().items(), source=type(hf_model).__name__)
+
+
+# --- checkpoint folders and the Hub -----------------------------------------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the shards its index names, or the single file."""
+    directory = Path(directory)
+    if (directory / INDEX).exists():
+        weight_map = read_json(directory / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{directory / INDEX} has no weight_map: not a safetensors index")
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]  # in order, once each
+    elif (directory / SINGLE).exists():
+        files = [directory / SINGLE]
+    else:
+        raise FileNotFoundError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: shard(s) {missing[:3]} named in {INDEX} are missing")
+    return files
+
+
+def empty_model(config: GPTConfig, dtype: torch.dtype):
+    """The model allocated once, directly in `dtype`, with uninitialised weights (to be loaded):
+    built on the meta device, so no fp32 copy is ever made."""
+    from .model import GPT
+    from .rope import RotaryEmbedding
+
+    with torch.device("meta"):
+        model = GPT(config).to(dtype)
+    model = model.to_empty(device="cpu")
+    # Buffers that are not loaded from the checkpoint are recomputed (to_empty leaves them garbage).
+    if model.rope is not None:
+        model.rope = RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta).to(dtype)
+    return model
+
+
+def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: int | None = None):
+    """A Llama / Mixtral / Qwen3-MoE / OLMoE checkpoint folder (config.json + safetensors, single
+    or sharded) as the package's GPT in `dtype`, read tensor by tensor: peak memory is the model
+    plus one tensor."""
+    directory = Path(directory)
+    config = config_from_hf(read_json(directory / "config.json"), block_size)
+    files = checkpoint_files(directory)
+    model = empty_model(config, dtype)
+
+    def tensors():
+        for path in files:
+            with safe_open(path, framework="pt") as shard:
+                for name in shard.keys():
+                    yield name, shard.get_tensor(name)
+
+    return load_tensors(model, tensors(), source=str(directory)).eval()
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} should hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # HF's own mirror variable
+
+
+def hub_cache(repo: str) -> Path:
+    return data_dir() / "hub" / repo.replace("/", "--")
+
+
+def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Path:
+    """A Hub repository's config.json and safetensors (single or sharded) in the data cache.
+
+    Each weights file is streamed to a temporary file, checked against the sha256 the Hub
+    announces for it, and only then renamed into place; the sha256 is recorded beside it and a
+    cached file is checked again on every use (`pretrained.verify_cached`). config.json and the
+    index are small git files (no sha256 announced): they are written atomically."""
+    from .pretrained import hub_sha256, record_sha256, verify_cached
+
+    base = f"{hub_endpoint()}/{repo}/resolve/main"
+    folder = hub_cache(repo)
+    try:
+        _fetch_small(f"{base}/config.json", folder / "config.json", timeout)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({base}/config.json "
+                                f"does not exist)") from None
+    try:
+        _fetch_small(f"{base}/{INDEX}", folder / INDEX, timeout)
+        names = list(dict.fromkeys(read_json(folder / INDEX)["weight_map"].values()))
+    except FileNotFoundError:
+        names = [SINGLE]
+    for name in names:
+        path, url = folder / name, f"{base}/{name}"
+        if path.exists():
+            verify_cached(path, url, timeout)
+            continue
+        sha256 = hub_sha256(url, timeout)
+        download(url, path, sha256, timeout=timeout, progress=progress)
+        record_sha256(path, sha256)
+    return folder
+
+
+def _fetch_small(url: str, dest: Path, timeout: float):
+    """A small text file, unless already cached; FileNotFoundError if the server has none."""
+    if dest.exists():
+        return
+    try:
+        response = requests.get(url, timeout=timeout)
+    except requests.RequestException as err:
+        raise ConnectionError(f"could not reach {url} ({type(err).__name__}); offline, put the checkpoint "
+                              f"folder at {dest.parent} or load a local folder instead") from None
+    if response.status_code == 404:
+        raise FileNotFoundError(url)
+    response.raise_for_status()
+    ensure_writable_dir(dest.parent, "model cache")  # only now: a wrong name leaves no empty folder
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(response.content)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import requests
+import torch
 from safetensors.torch import load_file, save_model
 
 from .config import CONFIG_VERSION, GPTConfig
@@ -200,15 +201,24 @@ def check_state_fits(model: GPT, state: dict, source):
                          f"config written together (same model size)?")
 
 
-def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0) -> GPT:
-    """A GPT with pretrained weights: a GPT-2 size by name, or a directory with
-    config.json + model.safetensors (written by save_pretrained or by transformers)."""
+def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, dtype=None) -> GPT:
+    """A GPT with pretrained weights: a GPT-2 size by name; a Hub repository ("org/name") of a
+    Llama, Mixtral, Qwen3-MoE or OLMoE model (notebook 08; bfloat16 unless `dtype` says otherwise);
+    or a directory with config.json and safetensors (written by save_pretrained or transformers)."""
+    from . import hf_models
+
     path = Path(name_or_dir)
     if path.is_dir():
+        config = _read_config(path / "config.json") if (path / "config.json").exists() else {}
+        if config.get("model_type") in hf_models.ARCHITECTURES:
+            return hf_models.load_directory(path, dtype or torch.bfloat16)
         return _from_directory(path)
+    if "/" in str(name_or_dir) and not path.exists():
+        folder = hf_models.download_repo(str(name_or_dir), progress=progress, timeout=timeout)
+        return hf_models.load_directory(folder, dtype or torch.bfloat16)
     if name_or_dir not in HUB_REPOS:
-        raise ValueError(f"Unknown model {name_or_dir!r}: use one of {sorted(HUB_REPOS)} or a directory holding "
-                         f"config.json and model.safetensors")
+        raise ValueError(f"Unknown model {name_or_dir!r}: use one of {sorted(HUB_REPOS)}, a Hub repository such as "
+                         f"'allenai/OLMoE-1B-7B-0924', or a directory holding config.json and model.safetensors")
     weights = download_checkpoint(name_or_dir, progress=progress, timeout=timeout)  # verified
     model = GPT(gpt2_config(name_or_dir))
     return load_hf_weights(model, _read_safetensors(weights), source=str(weights))

@@ -9,10 +9,12 @@ import threading
 class LocalServer:
     """Serves one directory. `drop_after` cuts responses short after that many bytes;
     `trickle` sends one byte every `trickle` seconds (a server too slow to ever finish);
-    `headers` are added to every response (e.g. the Hub's X-Linked-Etag)."""
+    `headers` are added to every response (e.g. the Hub's X-Linked-Etag); a callable gets the
+    request path and returns them, for headers that differ by file."""
 
     def __init__(self, directory, drop_after=None, headers=None, trickle=None):
-        drop, extra_headers = drop_after, dict(headers or {})
+        drop = drop_after
+        headers_for = headers if callable(headers) else (lambda path, fixed=dict(headers or {}): fixed)
         stop = self.stopping = threading.Event()
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -20,7 +22,7 @@ class LocalServer:
                 pass
 
             def end_headers(self):
-                for key, value in extra_headers.items():
+                for key, value in headers_for(self.path).items():
                     self.send_header(key, value)
                 super().end_headers()
 

@@ -14,6 +14,7 @@ import moe_tutorial.exercises.ch03  # noqa: F401
 import moe_tutorial.exercises.ch04  # noqa: F401
 import moe_tutorial.exercises.ch05  # noqa: F401
 import moe_tutorial.exercises.ch06  # noqa: F401
+import moe_tutorial.exercises.ch07  # noqa: F401
 from moe_tutorial.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,11 +222,83 @@ def _volume_all_rows(tokens, n_embd, top_k, world_size, nbytes):
     return 2 * tokens * top_k * n_embd * nbytes
 
 
+# notebook 07
+def _rope_correct(x, start, theta):
+    from moe_tutorial.rope import RotaryEmbedding, apply_rope
+
+    return apply_rope(x, *RotaryEmbedding(x.size(-1), start + x.size(-2), theta)(start, x.size(-2)))
+
+
+def _rope_from_zero(x, start, theta):
+    return _rope_correct(x, 0, theta)
+
+
+def _rope_interleaved(x, start, theta):
+    from moe_tutorial.exercises.ch07 import interleaved_rope
+
+    return interleaved_rope(x, start, theta)
+
+
+def _rope_backwards(x, start, theta):  # turns the other way: lengths kept, angles wrong
+    from moe_tutorial.rope import RotaryEmbedding, rotate_half
+
+    cos, sin = RotaryEmbedding(x.size(-1), start + x.size(-2), theta)(start, x.size(-2))
+    return x * cos - rotate_half(x) * sin
+
+
+def _rope_fixed_theta(x, start, theta):
+    return _rope_correct(x, start, 10000.0)
+
+
+def _kv_tiled(kv, n_rep):
+    return kv.repeat(1, n_rep, 1, 1)
+
+
+def _kv_unchanged(kv, n_rep):
+    return kv
+
+
+def _sigmoid_unbiased_choice(logits, bias, top_k, scaling):
+    s = torch.sigmoid(logits)
+    w, e = s.topk(top_k, dim=-1)
+    return e, scaling * w / w.sum(-1, keepdim=True)
+
+
+def _sigmoid_biased_weights(logits, bias, top_k, scaling):
+    b = torch.sigmoid(logits) + bias
+    w, e = b.topk(top_k, dim=-1)
+    return e, scaling * w / w.sum(-1, keepdim=True)
+
+
+def _sigmoid_unscaled(logits, bias, top_k, scaling):
+    s = torch.sigmoid(logits)
+    e = (s + bias).topk(top_k, dim=-1).indices
+    w = s.gather(1, e)
+    return e, w / w.sum(-1, keepdim=True)
+
+
+def _sigmoid_unnormalised(logits, bias, top_k, scaling):
+    s = torch.sigmoid(logits)
+    e = (s + bias).topk(top_k, dim=-1).indices
+    return e, scaling * s.gather(1, e)
+
+
+def _softmax_instead(logits, bias, top_k, scaling):
+    p = F.softmax(logits, -1)
+    e = (p + bias).topk(top_k, dim=-1).indices
+    w = p.gather(1, e)
+    return e, scaling * w / w.sum(-1, keepdim=True)
+
+
 def _unsolved(*args):
     raise NotImplementedError
 
 
 WRONG_ANSWERS = {
+    "rope": [_rope_from_zero, _rope_interleaved, _rope_backwards, _rope_fixed_theta],
+    "repeat_kv": [_kv_tiled, _kv_unchanged],
+    "sigmoid_topk": [_sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled, _sigmoid_unnormalised,
+                     _softmax_instead],
     "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2]],
     "attention_head": [_head_unscaled, _head_not_causal, _head_swapped],
     "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k],
