@@ -183,3 +183,47 @@ def fetch(url: str, filename: str, sha256: str, progress: bool = True) -> Path:
     if os.environ.get("MOE_TUTORIAL_DATA"):
         ensure_writable_dir(path.parent, "the data directory MOE_TUTORIAL_DATA=")
     return download(url, path, sha256, progress=progress)
+
+
+# --- files on the Hugging Face Hub: the sha256 it announces, recorded beside the download ---------------------------
+
+def hub_sha256(url: str, timeout: float = 30.0) -> str:
+    """The sha256 the Hub publishes for a large (LFS) file, without downloading it."""
+    response = requests.head(url, allow_redirects=False, timeout=timeout)  # the Hub answers 302 + headers
+    response.raise_for_status()
+    etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or ""
+    etag = etag.removeprefix("W/").strip('"')
+    if not re.fullmatch(r"[0-9a-f]{64}", etag):
+        raise ValueError(f"{url} did not announce a sha256 (X-Linked-Etag: {etag!r}); cannot verify a download")
+    return etag
+
+
+def sha256_record(weights: Path) -> Path:
+    """Where the sha256 a download was verified against is kept: beside the weights."""
+    return weights.with_name(weights.name + ".sha256")
+
+
+def record_sha256(weights: Path, sha256: str):
+    with atomic_path(sha256_record(weights)) as tmp:
+        tmp.write_text(sha256 + "\n")
+
+
+def verify_cached(path: Path, url: str, timeout: float = 30.0):
+    """Check a cached checkpoint against its recorded sha256 (or, with no record, the Hub's)."""
+    record = sha256_record(path)
+    if record.exists():
+        expected = record.read_text().strip()
+    else:
+        try:
+            expected = hub_sha256(url, timeout)
+        except requests.RequestException as err:
+            raise ValueError(
+                f"{path} has no recorded sha256 ({record.name}) and {url} cannot be reached to get one, so the "
+                f"file cannot be verified. Put its sha256 in {record}, or delete the file to download it again."
+            ) from err
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(f"{path} is not the file that was downloaded: its sha256 is {actual}, expected {expected}. "
+                         f"Delete it (and {record.name}) to download it again.")
+    if not record.exists():
+        record_sha256(path, expected)

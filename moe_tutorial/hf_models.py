@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from .config import GPTConfig, MoEConfig
-from .downloads import atomic_path, data_dir, download, ensure_writable_dir
+from .downloads import atomic_path, data_dir, download, ensure_writable_dir, hub_sha256, record_sha256, verify_cached
 
 ARCHITECTURES = ("llama", "mixtral", "qwen3_moe", "olmoe")
 
@@ -318,10 +318,8 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
 
     Each weights file is streamed to a temporary file, checked against the sha256 the Hub
     announces for it, and only then renamed into place; the sha256 is recorded beside it and a
-    cached file is checked again on every use (`pretrained.verify_cached`). config.json and the
+    cached file is checked again on every use (`downloads.verify_cached`). config.json and the
     index are small git files (no sha256 announced): they are written atomically."""
-    from .pretrained import hub_sha256, record_sha256, verify_cached
-
     base = f"{hub_endpoint()}/{repo}/resolve/main"
     folder = hub_cache(repo)
     try:

@@ -13,7 +13,6 @@ X-Linked-Etag header; the download is checked against it before it is moved into
 
 import json
 import os
-import re
 from pathlib import Path
 
 import requests
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from .config import CONFIG_VERSION, GPTConfig
-from .downloads import atomic_path, data_dir, download, sha256_of
+from .downloads import atomic_path, data_dir, download, hub_sha256, record_sha256, sha256_record, verify_cached
 from .model import GPT
 from .presets import gpt2_config
 
@@ -42,27 +41,6 @@ def hub_url(name: str) -> str:
 
 def cache_path(name: str) -> Path:
     return data_dir() / "gpt2" / f"{name}.safetensors"
-
-
-def hub_sha256(url: str, timeout: float = 30.0) -> str:
-    """The sha256 the Hub publishes for a large (LFS) file, without downloading it."""
-    response = requests.head(url, allow_redirects=False, timeout=timeout)  # the Hub answers 302 + headers
-    response.raise_for_status()
-    etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or ""
-    etag = etag.removeprefix("W/").strip('"')
-    if not re.fullmatch(r"[0-9a-f]{64}", etag):
-        raise ValueError(f"{url} did not announce a sha256 (X-Linked-Etag: {etag!r}); cannot verify a download")
-    return etag
-
-
-def sha256_record(weights: Path) -> Path:
-    """Where the sha256 a download was verified against is kept: beside the weights."""
-    return weights.with_name(weights.name + ".sha256")
-
-
-def record_sha256(weights: Path, sha256: str):
-    with atomic_path(sha256_record(weights)) as tmp:
-        tmp.write_text(sha256 + "\n")
 
 
 def download_checkpoint(name: str, progress: bool = True, timeout: float = 30.0) -> Path:
@@ -87,27 +65,6 @@ def download_checkpoint(name: str, progress: bool = True, timeout: float = 30.0)
     download(url, path, sha256, timeout=timeout, progress=progress)
     record_sha256(path, sha256)
     return path
-
-
-def verify_cached(path: Path, url: str, timeout: float = 30.0):
-    """Check a cached checkpoint against its recorded sha256 (or, with no record, the Hub's)."""
-    record = sha256_record(path)
-    if record.exists():
-        expected = record.read_text().strip()
-    else:
-        try:
-            expected = hub_sha256(url, timeout)
-        except requests.RequestException as err:
-            raise ValueError(
-                f"{path} has no recorded sha256 ({record.name}) and {url} cannot be reached to get one, so the "
-                f"file cannot be verified. Put its sha256 in {record}, or delete the file to download it again."
-            ) from err
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ValueError(f"{path} is not the file that was downloaded: its sha256 is {actual}, expected {expected}. "
-                         f"Delete it (and {record.name}) to download it again.")
-    if not record.exists():
-        record_sha256(path, expected)
 
 
 # Every field of transformers' GPT2Config, sorted by what loading does with it.
