@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 07 · A modern MoE: from the GPT-2 block to a DeepSeek-V3 / Qwen3-style MoE
 #
-# **What you will build.** Every way today's MoEs (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) differ
+# **What you will build.** The main ways today's MoEs (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) differ
 # from the GPT-2 block of notebooks 01–05, each from scratch and then asserted equal to the package,
 # where it is an option of the same `GPTConfig` / `MoEConfig`:
 # RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA), QK-norm, SwiGLU; and in
@@ -71,12 +71,15 @@ print(f"mean of RMSNorm(x) with unit weight: {rms_norm(x, torch.ones(64)).mean()
 #
 # Why it works: rotations preserve dot products up to their *difference*. If q at position m is
 # turned by mθ and k at position n by nθ, then `⟨R(mθ)q, R(nθ)k⟩ = ⟨q, R((n−m)θ)k⟩`: the attention
-# score sees the distance n − m, never m or n. Relative position falls out of the dot product,
-# nothing is learned, and there is no table to outgrow.
+# score sees the distance n − m, never m or n. Relative position falls out of the dot product and
+# there are no position parameters to learn. (It does not make a model work past the lengths it was
+# trained on: Qwen3 and DeepSeek-V3 stretch RoPE's frequencies with YaRN for that; the package
+# implements the default rotation only and refuses checkpoints that ask for scaling.)
 #
-# Layout: Llama-family checkpoints pair channel j with channel j + D/2 (`rotate_half`), not
-# neighbours (2j, 2j+1) as in the paper — the same rotation on permuted channels, but weights
-# trained with one layout give wrong outputs with the other.
+# Layout: Hugging Face-format checkpoints pair channel j with channel j + D/2 (`rotate_half`), not
+# neighbours (2j, 2j+1) as in the paper and in Meta's original Llama code — the same rotation on
+# permuted channels: converting weights between the layouts permutes the rows of the query and key
+# projections, and weights used with the other layout give wrong outputs.
 #
 # ### ✍️ Exercise 1 — apply RoPE
 # Rotate `x` (B, H, T, D) whose tokens sit at positions `start, start+1, …`, with base `theta`.
@@ -130,11 +133,12 @@ fig.tight_layout()
 # %% [markdown]
 # ## 3 · Grouped-query attention and the KV cache
 # During generation every layer keeps the keys and values of every past token (notebook 05). With
-# `n_head` heads of size D that is `2 · n_layer · n_head · D · T` numbers per sequence — for long
-# contexts it dwarfs the model. **Grouped-query attention** (Ainslie et al. 2023) keeps all query
-# heads but only `n_kv_head` key/value heads; query head h reads kv head `h // (n_head / n_kv_head)`.
-# `n_kv_head = 1` is **multi-query attention** (Shazeer 2019), `n_kv_head = n_head` is ordinary
-# multi-head attention. Mixtral uses 8 kv heads for 32 query heads, Qwen3-30B-A3B 4 for 32.
+# `n_head` heads of size D that is `2 · n_layer · n_head · D · T` numbers per sequence, growing with
+# context length × batch size — at long contexts and large batches it outgrows the weights.
+# **Grouped-query attention** (Ainslie et al. 2023) keeps all query heads but only `n_kv_head`
+# key/value heads; query head h reads kv head `h // (n_head / n_kv_head)`. `n_kv_head = 1` is
+# **multi-query attention** (Shazeer 2019), `n_kv_head = n_head` is ordinary multi-head attention.
+# Mixtral uses 8 kv heads for 32 query heads, Qwen3-30B-A3B 4 for 32.
 #
 # ### ✍️ Exercise 2 — share key/value heads
 # Expand `kv` (B, KV, T, D) to (B, KV · n_rep, T, D) so that query head h finds its kv head at index h.
@@ -213,7 +217,7 @@ print(f"c_attn: {attn.c_attn.weight.shape[0]} outputs (64 for q, 16 each for k a
 # Attention logits are `q·k / √D`. If training inflates the query and key projections, logits grow,
 # the softmax saturates to one-hot and gradients vanish — a known cause of loss spikes in large runs
 # (Dehghani et al. 2023). **QK-norm** applies an RMSNorm to queries and keys before RoPE, so their
-# length is fixed and the logits stay bounded by the norms' weights. Qwen3 normalises each head's
+# scale is set by the norms' learned gains, not by the projections. Qwen3 normalises each head's
 # vector (over D); OLMoE normalises the whole projection (over n_head · D) before splitting heads.
 # Both are `GPTConfig.qk_norm` ("head", "projection").
 
@@ -240,8 +244,11 @@ for scale in (1, 10, 100):
         assert row[0] > 1000 and row[1] <= math.sqrt(16) + 1e-4  # |q·k|/√D ≤ √D for unit-RMS q and k
 
 # %% [markdown]
-# With unit-RMS queries and keys of D = 16 channels, `|q·k| / √D ≤ √D = 4`; the norms' learned
-# weights then set the temperature.
+# Per head, each query and key has RMS 1 (length √D) before the gains, so by Cauchy–Schwarz
+# `|q·k| / √D ≤ √D · max|γ_q| · max|γ_k|` — 4 here, with the gains at their initial 1 (the assert
+# checks that the norm is applied). Over the whole projection (OLMoE) the bound is looser: one head
+# may carry all of the vector's energy, up to `√(n_head · D)` long. Either way the projections' scale
+# no longer reaches the softmax: the learned gains set the temperature.
 #
 # ## 5 · SwiGLU
 # GPT-2's MLP is `down(gelu(up(x)))`. Llama-family models use a gated unit (Shazeer 2020):
@@ -268,7 +275,9 @@ assert model_info(config).total_params == gelu_params
 # %% [markdown]
 # ## 6 · The blocks compared on Shakespeare
 # The modern block is `GPTConfig(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")`:
-# the same attention and MLP slots, same names, same training loop. Below, GPT-2's block and the
+# the same attention and MLP slots, same names, same training loop. (It is the block of Llama,
+# Mixtral, Qwen3 and OLMoE; DeepSeek-V3 replaces the attention with multi-head latent attention, MLA,
+# which caches one compressed latent per token instead of sharing key/value heads.) Below, GPT-2's block and the
 # modern one at (almost) equal parameters (no position table; SwiGLU width 336 ≈ 8C/3), the `char`
 # recipe cut to 300 steps so that six runs fit in this notebook, three seeds each. A difference
 # under 2 sd of the difference is a tie. `benchmarks/modern_block.py` runs the full 1800-step
@@ -334,14 +343,17 @@ assert all(1.5 < v < 2.6 for vals in results.values() for v in vals)  # both tra
 # that is what section 9's full-recipe benchmark is for.
 #
 # ## 7 · DeepSeek-V3's router
-# Three changes to the softmax top-k router of notebooks 03–04 (DeepSeek-V3 report, §2.1.2):
-# 1. **Sigmoid affinities.** `s_i = sigmoid(u·e_i)` per expert, independent of the others. With
-#    many fine-grained experts (256 in V3) a softmax spreads probability thin; sigmoids do not compete.
+# Three changes to the softmax top-k router of notebooks 03–04 (DeepSeek-V3 report, §2.1.2; V3 has
+# 256 routed experts of which 8 are active, plus 1 shared expert):
+# 1. **Sigmoid affinities.** `s_i = sigmoid(u·e_i)` per expert, each computed on its own. (The report
+#    gives no reason; a common reading is that with 256 experts a softmax over all of them makes every
+#    score tiny, while sigmoid scores keep their scale.)
 # 2. **Bias for selection only** (aux-loss-free balancing, notebook 04): choose the top-k of
 #    `s_i + b_i`, but weight each chosen expert by its unbiased `s_i`. The bias moves toward balance
 #    after every step; the gradient never sees it.
-# 3. **Normalise, then scale**: the chosen weights are divided by their sum and multiplied by the
-#    routed scaling factor (2.5 in V3), so the routed experts' output is not drowned by the shared one.
+# 3. **Normalise, then scale**: the chosen weights are divided by their sum (so, among the chosen,
+#    they do compete) and multiplied by a routed scaling factor — 2.5 in V3's `config.json`
+#    (`routed_scaling_factor`, `route_scale` in its inference code), not a number the report discusses.
 #
 # ### ✍️ Exercise 3 — sigmoid top-k with a bias
 # From logits (N, E) and a bias (E,), return the chosen experts (N, k) and their weights (N, k).
@@ -368,7 +380,8 @@ assert passed  # solutions-only
 # DeepSeek-V3 drops the batch-wide auxiliary loss but keeps a tiny **sequence-wise** one (α = 1e-4),
 # so that no single sequence piles onto a few experts: per sequence of T tokens,
 # `f_i = E/(k·T) · #{tokens choosing i}`, `P_i = mean_t s_i,t / Σ_j s_j,t`, loss `α Σ_i f_i P_i`
-# (1 when perfectly balanced). From scratch, against the package:
+# (its sum is 1 when the choices are balanced — not its minimum: what balances is the gradient
+# through `P`). From scratch, against the package:
 
 # %%
 from moe_tutorial.router import limit_to_groups, sequence_balance_loss
@@ -385,11 +398,12 @@ print(f"sequence-wise balance loss: {from_scratch:.4f} (1 = perfectly balanced)"
 
 # %% [markdown]
 # ## 8 · Group-limited routing
-# In expert parallelism (notebook 06) each device holds a group of experts, and a token is sent to
-# every device that holds one of its experts. With k = 8 of 256 experts spread over 8 nodes, a token
-# could need all 8. DeepSeek-V3 first scores each **group** by the sum of its two best expert scores,
-# keeps the `topk_group` best groups (4 of 8 nodes there), and picks the k experts only inside them:
-# each token's all-to-all fans out to at most `topk_group` destinations. From scratch:
+# In expert parallelism (notebook 06) the experts are spread over devices, and a token is sent to
+# every device that holds one of its experts. In DeepSeek-V3 a group is a *node* of 8 GPUs: with k = 8
+# of 256 experts over 8 nodes, a token could need all 8 nodes. V3 scores each group by the sum of its
+# two best (biased) expert scores, keeps the `topk_group` best groups (4 of 8 nodes), and picks the k
+# experts only inside them: each token crosses the slow inter-node network to at most 4 nodes (inside
+# a node it is forwarded over NVLink to whichever GPUs it needs). From scratch:
 
 # %%
 def limit_groups(scores, n_group, topk_group):
@@ -404,17 +418,17 @@ scores = torch.rand(1000, 16)
 assert torch.equal(limit_groups(scores, 4, 2), limit_to_groups(scores, 4, 2))
 
 # %% [markdown]
-# What it does to a trained router: train a modern MoE with fine-grained experts (32 of width 88,
-# top-4: the dense MLP's compute per token), sigmoid + bias and the sequence-wise loss, with no group
-# limit; then route its validation tokens with and without a limit of 2 of 8 groups (think: 8 devices
-# holding 4 experts each). One model, one seed: this measures the limit's effect on *this* router,
-# not a training comparison.
+# What it does to a trained router: train a modern MoE with fine-grained experts (32 of width 84,
+# top-4: 4 · 84 = 336, the dense SwiGLU MLP's width and compute per token), sigmoid + bias and the
+# sequence-wise loss, with no group limit; then route its validation tokens with and without a limit
+# of 2 of 8 groups (think: 8 devices holding 4 experts each). One model, one seed: this measures the
+# limit's effect on *this* router, not a training comparison.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 from moe_tutorial.config import MoEConfig
 
-DEEPSEEK = dict(n_experts=32, top_k=4, expert_hidden=88, scoring="sigmoid", aux_loss_coef=0.0, z_loss_coef=0.0,
+DEEPSEEK = dict(n_experts=32, top_k=4, expert_hidden=84, scoring="sigmoid", aux_loss_coef=0.0, z_loss_coef=0.0,
                 seq_aux_loss_coef=1e-4, bias_update_rate=1e-3)
 moe_model, moe_val, moe_seconds = run(MODERN, SEEDS[0], moe=MoEConfig(**DEEPSEEK))
 print(f"modern MoE, 32 experts top-4, sigmoid + bias: val {moe_val:.4f} after {STEPS} steps ({moe_seconds:.0f} s)")
@@ -425,6 +439,7 @@ N_GROUP = 8  # groups of 32 / 8 = 4 experts
 
 def route_validation(model, n_group, topk_group):
     """Per MoE layer, the number of groups each validation token sends to (N,); and the val loss."""
+    model.eval()  # train() leaves the model in training mode
     layers = model.moe_layers()
     for layer in layers:
         layer.router.config = dataclasses.replace(layer.router.config, n_group=n_group, topk_group=topk_group)
@@ -450,13 +465,15 @@ assert share_over_2 > 0.2 and val_limited > val_unlimited
 
 # %% [markdown]
 # Left free, a token's four experts often sit in three or four groups (the share printed above):
-# three or four devices' worth of all-to-all traffic for that token. The limit caps that at two, and imposing it on a
-# router that never trained with it costs validation loss (printed above). That is why DeepSeek
-# trains with the limit from the start: the router then learns to pick experts within a few groups.
+# three or four devices' worth of all-to-all traffic for that token. The limit caps that at two.
+# Imposing it on a router that never trained with it costs validation loss (printed above), also
+# through tokens already within two groups: ranking groups by the sum of their two best scores can
+# exclude the group of a token's single best expert. That is why DeepSeek trains with the limit
+# from the start: the router then learns to pick experts within a few groups.
 #
 # The remaining options, all `MoEConfig` fields (tested in `tests/test_modern_block.py`):
-# - `first_k_dense`: the first blocks keep a dense MLP (DeepSeek-V3: 3 of 61). Early layers mix
-#   tokens in ways experts gain little from, and routing there is unstable.
+# - `first_k_dense`: the first blocks keep a dense MLP (DeepSeek-V3: 3 of 61). DeepSeekMoE gives the
+#   reason: the first layer's load balance converges especially slowly.
 # - `aux_loss_warmup_steps`: the balancing losses ramp in linearly; `min_capacity` / `max_capacity`
 #   bound each expert's slots (a small batch still gets a few slots per expert; a burst cannot claim all).
 
@@ -513,6 +530,10 @@ else:
 #   Mixtral, Qwen3-MoE and OLMoE models, against `transformers` on the same weights.
 # - Measured here: the two blocks at 300 steps and the group limit's effect on one trained router
 #   (printed above); the full recipe in section 9.
+# - Left out, and worth knowing: DeepSeek-V3's multi-head latent attention (a compressed KV cache) and
+#   multi-token prediction; RoPE scaling for long contexts (YaRN); dropless training with grouped GEMMs
+#   (V3, Mixtral and Qwen3 drop no tokens: capacity limits are this course's Switch-era device); and
+#   Qwen3's global-batch load balancing (the balancing loss over the whole batch, not each micro-batch).
 #
 # ## Further reading
 # - Zhang & Sennrich 2019, *Root Mean Square Layer Normalization*.

@@ -46,7 +46,8 @@ class MoEConfig:
     straight_through_gate: bool = False  # top-1: gate value 1, gradient of p (upcycled models)
     # Modern routers (notebook 07): DeepSeek-V3, Qwen3-MoE, OLMoE, Mixtral.
     scoring: str = "softmax"  # "sigmoid": independent per-expert affinities (DeepSeek-V3)
-    normalize_weights: bool = True  # top_k > 1: chosen weights sum to 1 (Mixtral, DeepSeek-V3; not Qwen3, OLMoE)
+    normalize_weights: bool = True  # top_k > 1: chosen weights sum to 1 (Mixtral, DeepSeek-V3, released Qwen3-MoE;
+    # not OLMoE): transformers' norm_topk_prob
     routed_scaling_factor: float = 1.0  # routed experts' weights are multiplied by this (DeepSeek-V3: 2.5)
     n_group: int = 1  # group-limited routing: experts in n_group groups (devices, nodes) ...
     topk_group: int = 1  # ... and a token may use experts of its topk_group best groups only
@@ -55,6 +56,8 @@ class MoEConfig:
     aux_loss_warmup_steps: int = 0  # the balancing losses ramp from 0 to full over these optimizer steps
     min_capacity: int = 0  # bounds on an expert's slots, whatever capacity_factor gives
     max_capacity: int | None = None
+    router_precision: str = "float32"  # "model": router matmul in the weights' dtype (transformers' Mixtral,
+    # Qwen3-MoE, OLMoE do so; needed to reproduce their bf16 routing exactly), softmax in fp32 either way
 
     def __post_init__(self):
         for name in ("n_experts", "top_k", "every", "n_group", "topk_group"):
@@ -83,7 +86,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.max_capacity={self.max_capacity} is below min_capacity={self.min_capacity}")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-        for name, allowed in (("routing", ROUTINGS), ("second_expert", SECOND_EXPERT), ("scoring", SCORINGS)):
+        for name, allowed in (("routing", ROUTINGS), ("second_expert", SECOND_EXPERT), ("scoring", SCORINGS),
+                              ("router_precision", ("float32", "model"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.expert_choice and self.bias_update_rate > 0:

@@ -97,7 +97,8 @@ def _moe_config(hf, model_type) -> MoEConfig | None:
     top_k = hf["num_experts_per_tok"]
     dropless = n_experts / top_k  # capacity = the whole batch: nothing is ever dropped
     fields = dict(n_experts=n_experts, top_k=top_k, capacity_factor_train=dropless, capacity_factor_eval=dropless,
-                  aux_loss_coef=hf.get("router_aux_loss_coef", 0.01), z_loss_coef=0.0)
+                  aux_loss_coef=hf.get("router_aux_loss_coef", 0.01), z_loss_coef=0.0,
+                  router_precision="model")  # transformers' routers multiply in the model's dtype
     if model_type == "mixtral":
         if hf.get("sliding_window") is not None:
             raise ValueError(f"sliding_window={hf['sliding_window']}: sliding-window attention is not implemented "

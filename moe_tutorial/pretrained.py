@@ -158,9 +158,11 @@ def check_state_fits(model: GPT, state: dict, source):
                          f"config written together (same model size)?")
 
 
-def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, dtype=None) -> GPT:
+def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, dtype=None,
+                    block_size: int | None = None) -> GPT:
     """A GPT with pretrained weights: a GPT-2 size by name; a Hub repository ("org/name") of a
-    Llama, Mixtral, Qwen3-MoE or OLMoE model (notebook 08; bfloat16 unless `dtype` says otherwise);
+    Llama, Mixtral, Qwen3-MoE or OLMoE model (notebook 08; bfloat16 unless `dtype` says otherwise;
+    `block_size` caps their long contexts, whose KV cache would otherwise be allocated in full);
     or a directory with config.json and safetensors (written by save_pretrained or transformers)."""
     from . import hf_models
 
@@ -168,11 +170,11 @@ def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, d
     if path.is_dir():
         config = _read_config(path / "config.json") if (path / "config.json").exists() else {}
         if config.get("model_type") in hf_models.ARCHITECTURES:
-            return hf_models.load_directory(path, dtype or torch.bfloat16)
+            return hf_models.load_directory(path, dtype or torch.bfloat16, block_size)
         return _from_directory(path)
     if "/" in str(name_or_dir) and not path.exists():
         folder = hf_models.download_repo(str(name_or_dir), progress=progress, timeout=timeout)
-        return hf_models.load_directory(folder, dtype or torch.bfloat16)
+        return hf_models.load_directory(folder, dtype or torch.bfloat16, block_size)
     if name_or_dir not in HUB_REPOS:
         raise ValueError(f"Unknown model {name_or_dir!r}: use one of {sorted(HUB_REPOS)}, a Hub repository such as "
                          f"'allenai/OLMoE-1B-7B-0924', or a directory holding config.json and model.safetensors")

@@ -15,13 +15,13 @@ picks its top-C tokens). Expert choice looks at the whole batch at once, so in a
 language model a token's routing depends on later tokens: it leaks the future and cannot
 route one token at a time during generation.
 
-Modern routers (notebook 07), all options of MoEConfig: sigmoid affinity scoring with
-normalised top-k weights and a routed scaling factor (DeepSeek-V3), where the aux-loss-free
-bias replaces most of the balancing loss and a small sequence-wise loss remains; weights
-left unnormalised (Qwen3-MoE, OLMoE); group-limited routing (DeepSeek-V2/V3: experts live in
-groups, one per device or node, and a token may use only its best `topk_group` groups, which
-bounds how many devices its hidden state is sent to); a warm-up ramp of the balancing losses;
-and bounds on expert capacity.
+Modern routers (notebook 07), all options of MoEConfig: sigmoid affinity scoring with normalised
+top-k weights and a routed scaling factor (DeepSeek-V3), where the aux-loss-free bias replaces most
+of the balancing loss and a small sequence-wise loss remains; weights left unnormalised (OLMoE;
+Qwen3-MoE per its norm_topk_prob, true in the released checkpoints); group-limited routing
+(DeepSeek-V2/V3: experts live in groups, one per node in V3, and a token may use only its best
+`topk_group` groups, which bounds how many nodes its hidden state is sent to); a warm-up ramp of the
+balancing losses; and bounds on expert capacity.
 """
 
 from dataclasses import dataclass
@@ -198,8 +198,13 @@ class Router(nn.Module):
             # Switch: multiplicative noise on the router input explores routings (train only).
             x = x * torch.empty_like(x).uniform_(1.0 - self.config.jitter, 1.0 + self.config.jitter)
         # "Selective precision": the softmax over experts is sensitive to rounding, so the
-        # router runs in fp32 whatever autocast does to the rest of the model.
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        # router runs in fp32 whatever autocast does to the rest of the model. Checkpoints whose
+        # router multiplied in the model's dtype (Mixtral, Qwen3-MoE, OLMoE in transformers) set
+        # router_precision="model" to reproduce their choices exactly; the softmax is fp32 either way.
+        if self.config.router_precision == "model" and not torch.is_autocast_enabled(x.device.type):
+            logits = F.linear(x, self.gate.weight).float()
+            noise_scale = F.softplus(F.linear(x, self.noise.weight).float()) if self.noise is not None else None
+        elif not torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
             logits = F.linear(x, self.gate.weight)  # already fp32: skip the context switch
             noise_scale = F.softplus(F.linear(x, self.noise.weight)) if self.noise is not None else None
         else:

@@ -258,6 +258,11 @@ def _kv_unchanged(kv, n_rep):
     return kv
 
 
+def _kv_time_scrambled(kv, n_rep):  # repeats along the wrong axis, then reshapes: heads right, positions wrong
+    B, KV, T, D = kv.shape
+    return kv[:, :, :, None].expand(B, KV, T, n_rep, D).reshape(B, KV * n_rep, T, D)
+
+
 def _sigmoid_unbiased_choice(logits, bias, top_k, scaling):
     s = torch.sigmoid(logits)
     w, e = s.topk(top_k, dim=-1)
@@ -296,7 +301,7 @@ def _unsolved(*args):
 
 WRONG_ANSWERS = {
     "rope": [_rope_from_zero, _rope_interleaved, _rope_backwards, _rope_fixed_theta],
-    "repeat_kv": [_kv_tiled, _kv_unchanged],
+    "repeat_kv": [_kv_tiled, _kv_unchanged, _kv_time_scrambled],
     "sigmoid_topk": [_sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled, _sigmoid_unnormalised,
                      _softmax_instead],
     "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2]],

@@ -63,7 +63,7 @@ def test_bf16_is_loaded_in_bf16_and_close(tmp_path, arch):
     idx = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(idx).logits.float() - theirs.to(torch.bfloat16)(idx).logits.float()).abs().max()
-    assert diff < 0.1  # bf16 rounding; a wrong weight or layout gives differences of order 1
+    assert diff < 0.05  # bf16 rounding (~0.005 measured); a wrong weight or layout gives differences of order 1
 
 
 def test_wrong_or_missing_tensors_are_refused(tmp_path):
