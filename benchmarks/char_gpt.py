@@ -1,13 +1,18 @@
-"""The course's default char recipe against nanoGPT's CPU recipe, trained in the same run.
+"""The course's char recipes against nanoGPT's CPU recipe, trained in the same run.
 
-    python benchmarks/char_gpt.py                 # both presets, 2 threads
-    python benchmarks/char_gpt.py --presets char  # only one
+    python benchmarks/char_gpt.py                      # the three presets, 2 threads, one seed
+    python benchmarks/char_gpt.py --seeds 3            # each preset with seeds 1337, 1338, 1339
+    python benchmarks/char_gpt.py --presets char       # only one
 
-Prints val loss (mean over 100 fixed validation batches at each model's own context length)
-and wall time of training, and the ratio of each time to the reference's.
+Presets: nanoGPT's CPU recipe (the reference), `char` (same model, the course's schedule) and
+`char-modern` (notebook 07: the modern block, trained with Muon, for as many steps as fit the
+reference's time). Prints val loss (mean over 100 fixed validation batches at each model's own
+context length) and wall time of training, and the ratio of each time to the reference's; with
+several seeds, mean +- sd, runs interleaved (seed-major) so that machine drift hits every preset.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -35,20 +40,28 @@ def run(name, dataset, **overrides):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=[REFERENCE, "char"])
+    parser.add_argument("--presets", nargs="+", default=[REFERENCE, "char", "char-modern"])
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per preset (1337, 1338, ...)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-iters", type=int, help="override every preset's iterations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = shakespeare_dataset(progress=False)
     overrides = {"max_iters": args.max_iters} if args.max_iters else {}
-    rows = [run(name, dataset, **overrides) for name in args.presets]
+    runs = [run(name, dataset, seed=1337 + i, **overrides) for i in range(args.seeds) for name in args.presets]
+    rows = [summarise([r for r in runs if r["preset"] == name]) for name in args.presets]
     ref = next((r for r in rows if r["preset"] == REFERENCE), rows[0])
-    print(f"{'preset':<14}{'params':>10}{'iters':>7}{'seconds':>9}{'x ref':>7}{'val loss':>10}")
+    print(f"{'preset':<14}{'params':>10}{'iters':>7}{'seeds':>6}{'seconds':>9}{'x ref':>7}{'val loss':>18}")
     for r in rows:
-        print(f"{r['preset']:<14}{r['params']:>10,}{r['iters']:>7}{r['seconds']:>9.1f}"
-              f"{r['seconds'] / ref['seconds']:>7.2f}{r['val_loss']:>10.4f}")
+        print(f"{r['preset']:<14}{r['params']:>10,}{r['iters']:>7}{r['n']:>6}{r['seconds']:>9.1f}"
+              f"{r['seconds'] / ref['seconds']:>7.2f}{r['val_loss']:>10.4f} ± {r['val_sd']:.4f}")
 
+
+def summarise(runs):
+    """One preset's runs: mean seconds and val loss, and the val loss's sd over seeds (0 for one)."""
+    vals = [r["val_loss"] for r in runs]
+    return dict(runs[0], n=len(runs), seconds=statistics.mean(r["seconds"] for r in runs),
+                val_loss=statistics.mean(vals), val_sd=statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 if __name__ == "__main__":
     main()

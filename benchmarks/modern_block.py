@@ -29,7 +29,7 @@ from moe_tutorial.costs import model_info
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
-from moe_tutorial.presets import preset
+from moe_tutorial.presets import MODERN_BLOCK, preset
 from moe_tutorial.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +37,7 @@ from moe_scaling import RESULTS as SWEEP_RESULTS  # noqa: E402
 from moe_scaling import SEEDS, STEPS, append, load, machine, stats, verdict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "modern_block.json"
-MODERN = dict(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")
+MODERN = MODERN_BLOCK  # RMSNorm, RoPE, SwiGLU, per-head QK-norm
 TOP2 = dict(n_experts=16, top_k=2)  # the sweep's "E=16 k=2 (2C)": 2 of 16 experts, each 2C wide
 DEEPSEEK = dict(scoring="sigmoid", aux_loss_coef=0.0, z_loss_coef=0.0, seq_aux_loss_coef=1e-4, bias_update_rate=1e-3)
 VARIANTS = {  # name: (GPTConfig fields, MoEConfig fields or None)

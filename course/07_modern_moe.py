@@ -17,7 +17,7 @@
 # 1. Build RMSNorm, RoPE, GQA, QK-norm and SwiGLU, and say what each buys.
 # 2. Route like DeepSeek-V3: sigmoid affinities, bias for selection only, normalised and scaled weights.
 # 3. Limit each token to a few expert groups, and connect that to notebook 06's all-to-all.
-# 4. Read the comparison of the two blocks at equal parameters, with seeds.
+# 4. Read the comparison of the two blocks at equal parameters, and of AdamW and Muon, with seeds.
 #
 # The package's model loads Llama, Mixtral, Qwen3-MoE and OLMoE checkpoints with these options
 # (`moe_tutorial.hf_models`; notebook 08 opens a real one). Solutions: `solutions/07_modern_moe_solutions.ipynb`.
@@ -287,12 +287,13 @@ assert model_info(config).total_params == gelu_params
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
-from moe_tutorial.presets import preset
+from moe_tutorial.presets import MODERN_BLOCK, preset
 from moe_tutorial.train import train
 
 dataset = shakespeare_dataset()
 val_batches = fixed_batches(dataset.split("val"), 40, 16, 64, seed=0)
-MODERN = dict(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")
+MODERN = MODERN_BLOCK
+assert MODERN == dict(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")
 SEEDS, STEPS = (1337, 1338, 1339), 300
 
 
@@ -341,6 +342,45 @@ assert all(1.5 < v < 2.6 for vals in results.values() for v in vals)  # both tra
 # The last line is the finding at this budget, computed from the seeds above. At 300 steps the
 # models are far from converged, so it says which block learns faster early, not which ends better —
 # that is what section 9's full-recipe benchmark is for.
+#
+# ### The optimizer: Muon
+# Today's models are also trained differently. **Muon** (Jordan et al. 2024; used at scale for
+# Moonshot's Kimi K2) keeps SGD-momentum's update for each hidden weight matrix but replaces it by the
+# nearest semi-orthogonal matrix (five Newton–Schulz iterations): every direction of the matrix moves
+# by the same amount, instead of the few that dominate the gradient. It is `torch.optim.Muon` in
+# PyTorch ≥ 2.9, and `TrainConfig(optimizer="muon")` here (`moe_tutorial/optimizers.py`): the blocks'
+# 2-D matrices get Muon, embeddings, norms and routers keep AdamW, and with `adjust_lr_fn=
+# "match_rms_adamw"` (Liu et al. 2025) both share one learning rate and schedule. The modern block
+# again, same seeds and steps, Muon instead of AdamW:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+results["modern block + Muon"] = []
+seconds["modern block + Muon"] = 0.0
+for seed in SEEDS:
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, progress=False, seed=seed, max_iters=STEPS,
+                                  eval_interval=STEPS, eval_iters=1, optimizer="muon")
+    torch.manual_seed(seed)
+    muon_model = GPT(dataclasses.replace(model_cfg, **MODERN))
+    history = train(muon_model, dataset, train_cfg)
+    results["modern block + Muon"].append(estimate_loss(muon_model, val_batches, train_cfg))
+    seconds["modern block + Muon"] += history.elapsed
+    print(f"modern + Muon  seed {seed}: val {results['modern block + Muon'][-1]:.4f} ({history.elapsed:.0f} s)")
+
+# %%
+muon_vals = results["modern block + Muon"]
+muon_call = verdict(muon_vals, results["modern block"])
+print(f"modern block + Muon: val {mean(muon_vals):.4f} ± {stdev(muon_vals):.4f}, "
+      f"{seconds['modern block + Muon'] / 3:.0f} s per run")
+print(f"Muon − AdamW: {mean(muon_vals) - mean(results['modern block']):+.4f} → "
+      + {"tie": "a tie (under 2 sd)", "lower": "Muon is lower by more than 2 sd",
+         "higher": "Muon is higher by more than 2 sd"}[muon_call])
+assert all(1.4 < v < 2.6 for v in muon_vals)
+
+# %% [markdown]
+# On the whole `char` recipe the two changes add up: `python benchmarks/char_gpt.py --seeds 3` trains
+# nanoGPT's CPU recipe, the course's `char` preset and `char-modern` (modern block + Muon, as many
+# steps as fit the reference's wall time) in one run; the README lists its table.
 #
 # ## 7 · DeepSeek-V3's router
 # Three changes to the softmax top-k router of notebooks 03–04 (DeepSeek-V3 report, §2.1.2; V3 has
@@ -438,7 +478,8 @@ N_GROUP = 8  # groups of 32 / 8 = 4 experts
 
 
 def route_validation(model, n_group, topk_group):
-    """Per MoE layer, the number of groups each validation token sends to (N,); and the val loss."""
+    """Per MoE layer, the groups each validation token sends to (N,) and each group's share of the
+    assignments (G,); and the val loss."""
     model.eval()  # train() leaves the model in training mode
     layers = model.moe_layers()
     for layer in layers:
@@ -446,17 +487,22 @@ def route_validation(model, n_group, topk_group):
     val = estimate_loss(model, val_batches, preset("char", 65)[1])
     model(val_batches[0][0])  # route one batch to look at its assignments
     group_size = 32 // N_GROUP
-    fan_out = [F.one_hot(layer.last_routing.expert // group_size, N_GROUP).amax(1).sum(1) for layer in layers]
-    return fan_out, val
+    groups = [F.one_hot(layer.last_routing.expert // group_size, N_GROUP) for layer in layers]  # (N, k, G) each
+    fan_out = [g.amax(1).sum(1) for g in groups]  # (N,): groups a token sends to
+    load = [g.sum((0, 1)).float() / g.sum() for g in groups]  # (G,): share of assignments per group
+    return fan_out, load, val
 
 
-unlimited, val_unlimited = route_validation(moe_model, 1, 1)
-limited, val_limited = route_validation(moe_model, N_GROUP, 2)
-print(f"{'MoE layer':<10}{'groups per token (mean, max)':>30}{'with the limit':>18}")
+unlimited, load_free, val_unlimited = route_validation(moe_model, 1, 1)
+limited, load_capped, val_limited = route_validation(moe_model, N_GROUP, 2)
+print(f"{'MoE layer':<10}{'groups per token (mean, max)':>30}{'with the limit':>18}"
+      f"{'busiest group':>15}{'with limit':>12}")
 for layer, (free, capped) in enumerate(zip(unlimited, limited)):
     free_mean, capped_mean = free.float().mean(), capped.float().mean()
-    print(f"{layer:<10}{free_mean:>24.2f}, {int(free.max())}{capped_mean:>14.2f}, {int(capped.max())}")
+    print(f"{layer:<10}{free_mean:>24.2f}, {int(free.max())}{capped_mean:>14.2f}, {int(capped.max())}"
+          f"{load_free[layer].max():>14.1%}{load_capped[layer].max():>12.1%}")
     assert int(capped.max()) <= 2
+print(f"(an even split gives each of the {N_GROUP} groups {1 / N_GROUP:.1%} of the assignments)")
 share_over_2 = mean(float((free > 2).float().mean()) for free in unlimited)
 print(f"without the limit {100 * share_over_2:.0f}% of tokens send to more than 2 of the 8 groups")
 print(f"validation loss: {val_unlimited:.4f} unlimited, {val_limited:.4f} with the limit imposed after training "
@@ -528,8 +574,9 @@ else:
 #   weights, a sequence-wise loss, group-limited routing — is `MoEConfig(scoring="sigmoid", ...)`
 #   (`moe_tutorial/router.py`). Tests check the whole DeepSeek-V3 MoE block, and whole Llama,
 #   Mixtral, Qwen3-MoE and OLMoE models, against `transformers` on the same weights.
-# - Measured here: the two blocks at 300 steps and the group limit's effect on one trained router
-#   (printed above); the full recipe in section 9.
+# - **Muon** for the blocks' matrices is `TrainConfig(optimizer="muon")` (`moe_tutorial/optimizers.py`).
+# - Measured here: the two blocks and the two optimizers at 300 steps, three seeds each, and the group
+#   limit's effect on one trained router (printed above); the full recipe in section 9 and the README.
 # - Left out, and worth knowing: DeepSeek-V3's multi-head latent attention (a compressed KV cache) and
 #   multi-token prediction; RoPE scaling for long contexts (YaRN); dropless training with grouped GEMMs
 #   (V3, Mixtral and Qwen3 drop no tokens: capacity limits are this course's Switch-era device); and
@@ -544,3 +591,5 @@ else:
 # - Dai et al. 2024, *DeepSeekMoE* (fine-grained and shared experts); DeepSeek-AI 2024, *DeepSeek-V3 Technical
 #   Report* §2.1 (sigmoid routing, aux-loss-free balancing, sequence-wise loss, node-limited routing).
 # - Jiang et al. 2024, *Mixtral of Experts*; Muennighoff et al. 2024, *OLMoE*; Qwen Team 2025, *Qwen3 Technical Report*.
+# - Jordan et al. 2024, *Muon: An optimizer for hidden layers* (blog); Liu et al. 2025, *Muon is Scalable for LLM
+#   Training*.

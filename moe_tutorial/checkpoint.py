@@ -9,7 +9,7 @@ only, no code can run. Anything that is not such a checkpoint is refused with th
 import pickle
 import warnings
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -104,7 +104,9 @@ def restore(state: dict, model, optimizer, batch_rng, path, cfg) -> tuple[int, H
     if step >= cfg.max_iters:
         raise ValueError(f"{path} has already trained {step} steps, so max_iters={cfg.max_iters} leaves "
                          f"nothing to train; ask for more (e.g. --max-iters {2 * step})")
-    diff = {k: (v, saved.get(k)) for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    defaults = {f.name: f.default for f in fields(cfg)}  # options added since the checkpoint: at their defaults
+    recipe = {k: saved.get(k, defaults[k]) for k in defaults}
+    diff = {k: (v, recipe[k]) for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and recipe[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {b!r} vs now {a!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was trained with another recipe ({detail}); resume with the checkpoint's values "

@@ -7,6 +7,11 @@ from dataclasses import replace
 from .config import GPTConfig, MoEConfig
 from .train import TrainConfig
 
+MODERN_STEPS = 1400  # set from benchmarks/char_gpt.py: the most steps that fit the reference's time
+
+# The modern block of notebook 07 (Llama / Qwen3 style): RMSNorm, rotary positions, SwiGLU, QK-norm.
+MODERN_BLOCK = dict(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")
+
 PRESETS = {
     # The course's default character-level recipe: nanoGPT's CPU model and batch shape with a
     # 3x higher learning rate (a short run can afford it) and 10% fewer steps, so it finishes
@@ -22,6 +27,13 @@ PRESETS = {
         dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
         dict(batch_size=12, max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
              eval_interval=250, eval_iters=20),
+    ),
+    # Notebook 07's recipe: the same size and batch in the modern block, trained with Muon for the
+    # blocks' matrices; its step count fits nanoGPT's CPU recipe's wall time (benchmarks/char_gpt.py).
+    "char-modern": (
+        dict(block_size=64, n_layer=4, n_head=4, n_embd=128, **MODERN_BLOCK),
+        dict(batch_size=12, max_iters=MODERN_STEPS, learning_rate=3e-3, min_lr=3e-4, warmup_iters=100,
+             eval_interval=250, eval_iters=20, optimizer="muon"),
     ),
     # Seconds, not minutes: for tests and for trying things out.
     "char-tiny": (

@@ -1,4 +1,4 @@
-"""Training: AdamW, warmup + cosine schedule, clipping, gradient accumulation (notebook 01).
+"""Training: AdamW or Muon (optimizers), warmup + cosine schedule, clipping, gradient accumulation (notebook 01).
 
 `train()` is deterministic for a seed (batches have their own generator; checkpoints store every
 random state, so a resume continues exactly). Under torchrun (notebook 06) every rank draws the
@@ -17,6 +17,7 @@ from .data import get_batch
 from .evaluate import DTYPES, autocast, estimate_loss, fixed_batches
 from .history import History
 from .model import GPT
+from .optimizers import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: train()'s, and tests')
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainConfig:
     warmup_iters: int = 100  # linear warmup from 0
     lr_decay_iters: int | None = None  # None: decay over the whole run
     weight_decay: float = 0.1  # on 2-D weights only; biases and norms are not decayed
+    optimizer: str = "adamw"  # "muon": Muon for the blocks' 2-D matrices, AdamW for the rest (notebook 07)
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -49,6 +51,11 @@ class TrainConfig:
                              f"got learning_rate={self.learning_rate}, min_lr={self.min_lr}")
         if min(self.warmup_iters, self.grad_clip, self.weight_decay) < 0:
             raise ValueError("TrainConfig.warmup_iters, grad_clip and weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"TrainConfig.optimizer='muon' needs torch.optim.Muon (PyTorch >= 2.9); this is "
+                             f"PyTorch {torch.__version__}: use optimizer='adamw'")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
@@ -65,16 +72,6 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, linear weights) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one pass over all tensors: MoE's many
-    # expert weights make the optimizer a large share of a CPU step, and fusing cuts it several-fold
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def train_step(net, model: GPT, optimizer, batches, cfg: TrainConfig, lr: float) -> tuple[float, float]:

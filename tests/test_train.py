@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_tutorial.checkpoint import load_checkpoint, model_from_checkpoint
-from moe_tutorial.config import GPTConfig
+from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
 from moe_tutorial.train import TrainConfig, learning_rate_at, make_optimizer, train
@@ -178,3 +178,55 @@ def test_cli_trains_and_samples(tmp_path, shakespeare_file):
     resumed = subprocess.run(cmd[:6] + ["30"] + cmd[7:] + ["--resume"], capture_output=True, text=True,
                              env=env, timeout=120, check=True).stdout
     assert "30 iters" in resumed
+
+
+# --- Muon (notebook 07) -------------------------------------------------------------------------------------------
+
+def modern_moe(tiny_dataset):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                         norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head",
+                         moe=MoEConfig(n_experts=4, top_k=2, every=2)))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_dataset):
+    model = modern_moe(tiny_dataset)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", progress=False))
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in muon}
+    assert names == {n for n, p in model.named_parameters()
+                     if p.dim() == 2 and n.startswith("transformer.h.") and "router" not in n}
+    assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.0.mlp.c_fc.weight" in names
+    assert not any("experts" in n or "router" in n or "wte" in n or "norm" in n for n in names)
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon.isdisjoint(adamw) and muon | adamw == {id(p) for p in model.parameters()}
+
+
+def test_muon_resume_matches_uninterrupted_run(tiny_dataset, tmp_path):
+    cfg = TrainConfig(batch_size=4, max_iters=12, eval_interval=6, eval_iters=2, warmup_iters=2,
+                      optimizer="muon", progress=False)
+    model = modern_moe(tiny_dataset)
+    full = train(model, tiny_dataset, cfg)
+    ckpt = tmp_path / "ckpt.pt"
+    train(modern_moe(tiny_dataset), tiny_dataset, TrainConfig(**{**cfg.__dict__, "max_iters": 6, "lr_decay_iters": 12}),
+          checkpoint_path=ckpt)
+    second = modern_moe(tiny_dataset)
+    resumed = train(second, tiny_dataset, TrainConfig(**{**cfg.__dict__, "lr_decay_iters": 12}), checkpoint_path=ckpt,
+                    resume=True)
+    assert resumed.loss[-6:] == full.loss[-6:]  # bitwise: Muon's momentum and AdamW's moments both restored
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), second.parameters()))
+    with pytest.raises(ValueError, match="optimizer: checkpoint 'muon' vs now 'adamw'"):
+        train(modern_moe(tiny_dataset), tiny_dataset,
+              TrainConfig(**{**cfg.__dict__, "optimizer": "adamw", "max_iters": 18}), checkpoint_path=ckpt, resume=True)
+
+
+def test_checkpoints_from_before_the_optimizer_option_resume_as_adamw(tiny_dataset, tmp_path):
+    model, cfg = tiny(tiny_dataset, max_iters=10, lr_decay_iters=20)
+    ckpt = tmp_path / "ckpt.pt"
+    train(model, tiny_dataset, cfg, checkpoint_path=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    del state["train_config"]["optimizer"]  # as written before TrainConfig.optimizer existed
+    torch.save(state, ckpt)
+    resumed_model, resumed_cfg = tiny(tiny_dataset, max_iters=20, lr_decay_iters=20)
+    history = train(resumed_model, tiny_dataset, resumed_cfg, checkpoint_path=ckpt, resume=True)
+    assert len(history.loss) == 20
