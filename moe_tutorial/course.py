@@ -1,11 +1,14 @@
 """Models the notebooks share: notebook 01's trained character model, which notebook 05
-upcycles and later chapters analyse. Loaded from the data cache when notebook 01 saved it,
-otherwise trained exactly as there (same seed, ~100 s on 2 cores) and saved."""
+upcycles and later chapters analyse (loaded from the data cache when notebook 01 saved it,
+otherwise trained exactly as there, same seed, ~100 s on 2 cores, and saved); and notebook 08's
+offline stand-in for a real MoE, a modern MoE trained on Shakespeare."""
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from .config import MoEConfig
 from .downloads import data_dir
 from .model import GPT
 from .presets import preset
@@ -27,6 +30,37 @@ def pretrained_char_model(dataset, progress: bool = False) -> GPT:
         if model.config != model_config:
             raise ValueError(f"{directory} holds a model with another config than the 'char' preset; "
                              f"delete that directory and it will be trained again")
+        return model
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config)
+    train(model, dataset, train_config)
+    save_pretrained(model, directory)
+    return model
+
+
+# Notebook 08's offline model: the char-modern recipe (notebook 07's block, Muon) with OLMoE-style
+# MoE layers in every block: 32 fine-grained experts, 4 per token (4 x 84 = the dense SwiGLU width
+# 336), softmax scores, weights not renormalised, the load-balancing loss.
+COURSE_MOE = MoEConfig(n_experts=32, top_k=4, expert_hidden=84, normalize_weights=False)
+COURSE_MOE_STEPS = 800
+
+
+def modern_moe_dir() -> Path:
+    return data_dir() / "checkpoints" / "char-modern-moe"
+
+
+def pretrained_modern_moe(dataset, progress: bool = False) -> GPT:
+    """Notebook 08's offline model (COURSE_MOE in the char-modern recipe, COURSE_MOE_STEPS steps):
+    loaded from the data cache, else trained (seed 1337, ~2 min on 2 cores) and saved there."""
+    model_config, train_config = preset("char-modern", vocab_size=dataset.tokenizer.vocab_size, progress=progress,
+                                        max_iters=COURSE_MOE_STEPS)
+    model_config = dataclasses.replace(model_config, moe=dataclasses.replace(COURSE_MOE))
+    directory = modern_moe_dir()
+    if (directory / "model.safetensors").exists():
+        model = from_pretrained(directory)
+        if model.config != model_config:
+            raise ValueError(f"{directory} holds a model with another config than notebook 08's; delete that "
+                             f"directory and it will be trained again")
         return model
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)

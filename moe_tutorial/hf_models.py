@@ -328,6 +328,10 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
     except FileNotFoundError:
         raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({base}/config.json "
                                 f"does not exist)") from None
+    try:  # the tokenizer, for notebook 08's text (read with the `tokenizers` package); not every repo has one
+        _fetch_small(f"{base}/tokenizer.json", folder / "tokenizer.json", timeout)
+    except FileNotFoundError:
+        pass
     try:
         _fetch_small(f"{base}/{INDEX}", folder / INDEX, timeout)
         names = list(dict.fromkeys(read_json(folder / INDEX)["weight_map"].values()))

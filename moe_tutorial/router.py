@@ -265,9 +265,11 @@ class Router(nn.Module):
     def _weights(self, chosen):
         """How much each chosen expert's output counts, from its unbiased score (N, k)."""
         cfg = self.config
-        if self.top_k > 1 and cfg.normalize_weights:
-            # Renormalise over the chosen experts. For softmax scores this equals Mixtral's softmax
-            # over the top-k logits: exp(l_i) / sum_chosen exp(l_j) either way.
+        if cfg.normalize_weights and (self.top_k > 1 or self.top_k < cfg.top_k):
+            # Renormalise over the chosen experts (also when top-k is lowered to one at inference,
+            # analysis.top_k_override: the lone expert then gets weight 1, as in transformers). For
+            # softmax scores this equals Mixtral's softmax over the top-k logits: exp(l_i) /
+            # sum_chosen exp(l_j) either way.
             total = chosen.sum(dim=-1, keepdim=True)
             chosen = chosen / (total + 1e-20 if cfg.scoring == "sigmoid" else total)
         elif self.top_k == 1 and cfg.straight_through_gate:

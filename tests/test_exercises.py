@@ -15,6 +15,7 @@ import moe_tutorial.exercises.ch04  # noqa: F401
 import moe_tutorial.exercises.ch05  # noqa: F401
 import moe_tutorial.exercises.ch06  # noqa: F401
 import moe_tutorial.exercises.ch07  # noqa: F401
+import moe_tutorial.exercises.ch08  # noqa: F401
 from moe_tutorial.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,11 +296,39 @@ def _softmax_instead(logits, bias, top_k, scaling):
     return e, scaling * w / w.sum(-1, keepdim=True)
 
 
+# notebook 08
+def _load_first_choice_only(expert, n_experts):
+    counts = torch.bincount(expert[:, 0], minlength=n_experts).float()
+    return counts / counts.sum()
+
+
+def _load_counts(expert, n_experts):
+    return torch.bincount(expert.reshape(-1), minlength=n_experts).float()
+
+
+def _load_per_token(expert, n_experts):  # divides by N instead of N * k: shares sum to k
+    return torch.bincount(expert.reshape(-1), minlength=n_experts).float() / expert.size(0)
+
+
+def _consistency_global_expert(token_ids, expert):  # one most common expert for all tokens
+    return (torch.bincount(expert).max() / len(expert)).item()
+
+
+def _consistency_per_id_mean(token_ids, expert):  # averages over ids, not tokens
+    shares = []
+    for t in token_ids.unique():
+        e = expert[token_ids == t]
+        shares.append(torch.bincount(e).max().item() / len(e))
+    return sum(shares) / len(shares)
+
+
 def _unsolved(*args):
     raise NotImplementedError
 
 
 WRONG_ANSWERS = {
+    "expert_load": [_load_first_choice_only, _load_counts, _load_per_token],
+    "token_consistency": [_consistency_global_expert, _consistency_per_id_mean],
     "rope": [_rope_from_zero, _rope_interleaved, _rope_backwards, _rope_fixed_theta],
     "repeat_kv": [_kv_tiled, _kv_unchanged, _kv_time_scrambled],
     "sigmoid_topk": [_sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled, _sigmoid_unnormalised,

@@ -1,0 +1,331 @@
+# %% [markdown]
+# # 08 · Inside a real MoE: what the routers do on text
+#
+# **What you will build.** Nothing new in the model: the package's `GPT` loads Mixtral, Qwen3-MoE and
+# OLMoE checkpoints exactly (`moe_tutorial.hf_models`: logits equal to `transformers`' to 1e-5, tested
+# on each architecture). This notebook opens such a model and looks at its routing with a handful of
+# measurements (`moe_tutorial/analysis.py`), two of which you write.
+#
+# **What you will measure.** Expert load per layer against an even split; which kinds of tokens each
+# expert takes, against an untrained router; how consistent routing is across layers and for the same
+# token; what validation loss does when top-k is lowered at inference, or when the least-used
+# experts are pruned.
+#
+# **Which model.** Set the environment variable `MOE_TUTORIAL_REAL_MOE` to a Hub repository or a local
+# checkpoint folder, e.g. `allenai/OLMoE-1B-7B-0924` (OLMoE: 64 experts, 8 per token, 6.9 B parameters,
+# 1.3 B active; about 13 GiB in bfloat16, so a 16 GB laptop holds it) — the first run downloads it once
+# (sha256-checked) and reads it shard by shard. Without it (and in CI) the notebook looks at the
+# course's own modern MoE: notebook 07's block with 32 fine-grained experts, 4 per token, trained on
+# Shakespeare. The cell below says which one you are looking at; the committed outputs are the
+# offline ones.
+#
+# **Objectives**
+# 1. Load a real MoE and generate with it.
+# 2. Measure expert load and specialisation, and read them against the right baselines.
+# 3. Measure how routing depends on the token and on the layer.
+# 4. Know what top-k and the number of experts buy at inference.
+#
+# Solutions: `solutions/08_real_moe_solutions.ipynb`.
+
+# %% solutions
+import os
+
+import matplotlib.pyplot as plt
+import torch
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+
+# %% [markdown]
+# ## 1 · The model and its text
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from moe_tutorial.course import COURSE_MOE_STEPS, pretrained_modern_moe
+from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.hf_models import peak_rss_gib
+from moe_tutorial.pretrained import from_pretrained
+
+REAL = os.environ.get("MOE_TUTORIAL_REAL_MOE")
+dataset = shakespeare_dataset()
+if REAL:
+    from tokenizers import Tokenizer  # installed with transformers
+
+    model = from_pretrained(REAL, block_size=1024)  # bfloat16, read shard by shard
+    folder = REAL if os.path.isdir(REAL) else None
+    from moe_tutorial.hf_models import hub_cache
+
+    tokenizer_file = os.path.join(folder or hub_cache(REAL), "tokenizer.json")
+    hf_tokenizer = Tokenizer.from_file(tokenizer_file)
+    encode, decode = (lambda s: hf_tokenizer.encode(s).ids), hf_tokenizer.decode
+    text = dataset.tokenizer.decode(dataset.val.tolist())  # held-out Shakespeare, as text
+    print(f"looking at {REAL}; peak memory so far {peak_rss_gib():.1f} GiB")
+else:
+    model = pretrained_modern_moe(dataset)
+    encode, decode = dataset.tokenizer.encode, dataset.tokenizer.decode
+    text = None
+    print(f"looking at the course's modern MoE (offline): notebook 07's block, {COURSE_MOE_STEPS} steps on "
+          f"Shakespeare; set MOE_TUTORIAL_REAL_MOE to look at a real one")
+model.eval()
+moe = model.config.moe
+total = sum(p.numel() for p in model.parameters())
+print(f"{model.config.n_layer} layers, {len(model.moe_layers())} of them MoE, {moe.n_experts} experts each, "
+      f"top-{moe.top_k}, weights {'renormalised' if moe.normalize_weights else 'as softmax probabilities'}; "
+      f"{total / 1e6:.1f} M parameters")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+prompt = torch.tensor([encode("ROMEO:\n")])
+print(decode(model.generate(prompt, 120, temperature=0.8, generator=torch.Generator().manual_seed(0))[0].tolist()))
+
+# %% [markdown]
+# ## 2 · Routing held-out text
+# One forward pass over held-out text, and every MoE layer's routing of it: which experts each token
+# chose (`Routing.expert`, (N, k)), with what weights. Nothing is dropped (`analysis.collect_routing`
+# runs the model as generation does).
+
+# %%
+from moe_tutorial.analysis import collect_routing
+
+BATCH, LENGTH = 32, min(model.config.block_size, 128)
+if REAL:
+    ids = torch.tensor(encode(text[:200_000]))
+else:
+    ids = dataset.val
+starts = torch.arange(BATCH) * ((len(ids) - LENGTH) // BATCH)
+idx = torch.stack([ids[s:s + LENGTH] for s in starts])  # (B, T): evenly spaced windows of the held-out text
+routings = collect_routing(model, idx)
+token_ids = idx.reshape(-1)  # (N,), the order routing sees them in
+print(f"{idx.numel():,} tokens routed through {len(routings)} MoE layers")
+
+# %% [markdown]
+# ### ✍️ Exercise 1 — expert load
+# From the chosen experts `expert` (N, k), return each expert's share of all N·k assignments.
+
+# %% solutions
+def expert_load_share(expert, n_experts):
+    """expert (N, k) -> (E,) share of all assignments per expert (sums to 1)."""
+    # BEGIN SOLUTION
+    counts = torch.bincount(expert.reshape(-1), minlength=n_experts).float()
+    return counts / counts.sum()
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch08 import check_expert_load
+
+passed = check_expert_load(expert_load_share)
+assert passed  # solutions-only
+
+# %% [markdown]
+# ## 3 · Load per layer
+# An even split gives every expert `1/E` of the assignments. The balancing loss (or bias) pushes
+# toward it during training — on the *training* batches. On held-out text, how close is it?
+
+# %%
+from moe_tutorial.analysis import expert_load, routing_entropy_bits
+
+loads = torch.stack([expert_load(r) for r in routings])  # (L, E)
+E = loads.size(1)
+fig, ax = plt.subplots(figsize=(10, 0.5 + 0.35 * len(routings)))
+image = ax.imshow(loads * E, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
+ax.set(xlabel="expert", ylabel="MoE layer", title="load ÷ even share (1 = even; red: busier)")
+fig.colorbar(image, ax=ax)
+fig.tight_layout()
+even_bits = torch.log2(torch.tensor(float(E))).item()
+print(f"{'layer':<7}{'busiest ÷ even':>15}{'idlest ÷ even':>15}{'entropy bits':>14}  (even: {even_bits:.2f} bits)")
+for layer, load in enumerate(loads):
+    print(f"{layer:<7}{load.max() * E:>15.2f}{load.min() * E:>15.2f}{routing_entropy_bits(load):>14.2f}")
+assert torch.allclose(loads.sum(1), torch.ones(len(routings)))
+
+# %% [markdown]
+# ## 4 · Specialisation: which tokens each expert takes
+# Label every token with a category — for characters: lower-case letter, upper-case letter, space,
+# newline, punctuation — and ask how much an expert's identity tells about its tokens' category:
+# the mutual information between first-choice expert and category, divided by the category's entropy
+# (0: every expert sees the text's mix; 1: the expert determines the category). The baseline is the
+# same model with its **routers re-initialised**: what specialisation looks like by chance.
+
+# %%
+from moe_tutorial.analysis import category_shares, specialisation
+
+CATEGORIES = ("lower", "upper", "space", "newline", "punctuation / digit")
+
+
+def category_of(token_text: str) -> int:
+    s = token_text.strip(" ") or token_text
+    if token_text.startswith("\n") or s == "\n":
+        return 3
+    if token_text.isspace():
+        return 2
+    if s[:1].isalpha():
+        return 1 if s[:1].isupper() else 0
+    return 4
+
+
+vocab_categories = torch.tensor([category_of(decode([i])) for i in range(model.config.vocab_size)])
+categories = vocab_categories[token_ids]  # (N,)
+untrained = pretrained_modern_moe(dataset) if not REAL else model
+saved_routers = [layer.router.gate.weight.detach().clone() for layer in untrained.moe_layers()]
+torch.manual_seed(0)
+with torch.no_grad():
+    for layer in untrained.moe_layers():
+        torch.nn.init.normal_(layer.router.gate.weight, std=0.02)
+chance = [specialisation(r, categories, len(CATEGORIES)) for r in collect_routing(untrained, idx)]
+with torch.no_grad():
+    for layer, weight in zip(untrained.moe_layers(), saved_routers):
+        layer.router.gate.weight.copy_(weight)  # (the real model: its own routers back)
+trained = [specialisation(r, categories, len(CATEGORIES)) for r in routings]
+print(f"{'layer':<7}{'specialisation':>15}{'random router':>15}")
+for layer, (a, b) in enumerate(zip(trained, chance)):
+    print(f"{layer:<7}{a:>15.3f}{b:>15.3f}")
+assert sum(trained) > 2 * sum(chance)  # trained routers sort tokens by kind far more than chance
+
+# %%
+shares = category_shares(routings[-1], categories, len(CATEGORIES))  # (E, K)
+text_mix = torch.bincount(categories, minlength=len(CATEGORIES)).float() / len(categories)
+order = shares.argmax(1).argsort(stable=True)  # experts grouped by their main category
+fig, ax = plt.subplots(figsize=(10, 2.6))
+image = ax.imshow((shares[order] / text_mix).T.log2(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
+ax.set(yticks=range(len(CATEGORIES)), yticklabels=CATEGORIES, xlabel="expert (sorted by main category)",
+       title="last MoE layer: category share ÷ the text's share (log2; 0 = the text's mix)")
+fig.colorbar(image, ax=ax)
+fig.tight_layout()
+
+# %% [markdown]
+# ## 5 · Consistency: the same token, other layers
+# OLMoE's authors found that routing depends strongly on the token itself. Measure it: the share of
+# tokens whose first choice is the expert that their token id goes to most often (1.0: routing is a
+# function of the token id alone).
+#
+# ### ✍️ Exercise 2 — token consistency
+# From `token_ids` (N,) and first-choice experts `expert` (N,), return that share.
+
+# %% solutions
+def consistency_of(token_ids, expert):
+    """Share of tokens routed to their token id's most common expert."""
+    # BEGIN SOLUTION
+    n_experts = int(expert.max()) + 1
+    joint = torch.zeros(int(token_ids.max()) + 1, n_experts)
+    joint.index_put_((token_ids, expert), torch.ones(len(token_ids)), accumulate=True)
+    return (joint.max(dim=1).values.sum() / len(token_ids)).item()
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch08 import check_token_consistency
+
+passed = check_token_consistency(consistency_of)
+assert passed  # solutions-only
+
+# %%
+from moe_tutorial.analysis import layer_agreement, token_consistency
+
+by_token = [token_consistency(token_ids, r.expert[:, 0]) for r in routings]
+shuffled = token_ids[torch.randperm(len(token_ids), generator=torch.Generator().manual_seed(0))]
+by_chance = [token_consistency(shuffled, r.expert[:, 0]) for r in routings]  # same loads, ids unrelated
+print(f"{'layer':<7}{'token consistency':>18}{'ids shuffled':>14}")
+for layer, (a, b) in enumerate(zip(by_token, by_chance)):
+    print(f"{layer:<7}{a:>18.3f}{b:>14.3f}")
+assert min(a - b for a, b in zip(by_token, by_chance)) > 0.05
+
+agreement = layer_agreement(routings)  # (L, L)
+fig, ax = plt.subplots(figsize=(4, 3.4))
+image = ax.imshow(agreement, cmap="viridis", vmin=0, vmax=1)
+ax.set(xlabel="layer", ylabel="layer", title="routing agreement between layers\n(normalised mutual information)")
+fig.colorbar(image, ax=ax)
+fig.tight_layout()
+neighbours = torch.stack([agreement[i, i + 1] for i in range(len(routings) - 1)])
+print(f"agreement of neighbouring layers: {neighbours.mean():.3f} on average "
+      f"(a layer with itself: {agreement.diagonal().mean():.2f})")
+
+# %% [markdown]
+# ## 6 · Fewer experts per token at inference
+# Each token used top-k experts in training. Run the same weights with fewer: compute falls with k,
+# quality falls too — by how much? (`analysis.top_k_override`; a model that renormalises its weights
+# keeps doing so.)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from moe_tutorial.analysis import pruned_experts, top_k_override
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.moe import dropless
+from moe_tutorial.presets import preset
+
+eval_cfg = preset("char", model.config.vocab_size)[1]
+if REAL:
+    eval_batches = [(idx[i:i + 4, :-1], idx[i:i + 4, 1:]) for i in range(0, BATCH, 4)]
+else:
+    eval_batches = fixed_batches(dataset.val, 20, 16, model.config.block_size, seed=0)
+
+
+def val_loss():
+    with dropless(model):
+        return estimate_loss(model, eval_batches, eval_cfg)
+
+
+by_k = {}
+for k in range(moe.top_k, 0, -1):
+    with top_k_override(model, k):
+        by_k[k] = val_loss()
+    print(f"top-{k}: validation loss {by_k[k]:.4f}")
+
+# %%
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(list(by_k), list(by_k.values()), marker="o")
+ax.set(xlabel="experts per token at inference", ylabel="validation loss", title=f"trained with top-{moe.top_k}")
+fig.tight_layout()
+assert by_k[1] > by_k[moe.top_k]  # one expert per token is worse than the trained k
+print(f"top-{moe.top_k} → top-{moe.top_k // 2}: {by_k[moe.top_k // 2] - by_k[moe.top_k]:+.4f}; "
+      f"→ top-1: {by_k[1] - by_k[moe.top_k]:+.4f}")
+
+# %% [markdown]
+# ## 7 · Pruning the least-used experts
+# If some experts take little traffic, can they go? Remove, in every layer, the experts with the
+# smallest load on the held-out text (no token may choose them; the rest route as before) and measure.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+by_pruned = {}
+for n_pruned in (0, E // 8, E // 4, E // 2):
+    least_used = [load.argsort()[:n_pruned].tolist() for load in loads]
+    with pruned_experts(model, least_used):
+        by_pruned[n_pruned] = val_loss()
+    traffic = sum(load.sort().values[:n_pruned].sum().item() for load in loads) / len(loads)
+    print(f"{n_pruned:>3} of {E} experts pruned per layer ({traffic:.1%} of the traffic): "
+          f"validation loss {by_pruned[n_pruned]:.4f}")
+assert by_pruned[0] == val_loss() and by_pruned[E // 2] > by_pruned[0]
+
+# %% [markdown]
+# ## Summary
+
+# %%
+from IPython.display import Markdown
+
+name = REAL or "the course's modern MoE (offline)"
+Markdown(f"""
+Looking at **{name}**:
+- **Load**: on held-out text the busiest expert of a layer gets {loads.max(1).values.mean() * E:.2f}× the even
+  share on average over layers, the idlest {loads.min(1).values.mean() * E:.2f}×.
+- **Specialisation** by token kind (normalised mutual information, mean over layers):
+  {sum(trained) / len(trained):.3f} trained, {sum(chance) / len(chance):.3f} with random routers.
+- **Token consistency**: {sum(by_token) / len(by_token):.1%} of tokens go to their token id's usual expert
+  ({sum(by_chance) / len(by_chance):.1%} with the ids shuffled); neighbouring layers agree
+  {neighbours.mean():.3f} (normalised mutual information).
+- **Top-k at inference**: top-{moe.top_k} → top-1 changes validation loss by {by_k[1] - by_k[moe.top_k]:+.4f}.
+- **Pruning** half the experts per layer (the least used) changes it by {by_pruned[E // 2] - by_pruned[0]:+.4f}.
+
+The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
+""")
+
+# %% [markdown]
+# ## Further reading
+# - Muennighoff et al. 2024, *OLMoE: Open Mixture-of-Experts Language Models*, §5 (routing analysis:
+#   router saturation, co-activation, domain and vocabulary specialisation).
+# - Jiang et al. 2024, *Mixtral of Experts*, §5 (routing analysis: little domain specialisation,
+#   strong syntactic and positional consistency).
+# - DeepSeek-AI 2024, *DeepSeek-V3 Technical Report*, §4.5.3 (batch-wise vs sequence-wise balance and
+#   expert specialisation).
+# - Lu et al. 2024, *Not All Experts are Equal: Efficient Expert Pruning and Skipping for MoE LLMs*.

@@ -1,0 +1,122 @@
+"""What a trained MoE's routers do on real text (notebook 08): load per layer, which kinds of tokens
+each expert takes, how consistent routing is across layers, and what lowering top-k or pruning
+experts at inference costs.
+
+Everything works on any of the package's MoE models, whether trained by the course (notebook 07)
+or loaded from a Mixtral / Qwen3-MoE / OLMoE checkpoint (`hf_models`). Routing is read from each
+MoE layer's `last_routing` after a forward pass in eval mode without token dropping, so it is the
+routing generation would use.
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from .moe import dropless
+from .router import Routing
+
+
+@torch.no_grad()
+def collect_routing(model, idx: torch.Tensor) -> list[Routing]:
+    """Each MoE layer's routing of the tokens idx (B, T), in eval mode, dropping nothing."""
+    was_training = model.training
+    model.eval()
+    with dropless(model):
+        model(idx)
+    model.train(was_training)
+    return [layer.last_routing for layer in model.moe_layers()]
+
+
+def expert_load(routing: Routing) -> torch.Tensor:
+    """(E,) share of all assignments (every token's k choices) that each expert receives."""
+    counts = torch.bincount(routing.expert.reshape(-1), minlength=routing.probs.size(1)).float()
+    return counts / counts.sum()
+
+
+def category_shares(routing: Routing, categories: torch.Tensor, n_categories: int) -> torch.Tensor:
+    """(E, K): for each expert, the share of its assignments that are tokens of each category.
+    categories (N,) in [0, K) labels every routed token (e.g. letter, space, punctuation)."""
+    E, k = routing.probs.size(1), routing.expert.size(1)
+    pairs = routing.expert * n_categories + categories[:, None].expand(-1, k)  # (N, k) joint index
+    joint = torch.bincount(pairs.reshape(-1), minlength=E * n_categories).float().view(E, n_categories)
+    return joint / joint.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def specialisation(routing: Routing, categories: torch.Tensor, n_categories: int) -> float:
+    """How much knowing a token's category tells about its first-choice expert: the mutual
+    information I(expert; category) over the entropy of the category, in [0, 1]. 0: every expert
+    sees the text's mix of categories (no specialisation); 1: the expert determines the category."""
+    return normalised_mutual_information(routing.expert[:, 0], categories)
+
+
+def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
+    """I(a; b) / H(b) for two labelings of the same tokens, from their joint counts."""
+    na, nb = int(a.max()) + 1, int(b.max()) + 1
+    joint = torch.bincount(a * nb + b, minlength=na * nb).double().view(na, nb)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nonzero = p > 0
+    mutual = (p[nonzero] * (p[nonzero] / (pa @ pb)[nonzero]).log()).sum().item()
+    entropy_b = -(pb[pb > 0] * pb[pb > 0].log()).sum().item()
+    return mutual / entropy_b if entropy_b > 0 else 0.0
+
+
+def layer_agreement(routings: list[Routing]) -> torch.Tensor:
+    """(L, L): normalised mutual information between the first-choice experts of every pair of MoE
+    layers (row: the layer predicted). Expert numbers mean nothing across layers; this measures
+    whether tokens that share an expert in one layer also share one in another."""
+    firsts = [r.expert[:, 0] for r in routings]
+    return torch.tensor([[normalised_mutual_information(a, b) for a in firsts] for b in firsts])
+
+
+def token_consistency(token_ids: torch.Tensor, expert: torch.Tensor) -> float:
+    """The share of tokens routed (first choice) to the expert their token id goes to most often:
+    1.0 when routing is a function of the token id alone, about 1/E for routing unrelated to it."""
+    n_tokens, n_experts = int(token_ids.max()) + 1, int(expert.max()) + 1
+    joint = torch.bincount(token_ids * n_experts + expert, minlength=n_tokens * n_experts).view(n_tokens, n_experts)
+    return (joint.max(dim=1).values.sum() / joint.sum()).item()
+
+
+def routing_entropy_bits(load: torch.Tensor) -> float:
+    """Entropy of a load distribution in bits: log2(E) when every expert gets the same share."""
+    nonzero = load[load > 0]
+    return -(nonzero * nonzero.log2()).sum().item()
+
+
+@contextmanager
+def top_k_override(model, top_k: int):
+    """Route every MoE layer with `top_k` experts per token (weights of the chosen experts as the
+    router computes them: renormalised if the model renormalises), then restore."""
+    routers = [layer.router for layer in model.moe_layers()]
+    for router in routers:
+        if not 1 <= top_k <= router.n_experts:
+            raise ValueError(f"top_k must be in [1, {router.n_experts}], got {top_k}")
+    saved = [r.top_k for r in routers]
+    for router in routers:
+        router.top_k = top_k
+    try:
+        yield
+    finally:
+        for router, k in zip(routers, saved):
+            router.top_k = k
+
+
+@contextmanager
+def pruned_experts(model, experts_by_layer: list):
+    """Route as if the given experts (one list per MoE layer) did not exist: their selection bias
+    is -inf, so no token chooses them; the remaining experts' weights are computed as usual."""
+    layers = model.moe_layers()
+    if len(experts_by_layer) != len(layers):
+        raise ValueError(f"give one list of experts per MoE layer ({len(layers)}), got {len(experts_by_layer)}")
+    saved = [layer.router.selection_bias.clone() for layer in layers]
+    for layer, experts in zip(layers, experts_by_layer):
+        if len(experts) > layer.router.n_experts - layer.router.top_k:
+            raise ValueError(f"pruning {len(experts)} of {layer.router.n_experts} experts leaves fewer than "
+                             f"top_k={layer.router.top_k}")
+        layer.router.selection_bias[list(experts)] = -math.inf
+    try:
+        yield
+    finally:
+        for layer, bias in zip(layers, saved):
+            layer.router.selection_bias.copy_(bias)

@@ -1,0 +1,93 @@
+"""moe_tutorial.analysis (notebook 08): each measurement on cases with a known answer."""
+
+import pytest
+import torch
+
+from moe_tutorial.analysis import (
+    category_shares,
+    collect_routing,
+    expert_load,
+    layer_agreement,
+    normalised_mutual_information,
+    pruned_experts,
+    routing_entropy_bits,
+    token_consistency,
+    top_k_override,
+)
+from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.model import GPT
+
+
+def modern_moe(normalize=False, top_k=4):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=3, n_head=2, n_embd=32, norm="rmsnorm",
+                         position="rope", activation="swiglu",
+                         moe=MoEConfig(n_experts=8, top_k=top_k, expert_hidden=16, normalize_weights=normalize,
+                                       capacity_factor_eval=0.5)))
+
+
+def test_collect_routing_drops_nothing_and_restores_the_mode():
+    model = modern_moe().train()
+    routings = collect_routing(model, torch.randint(0, 40, (4, 32)))
+    assert model.training and len(routings) == 3
+    assert all(r.kept.all() for r in routings)  # capacity_factor_eval=0.5 would drop: generation never does
+    assert all(torch.allclose(expert_load(r).sum(), torch.tensor(1.0)) for r in routings)
+
+
+def test_mutual_information_bounds():
+    a = torch.arange(1000) % 5
+    assert normalised_mutual_information(a, a) == pytest.approx(1.0)
+    assert normalised_mutual_information((a + 2) % 5, a) == pytest.approx(1.0)  # a relabelling: still 1
+    independent = (torch.arange(1000) // 200) % 5  # each value of b sees every value of a equally
+    assert normalised_mutual_information(independent, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_token_consistency_and_entropy():
+    ids, experts = torch.tensor([5, 5, 5, 5, 2, 2, 9]), torch.tensor([1, 1, 1, 0, 3, 0, 2])
+    assert token_consistency(ids, experts) == pytest.approx(5 / 7)
+    assert token_consistency(ids, ids) == 1.0
+    assert routing_entropy_bits(torch.full((16,), 1 / 16)) == pytest.approx(4.0)
+    assert routing_entropy_bits(torch.tensor([1.0, 0, 0])) == 0.0
+
+
+def test_category_shares_rows_are_each_experts_mix():
+    model = modern_moe()
+    routing = collect_routing(model, torch.randint(0, 40, (2, 32)))[0]
+    categories = torch.randint(0, 3, (64,))
+    shares = category_shares(routing, categories, 3)
+    used = torch.bincount(routing.expert.reshape(-1), minlength=8) > 0
+    assert torch.allclose(shares[used].sum(1), torch.ones(int(used.sum())))
+    agreement = layer_agreement(collect_routing(model, torch.randint(0, 40, (2, 32))))
+    assert torch.allclose(agreement.diagonal().double(), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_top_k_override_routes_with_fewer_experts_and_restores(normalize):
+    model = modern_moe(normalize).eval()
+    idx = torch.randint(0, 40, (2, 32))
+    before = model(idx).logits
+    with top_k_override(model, 1):
+        routing = collect_routing(model, idx)[0]
+        assert routing.expert.shape[1] == 1
+        if normalize:  # a renormalising model gives its lone expert weight 1
+            assert torch.allclose(routing.weights, torch.ones_like(routing.weights))
+        else:
+            assert (routing.weights < 1).all()
+    assert torch.equal(model(idx).logits, before)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        with top_k_override(model, 9):
+            pass
+
+
+def test_pruned_experts_are_never_chosen_and_come_back():
+    model = modern_moe().eval()
+    idx = torch.randint(0, 40, (4, 32))
+    before = model(idx).logits
+    with pruned_experts(model, [[0, 1, 2], [7], []]):
+        routings = collect_routing(model, idx)
+        assert not torch.isin(routings[0].expert, torch.tensor([0, 1, 2])).any()
+        assert not (routings[1].expert == 7).any()
+    assert torch.equal(model(idx).logits, before)
+    with pytest.raises(ValueError, match="leaves fewer than top_k=4"):
+        with pruned_experts(model, [list(range(5)), [], []]):
+            pass
