@@ -17,7 +17,9 @@
 # (sha256-checked) and reads it shard by shard. Without it (and in CI) the notebook looks at the
 # course's own modern MoE: notebook 07's block with 32 fine-grained experts, 4 per token, trained on
 # Shakespeare. The cell below says which one you are looking at; the committed outputs are the
-# offline ones.
+# offline ones. (The loaders are tested on small random Mixtral, Qwen3-MoE and OLMoE checkpoints that
+# `transformers` writes, in both weight layouts; the machine that built this notebook had no network,
+# so the real OLMoE weights have not been through this notebook yet.)
 #
 # **Objectives**
 # 1. Load a real MoE and generate with it.

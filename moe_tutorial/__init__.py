@@ -14,13 +14,16 @@ names its chapter too):
                      kv_cache, course (notebook 01's model, shared by later chapters)
 06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)
 07 modern MoE        norms (RMSNorm), rope, attention (grouped-query repeat_kv), model (QK-norm,
-                     SwiGLU), router (sigmoid scoring, group-limited routing, sequence-wise loss)
-08 a real MoE        hf_models (Llama, Mixtral, Qwen3-MoE, OLMoE checkpoints, Hub downloads)
+                     SwiGLU), router (sigmoid scoring, group-limited routing, sequence-wise loss),
+                     optimizers (Muon)
+08 a real MoE        hf_models (Llama, Mixtral, Qwen3-MoE, OLMoE checkpoints, Hub downloads),
+                     analysis (routing measurements)
 all                  exercises (the checks behind every notebook's exercises)
 
 Import direction, bottom to top: config, downloads -> tokenizers -> data; attention, norms, rope,
 router, experts -> dispatch -> moe -> model; distributed; then evaluate, history, checkpoint, train,
-presets, cli, hf_models, pretrained, upcycle, course. Nothing imports upward (tests/test_imports.py walks the graph).
+presets, cli, hf_models, pretrained, upcycle, course, analysis. Nothing imports upward
+(tests/test_imports.py walks the graph).
 """
 
 __version__ = "0.1.0"
