@@ -43,15 +43,18 @@ def category_shares(routing: Routing, categories: torch.Tensor, n_categories: in
     return joint / joint.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def specialisation(routing: Routing, categories: torch.Tensor, n_categories: int) -> float:
-    """How much knowing a token's category tells about its first-choice expert: the mutual
-    information I(expert; category) over the entropy of the category, in [0, 1]. 0: every expert
-    sees the text's mix of categories (no specialisation); 1: the expert determines the category."""
-    return normalised_mutual_information(routing.expert[:, 0], categories)
+def specialisation(routing: Routing, categories: torch.Tensor) -> float:
+    """How much a token's first-choice expert tells about its category: the mutual information
+    I(expert; category) over the category's entropy, in [0, 1]. 0: every expert sees the text's
+    mix of categories; 1: the expert determines the category. A finite sample scores above 0 even
+    for unrelated labels (compare with shuffled categories)."""
+    return uncertainty_coefficient(routing.expert[:, 0], categories)
 
 
-def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
-    """I(a; b) / H(b) for two labelings of the same tokens, from their joint counts."""
+def uncertainty_coefficient(a: torch.Tensor, b: torch.Tensor) -> float:
+    """I(a; b) / H(b) (Theil's U of b given a): the share of b's entropy that knowing a removes, for
+    two labellings of the same tokens, from their joint counts. Not symmetric; the plug-in estimate is
+    biased upwards by about (|a| - 1)(|b| - 1) / (2 N H(b)) for unrelated labels."""
     na, nb = int(a.max()) + 1, int(b.max()) + 1
     joint = torch.bincount(a * nb + b, minlength=na * nb).double().view(na, nb)
     p = joint / joint.sum()
@@ -63,16 +66,18 @@ def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_agreement(routings: list[Routing]) -> torch.Tensor:
-    """(L, L): normalised mutual information between the first-choice experts of every pair of MoE
-    layers (row: the layer predicted). Expert numbers mean nothing across layers; this measures
-    whether tokens that share an expert in one layer also share one in another."""
+    """(L, L): uncertainty coefficient between the first-choice experts of every pair of MoE layers
+    (row: the layer predicted, column: the layer that predicts it). Expert numbers mean nothing across
+    layers; this measures whether tokens that share an expert in one layer also share one in another."""
     firsts = [r.expert[:, 0] for r in routings]
-    return torch.tensor([[normalised_mutual_information(a, b) for a in firsts] for b in firsts])
+    return torch.tensor([[uncertainty_coefficient(a, b) for a in firsts] for b in firsts])
 
 
 def token_consistency(token_ids: torch.Tensor, expert: torch.Tensor) -> float:
-    """The share of tokens routed (first choice) to the expert their token id goes to most often:
-    1.0 when routing is a function of the token id alone, about 1/E for routing unrelated to it."""
+    """The share of tokens routed (first choice) to the expert their token id goes to most often.
+    1.0 when routing is a function of the token id alone; for routing unrelated to the id it is still
+    well above 1/E (the busiest expert's share, plus rare ids counting as consistent): compare with
+    the same routing and shuffled ids."""
     n_tokens, n_experts = int(token_ids.max()) + 1, int(expert.max()) + 1
     joint = torch.bincount(token_ids * n_experts + expert, minlength=n_tokens * n_experts).view(n_tokens, n_experts)
     return (joint.max(dim=1).values.sum() / joint.sum()).item()
@@ -82,6 +87,26 @@ def routing_entropy_bits(load: torch.Tensor) -> float:
     """Entropy of a load distribution in bits: log2(E) when every expert gets the same share."""
     nonzero = load[load > 0]
     return -(nonzero * nonzero.log2()).sum().item()
+
+
+@contextmanager
+def random_routers(model, seed: int = 0, std: float = 0.02):
+    """Every MoE layer's router re-initialised (normal, std 0.02, as GPT initialises it) for a while,
+    then the trained weights restored, even if interrupted: a router that never learned, reading the
+    model's features."""
+    layers = model.moe_layers()
+    saved = [layer.router.gate.weight.detach().clone() for layer in layers]
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.router.gate.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.router.gate.weight.copy_(weight)
 
 
 @contextmanager
@@ -104,8 +129,9 @@ def top_k_override(model, top_k: int):
 
 @contextmanager
 def pruned_experts(model, experts_by_layer: list):
-    """Route as if the given experts (one list per MoE layer) did not exist: their selection bias
-    is -inf, so no token chooses them; the remaining experts' weights are computed as usual."""
+    """Route without the given experts (one list per MoE layer): their selection bias is -inf, so
+    no token chooses them and a token that would have moves on to its next choice; the weights are
+    computed as usual (with unnormalised softmax weights the pruned experts' probability is lost)."""
     layers = model.moe_layers()
     if len(experts_by_layer) != len(layers):
         raise ValueError(f"give one list of experts per MoE layer ({len(layers)}), got {len(experts_by_layer)}")

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import resource
+import sys
 from pathlib import Path
 
 import requests
@@ -273,8 +274,8 @@ def empty_model(config: GPTConfig, dtype: torch.dtype):
 
 def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: int | None = None):
     """A Llama / Mixtral / Qwen3-MoE / OLMoE checkpoint folder (config.json + safetensors, single
-    or sharded) as the package's GPT in `dtype`, read tensor by tensor: peak memory is the model
-    plus one tensor."""
+    or sharded) as the package's GPT in `dtype`, copied tensor by tensor from memory-mapped shards:
+    the model is allocated once, and no second copy of the weights is built."""
     directory = Path(directory)
     config = config_from_hf(read_json(directory / "config.json"), block_size)
     files = checkpoint_files(directory)
@@ -290,8 +291,9 @@ def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: i
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def read_json(path: Path) -> dict:
@@ -328,15 +330,18 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
     except FileNotFoundError:
         raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({base}/config.json "
                                 f"does not exist)") from None
-    try:  # the tokenizer, for notebook 08's text (read with the `tokenizers` package); not every repo has one
+    try:  # the tokenizer, for notebook 08's text (read with the `tokenizers` package); optional
         _fetch_small(f"{base}/tokenizer.json", folder / "tokenizer.json", timeout)
-    except FileNotFoundError:
+    except (FileNotFoundError, ConnectionError):
         pass
-    try:
-        _fetch_small(f"{base}/{INDEX}", folder / INDEX, timeout)
-        names = list(dict.fromkeys(read_json(folder / INDEX)["weight_map"].values()))
-    except FileNotFoundError:
-        names = [SINGLE]
+    if not (folder / INDEX).exists() and (folder / SINGLE).exists():
+        names = [SINGLE]  # cached single-file checkpoint: nothing to ask the server
+    else:
+        try:
+            _fetch_small(f"{base}/{INDEX}", folder / INDEX, timeout)
+            names = list(dict.fromkeys(read_json(folder / INDEX)["weight_map"].values()))
+        except FileNotFoundError:
+            names = [SINGLE]
     for name in names:
         path, url = folder / name, f"{base}/{name}"
         if path.exists():

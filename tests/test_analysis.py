@@ -8,11 +8,12 @@ from moe_tutorial.analysis import (
     collect_routing,
     expert_load,
     layer_agreement,
-    normalised_mutual_information,
     pruned_experts,
+    random_routers,
     routing_entropy_bits,
     token_consistency,
     top_k_override,
+    uncertainty_coefficient,
 )
 from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.model import GPT
@@ -36,10 +37,10 @@ def test_collect_routing_drops_nothing_and_restores_the_mode():
 
 def test_mutual_information_bounds():
     a = torch.arange(1000) % 5
-    assert normalised_mutual_information(a, a) == pytest.approx(1.0)
-    assert normalised_mutual_information((a + 2) % 5, a) == pytest.approx(1.0)  # a relabelling: still 1
+    assert uncertainty_coefficient(a, a) == pytest.approx(1.0)
+    assert uncertainty_coefficient((a + 2) % 5, a) == pytest.approx(1.0)  # a relabelling: still 1
     independent = (torch.arange(1000) // 200) % 5  # each value of b sees every value of a equally
-    assert normalised_mutual_information(independent, a) == pytest.approx(0.0, abs=1e-9)
+    assert uncertainty_coefficient(independent, a) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_token_consistency_and_entropy():
@@ -91,3 +92,15 @@ def test_pruned_experts_are_never_chosen_and_come_back():
     with pytest.raises(ValueError, match="leaves fewer than top_k=4"):
         with pruned_experts(model, [list(range(5)), [], []]):
             pass
+
+
+def test_random_routers_change_routing_and_restore_it_even_after_an_error():
+    model = modern_moe().eval()
+    idx = torch.randint(0, 40, (4, 32))
+    trained = collect_routing(model, idx)[0].expert.clone()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(KeyboardInterrupt):
+        with random_routers(model, seed=1):
+            assert not torch.equal(collect_routing(model, idx)[0].expert, trained)
+            raise KeyboardInterrupt  # interrupted mid-analysis: the trained routers still come back
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

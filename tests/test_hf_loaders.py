@@ -52,7 +52,7 @@ def test_checkpoint_folder_loads_exactly(tmp_path, arch, shard):
     assert torch.equal(ours.generate(idx[:1, :4], 10, top_k=1), expected)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
 def test_bf16_is_loaded_in_bf16_and_close(tmp_path, arch):
     theirs, folder = saved(tmp_path, arch, shard=True)
     ours = from_pretrained(folder)  # bfloat16 by default
