@@ -352,7 +352,9 @@ Looking at **{name}**:
   {neighbours.mean():.3f} (uncertainty coefficient; {sum(unrelated) / len(unrelated):.3f} with tokens shuffled).
 - **Top-k at inference**: top-{moe.top_k} → top-1 changes validation loss by {by_k[1] - by_k[moe.top_k]:+.4f}.
 - **Pruning** half the experts per layer changes it by {by_pruned[E // 2] - by_pruned[0]:+.4f} (the least
-  used, chosen on training text) and {by_random[E // 2] - by_random[0]:+.4f} (chosen at random).
+  used, chosen on training text) and {by_random[E // 2] - by_random[0]:+.4f} (chosen at random):
+  {"on this model the least-used experts cost *more* to remove than random ones — an expert's traffic is not its value"
+   if by_pruned[E // 2] > by_random[E // 2] else "removing the least-used experts costs less than removing random ones"}.
 
 The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
 """)
