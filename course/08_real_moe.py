@@ -340,6 +340,10 @@ assert by_pruned[0] == val_loss()
 from IPython.display import Markdown
 
 name = REAL or "the course's modern MoE (offline, 4.4 M parameters, characters)"
+if by_pruned[E // 2] > by_random[E // 2]:
+    pruning_verdict = "on this model the least-used experts cost *more* to remove than random ones: traffic is not value"
+else:
+    pruning_verdict = "removing the least-used experts costs less than removing random ones"
 Markdown(f"""
 Looking at **{name}**:
 - **Load**: on held-out text the busiest expert of a layer gets {loads.max(1).values.mean() * E:.2f}× the even
@@ -353,8 +357,7 @@ Looking at **{name}**:
 - **Top-k at inference**: top-{moe.top_k} → top-1 changes validation loss by {by_k[1] - by_k[moe.top_k]:+.4f}.
 - **Pruning** half the experts per layer changes it by {by_pruned[E // 2] - by_pruned[0]:+.4f} (the least
   used, chosen on training text) and {by_random[E // 2] - by_random[0]:+.4f} (chosen at random):
-  {"on this model the least-used experts cost *more* to remove than random ones — an expert's traffic is not its value"
-   if by_pruned[E // 2] > by_random[E // 2] else "removing the least-used experts costs less than removing random ones"}.
+  {pruning_verdict}.
 
 The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
 """)
