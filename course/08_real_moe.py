@@ -341,7 +341,7 @@ from IPython.display import Markdown
 
 name = REAL or "the course's modern MoE (offline, 4.4 M parameters, characters)"
 if by_pruned[E // 2] > by_random[E // 2]:
-    pruning_verdict = "on this model the least-used experts cost *more* to remove than random ones: traffic is not value"
+    pruning_verdict = "on this model the least-used experts cost *more* to remove than random ones"
 else:
     pruning_verdict = "removing the least-used experts costs less than removing random ones"
 Markdown(f"""
