@@ -24,18 +24,7 @@ def pretrained_char_model(dataset, progress: bool = False) -> GPT:
     """Notebook 01's character-level GPT ("char" preset): loaded from the data cache where
     notebook 01 saved it, else trained here exactly as there (same seed; ~100 s on 2 cores) and saved."""
     model_config, train_config = preset("char", vocab_size=dataset.tokenizer.vocab_size, progress=progress)
-    directory = char_model_dir()
-    if (directory / "model.safetensors").exists():
-        model = from_pretrained(directory)
-        if model.config != model_config:
-            raise ValueError(f"{directory} holds a model with another config than the 'char' preset; "
-                             f"delete that directory and it will be trained again")
-        return model
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config)
-    train(model, dataset, train_config)
-    save_pretrained(model, directory)
-    return model
+    return _cached_or_trained(char_model_dir(), model_config, train_config, dataset, "the 'char' preset")
 
 
 # Notebook 08's offline model: the char-modern recipe (notebook 07's block, Muon) with OLMoE-style
@@ -55,12 +44,17 @@ def pretrained_modern_moe(dataset, progress: bool = False) -> GPT:
     model_config, train_config = preset("char-modern", vocab_size=dataset.tokenizer.vocab_size, progress=progress,
                                         max_iters=COURSE_MOE_STEPS)
     model_config = dataclasses.replace(model_config, moe=dataclasses.replace(COURSE_MOE))
-    directory = modern_moe_dir()
+    return _cached_or_trained(modern_moe_dir(), model_config, train_config, dataset, "notebook 08's")
+
+
+def _cached_or_trained(directory: Path, model_config, train_config, dataset, what: str) -> GPT:
+    """The model saved in `directory` if its config is `model_config`; else trained (seeded by the
+    recipe) and saved there. A saved model of another config is refused, naming what was expected."""
     if (directory / "model.safetensors").exists():
         model = from_pretrained(directory)
         if model.config != model_config:
-            raise ValueError(f"{directory} holds a model with another config than notebook 08's; delete that "
-                             f"directory and it will be trained again")
+            raise ValueError(f"{directory} holds a model with another config than {what}; "
+                             f"delete that directory and it will be trained again")
         return model
     torch.manual_seed(train_config.seed)
     model = GPT(model_config)

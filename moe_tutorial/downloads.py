@@ -227,3 +227,16 @@ def verify_cached(path: Path, url: str, timeout: float = 30.0):
                          f"Delete it (and {record.name}) to download it again.")
     if not record.exists():
         record_sha256(path, expected)
+
+
+def fetch_hub_file(url: str, path: Path, timeout: float = 30.0, progress: bool = True) -> Path:
+    """A large (LFS) file of a Hub repository, cached at `path`: a cached file is checked against
+    its recorded sha256 (`verify_cached`); otherwise it is downloaded, checked against the sha256
+    the Hub announces, and that sha256 is recorded beside it."""
+    if path.exists():
+        verify_cached(path, url, timeout)
+        return path
+    sha256 = hub_sha256(url, timeout)
+    download(url, path, sha256, timeout=timeout, progress=progress)
+    record_sha256(path, sha256)
+    return path

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from .config import GPTConfig, MoEConfig
-from .downloads import atomic_path, data_dir, download, ensure_writable_dir, hub_sha256, record_sha256, verify_cached
+from .downloads import atomic_path, data_dir, ensure_writable_dir, fetch_hub_file
 
 ARCHITECTURES = ("llama", "mixtral", "qwen3_moe", "olmoe")
 
@@ -321,7 +321,7 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
 
     Each weights file is streamed to a temporary file, checked against the sha256 the Hub
     announces for it, and only then renamed into place; the sha256 is recorded beside it and a
-    cached file is checked again on every use (`downloads.verify_cached`). config.json and the
+    cached file is checked again on every use (`downloads.fetch_hub_file`). config.json and the
     index are small git files (no sha256 announced): they are written atomically."""
     base = f"{hub_endpoint()}/{repo}/resolve/main"
     folder = hub_cache(repo)
@@ -343,13 +343,7 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
         except FileNotFoundError:
             names = [SINGLE]
     for name in names:
-        path, url = folder / name, f"{base}/{name}"
-        if path.exists():
-            verify_cached(path, url, timeout)
-            continue
-        sha256 = hub_sha256(url, timeout)
-        download(url, path, sha256, timeout=timeout, progress=progress)
-        record_sha256(path, sha256)
+        fetch_hub_file(f"{base}/{name}", folder / name, timeout, progress)
     return folder
 
 

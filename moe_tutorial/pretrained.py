@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from .config import CONFIG_VERSION, GPTConfig
-from .downloads import atomic_path, data_dir, download, hub_sha256, record_sha256, sha256_record, verify_cached
+from .downloads import atomic_path, data_dir, fetch_hub_file, sha256_record
 from .model import GPT
 from .presets import gpt2_config
 
@@ -51,20 +51,14 @@ def download_checkpoint(name: str, progress: bool = True, timeout: float = 30.0)
     """
     path = cache_path(name)
     url = hub_url(name)
-    if path.exists():
-        verify_cached(path, url, timeout)
-        return path
     try:
-        sha256 = hub_sha256(url, timeout)
-    except requests.RequestException as err:
+        return fetch_hub_file(url, path, timeout, progress)
+    except requests.RequestException as err:  # only asking the Hub for the sha256 raises these
         raise FileNotFoundError(
             f"Could not reach {url} ({err.__class__.__name__}). If you are offline, download that file "
             f"elsewhere and place it at {path} (or set MOE_TUTORIAL_DATA to a directory that holds "
             f"gpt2/{path.name}), with its sha256 in {sha256_record(path).name} beside it."
         ) from err
-    download(url, path, sha256, timeout=timeout, progress=progress)
-    record_sha256(path, sha256)
-    return path
 
 
 # Every field of transformers' GPT2Config, sorted by what loading does with it.
