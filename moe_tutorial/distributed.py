@@ -165,7 +165,7 @@ def shard_experts(model, group=None):
         mine = slice(rank * n_local, (rank + 1) * n_local)
         full = layer.experts
         local = Experts(n_local, full.c_fc.size(1), full.c_proj.size(1), full.b_fc is not None, full.gelu_approximate,
-                        "swiglu" if full.swiglu else "gelu")
+                        full.nonlinearity)
         with torch.no_grad():
             for name, param in local.named_parameters():
                 param.copy_(getattr(full, name)[mine])

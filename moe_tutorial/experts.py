@@ -86,8 +86,8 @@ class Experts(nn.Module):
     def __init__(self, n_experts, n_embd, hidden, bias=False, gelu_approximate="none", activation="gelu"):
         super().__init__()
         self.gelu_approximate = gelu_approximate  # "tanh" for GPT-2's weights
-        self.swiglu = activation == "swiglu"
-        fc_width = 2 * hidden if self.swiglu else hidden
+        self.nonlinearity = activation  # "gelu" or "swiglu"
+        fc_width = 2 * hidden if activation == "swiglu" else hidden
         self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, fc_width))  # (E, C, H), or (E, C, 2H) for SwiGLU
         self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, C)
         self.b_fc = nn.Parameter(torch.zeros(n_experts, fc_width)) if bias else None
@@ -124,7 +124,14 @@ class Experts(nn.Module):
         return self.activation(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
 
     def activation(self, h):  # (..., H) -> (..., H); SwiGLU: (..., 2H) -> (..., H)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h, approximate=self.gelu_approximate)
+        return ffn_activation(h, self.nonlinearity, self.gelu_approximate)
+
+
+def ffn_activation(h, nonlinearity: str, gelu_approximate: str = "none"):
+    """The feed-forward nonlinearity of the dense MLP and of every expert: GELU on h (..., H), or
+    SwiGLU (Shazeer 2020) on h = [gate | up] (..., 2H) -> silu(gate) * up (..., H), the gate half
+    deciding, per hidden unit, how much of the up half passes."""
+    if nonlinearity == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate=gelu_approximate)

@@ -14,8 +14,8 @@ switches, each a GPTConfig / MoEConfig field here:
 `config_from_hf` maps a `config.json` dict onto a GPTConfig, field by field: every field is
 honoured, known to have no effect on the outputs, or refused with its name and value. The
 models are dropless (every token reaches its experts), so the capacity factors are set to
-n_experts / top_k, which makes an expert's capacity the whole batch. `state_dict_from_hf` renames
-and fuses the weights: q, k and v into c_attn, gate and up into c_fc ([gate | up]), and experts
+n_experts / top_k, which makes an expert's capacity the whole batch. `weight_slots` and
+`load_tensors` rename and fuse the weights: q, k and v into c_attn, gate and up into c_fc ([gate | up]), and experts
 stored either fused (transformers' `experts.gate_up_proj` (E, 2I, C)) or one by one, as the Hub's
 files store them (`experts.N.gate_proj` for Qwen3 and OLMoE, `experts.N.w1/w2/w3` for Mixtral).
 """
@@ -297,12 +297,15 @@ def peak_rss_gib() -> float:
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint folder's JSON file (config.json, the shard index) as a dict, or one line saying
+    what is wrong with it."""
     try:
         value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                         f"fix it or save the model again") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} should hold a JSON object, got {type(value).__name__}")
     return value

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import ATTENTION_IMPLS, attention, cached_attention, repeat_kv
 from .config import GPTConfig
 from .dispatch import DISPATCH
-from .experts import Experts
+from .experts import Experts, ffn_activation
 from .kv_cache import KVCache
 from .moe import MoE, dropless
 from .norms import RMSNorm, make_norm
@@ -68,7 +68,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.impl = impl  # a Kernels.attention name
-        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.q_width = q_width = self.n_head * self.head_dim
+        self.kv_width = kv_width = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
@@ -82,8 +83,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache: KVCache | None = None, rope=None):
         B, T, C = x.shape
-        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([q_width, kv_width, kv_width], dim=2)  # (B, T, nh*hs), (B, T, n_kv*hs) x2
+        q, k, v = self.c_attn(x).split([self.q_width, self.kv_width, self.kv_width], dim=2)  # (B, T, nh*hs), ...
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -102,15 +102,8 @@ class CausalSelfAttention(nn.Module):
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
             y = cached_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), past)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, q_width)  # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, self.q_width)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-def swiglu(h):
-    """SwiGLU (Shazeer 2020) on h = [gate | up] (..., 2H): silu(gate) * up, (..., H). The gate
-    half decides, per hidden unit, how much of the up half passes."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -128,8 +121,7 @@ class MLP(nn.Module):
         self.activation, self.gelu_approximate = config.activation, config.gelu_approximate
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
-        h = swiglu(h) if self.activation == "swiglu" else F.gelu(h, approximate=self.gelu_approximate)
+        h = ffn_activation(self.c_fc(x), self.activation, self.gelu_approximate)  # (B, T, H)
         return self.dropout(self.c_proj(h))
 
 

@@ -19,8 +19,10 @@ import requests
 import torch
 from safetensors.torch import load_file, save_model
 
+from . import hf_models
 from .config import CONFIG_VERSION, GPTConfig
 from .downloads import atomic_path, data_dir, fetch_hub_file, sha256_record
+from .hf_models import read_json
 from .model import GPT
 from .presets import gpt2_config
 
@@ -158,11 +160,9 @@ def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, d
     Llama, Mixtral, Qwen3-MoE or OLMoE model (notebook 08; bfloat16 unless `dtype` says otherwise;
     `block_size` caps their long contexts, whose KV cache would otherwise be allocated in full);
     or a directory with config.json and safetensors (written by save_pretrained or transformers)."""
-    from . import hf_models
-
     path = Path(name_or_dir)
     if path.is_dir():
-        config = _read_config(path / "config.json") if (path / "config.json").exists() else {}
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
         if config.get("model_type") in hf_models.ARCHITECTURES:
             return hf_models.load_directory(path, dtype or torch.bfloat16, block_size)
         return _from_directory(path)
@@ -185,23 +185,12 @@ def _read_safetensors(path: Path) -> dict:
                          f"safetensors); delete it and download or save it again") from None
 
 
-def _read_config(config_file: Path) -> dict:
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                         f"fix it or save the model again") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} should hold a JSON object, got {type(config).__name__}")
-    return config
-
-
 def _from_directory(path: Path) -> GPT:
     config_file, weights = path / "config.json", path / "model.safetensors"
     for f in (config_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing: a model directory holds config.json and model.safetensors")
-    config = _read_config(config_file)
+    config = read_json(config_file)
     state = _read_safetensors(weights)
     if "moe_tutorial" in config:  # written by save_pretrained
         model = GPT(GPTConfig.from_dict(config["moe_tutorial"], config_file))
