@@ -6,16 +6,17 @@
 # router z-loss. Then you put it in the GPT of notebook 01 and look inside with an interactive
 # routing explorer.
 #
-# **What you will measure.** Parameters vs compute per token; validation loss of a dense model
-# and a Switch MoE with the same compute per token and the same training budget; expert load and
-# dropped tokens over training, with and without the load-balancing loss.
+# **What you will measure.** Parameters vs compute per token; expert load and dropped tokens over
+# training with and without the load-balancing loss; what the router z-loss does to the router's
+# logits; a setting in which routing really collapses. (Whether the MoE beats the dense model needs
+# seeds: notebook 04 measures it.)
 #
 # **Objectives**
 # 1. Know what MoE buys: more parameters at the same compute per token.
 # 2. Build a router and top-1 routing; understand capacity and dropping.
 # 3. Derive the load-balancing loss `α·E·Σ f_i·P_i` and the z-loss.
 # 4. Check a from-scratch MoE layer against `moe_tutorial.moe.MoE`.
-# 5. Train dense vs MoE, and watch routing collapse without the auxiliary loss.
+# 5. Train MoEs with and without each auxiliary loss, and see what collapse looks like.
 #
 # Solutions: `solutions/03_switch_routing_solutions.ipynb`.
 
@@ -25,6 +26,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from IPython.display import Markdown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -33,8 +35,19 @@ torch.set_num_threads(2)
 # ## 1 · Why experts?
 # In a transformer most parameters and FLOPs sit in the feed-forward MLPs. An MoE layer keeps
 # `E` MLPs ("experts") and sends each token to only one (or `k`) of them. Parameters grow `E`-fold;
-# the compute per token stays that of one MLP (plus a tiny router). For the char model of
-# notebook 01, with every other block an MoE of 8 experts:
+# the compute per token stays that of one MLP (plus a tiny router). The layer, in four steps:
+
+# %%
+from moe_tutorial.diagrams import moe_layer_diagram
+
+moe_layer_diagram()
+plt.show()
+
+# %% [markdown]
+# Each token's router picks one expert and a gate `g`; tokens are grouped by expert, at most
+# `capacity` per expert in arrival order (token 4 finds expert 1 full and is dropped); each expert
+# is an ordinary MLP run on its group; outputs are scaled by their gates and put back in token
+# order. For the char model of notebook 01, with every other block an MoE of 8 experts:
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
@@ -52,14 +65,18 @@ def ffn_counts(config):
 
 dense_cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
 moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "moe": MoEConfig(n_experts=8, top_k=1, every=2)})
-for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg)):
-    total, active = ffn_counts(cfg)
+counts = {name: ffn_counts(cfg) for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg))}
+for name, (total, active) in counts.items():
     print(f"{name:<16} total {total:>9,} parameters, {active:>8,} used per token")
+param_ratio = counts["Switch MoE, E=8"][0] / counts["dense"][0]
+assert counts["Switch MoE, E=8"][1] - counts["dense"][1] == 2 * moe_cfg.n_embd * moe_cfg.moe.n_experts  # 2 routers
+
+# %%
+Markdown(f"{param_ratio:.2f}× the parameters for the same matrix multiplications per token: the only "
+         f"extra weights a token uses are the two routers' `C × E` = {moe_cfg.n_embd * moe_cfg.moe.n_experts:,} "
+         f"each. Whether the extra parameters help is a question for seeds: notebook 04 answers it.")
 
 # %% [markdown]
-# About 3.4× the parameters for the same matrix multiplications per token (the router adds
-# `C × E` = 1,024 multiply-adds per token and MoE layer). Whether those extra parameters help is
-# what section 6 measures.
 #
 # ## 2 · A router from scratch
 # The router is a linear layer from the token's `C` features to `E` logits. A softmax turns them
@@ -97,8 +114,8 @@ print("the package's Router agrees")
 # To run experts as fixed-size batches (and to bound the worst case), each expert gets a
 # **capacity**: `ceil(capacity_factor · N / E)` slots. Tokens arrive in sequence order; once an
 # expert is full, later tokens sent to it are **dropped**: the layer outputs zero for them and the
-# residual connection carries them to the next block unchanged. Switch Transformer trains with a
-# capacity factor of 1.25 and evaluates with 2.0.
+# residual connection carries them to the next block unchanged. The package's defaults, training at
+# capacity factor 1.25 and evaluating at 2.0, are ST-MoE's; the Switch paper sweeps 1.0 to 2.0.
 
 # %%
 from moe_tutorial.router import capacity
@@ -120,7 +137,7 @@ ax.set(xlabel="token (arrival order)", ylabel="expert", yticks=range(E), xticks=
        title="top-1 routing with capacity: filled = processed, hollow red = dropped")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] solutions
 # ### ✍️ Exercise 1 — who fits?
 # Given each token's expert (top-1, shape `(N,)`), the number of experts and the capacity, return a
 # bool tensor `kept` of shape `(N,)`: a token is kept if fewer than `capacity` earlier tokens chose
@@ -140,8 +157,16 @@ def assign_with_capacity(expert, n_experts, capacity):
 # NBVAL_CHECK_OUTPUT
 from moe_tutorial.exercises.ch03 import check_assign_with_capacity
 
-passed = check_assign_with_capacity(assign_with_capacity)
-assert passed  # solutions-only
+capacity_solved = check_assign_with_capacity(assign_with_capacity)
+assert capacity_solved  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** Row `n` of `one_hot.cumsum(dim=0)` counts, per expert, the tokens up to and
+# including token `n`; multiplying by `one_hot` keeps only the token's own expert, so the row sum
+# minus 1 is how many earlier tokens chose that expert — its slot. Slots `0 … capacity−1` fit.
+#
+# **Wrong answers the check catches:** keeping every token (capacity ignored), and keeping the
+# *last* tokens of each expert instead of the first (the count is right, the order is not).
 
 # %% [markdown]
 # ## 4 · Keeping the experts busy: the load-balancing loss
@@ -158,7 +183,8 @@ assert passed  # solutions-only
 # get their probability pushed down hardest. With a uniform router `f_i = P_i = 1/E`, so
 # `E · Σ 1/E² = 1`: the loss is exactly `α` when balanced, and `α·E` when one expert takes
 # everything. `α = 0.01` by default.
-#
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 2 — the load-balancing loss
 # From router probabilities `(N, E)`, return `E · Σ f_i · P_i` (without α) as a scalar tensor.
 
@@ -180,12 +206,29 @@ from moe_tutorial.exercises.ch03 import check_switch_load_balancing_loss
 passed = check_switch_load_balancing_loss(switch_load_balancing_loss)
 assert passed  # solutions-only
 
+# %% [markdown] solutions-only
+# **Why it works.** `bincount` of each token's argmax gives the top-choice counts; as integers they
+# carry no gradient, so the whole gradient flows through `P = probs.mean(0)`, scaled by `f` — the
+# busiest experts' probabilities are pushed down hardest. The factor `E` makes a balanced router
+# score exactly 1.
+#
+# **Wrong answers the check catches:** `f` taken as the mean probability (soft, differentiable
+# `f`: `E·Σ P_i²`, whose gradient is wrong), and the loss without the factor `E` (1/E when balanced).
+
 # %% [markdown]
 # ## 5 · The router z-loss
-# ST-MoE found that large router logits make training unstable (softmax saturates, bf16 rounding
-# bites). The **z-loss** `mean_tokens( logsumexp(logits)² )`, weighted by 1e-3, keeps them small
-# without changing which expert wins.
-#
+# ST-MoE (Zoph et al. 2022) found that large router logits make training unstable: a float's
+# absolute rounding error grows with its magnitude (bf16 keeps about 3 significant digits at any
+# size), and `exp` turns an absolute error in a logit into a relative error in the probability.
+# The **z-loss** `z² = mean_tokens( logsumexp(logits)² )`, weighted by 1e-3, is smallest when each
+# token's log-partition `z = logsumexp(l)` is 0. Its gradient is `∂z²/∂l_i = 2z · softmax(l)_i`:
+# when `z > 0` every logit is pushed *down* in proportion to its probability (the winner hardest),
+# when `z < 0` pushed *up*. So it pins `z` near 0, and since `max_i l_i ≤ z ≤ max_i l_i + ln E`, that
+# caps every logit near or below 0 — it bounds the logits' *level*. (A softmax ignores a common shift,
+# so the level is what floats and what the z-loss fixes; whether the distribution gets flatter or
+# sharper is a separate question.) Section 7 measures `z`, the largest logit, and the logits' spread.
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 3 — the z-loss
 # Return the z-loss (without its coefficient) of router logits `(N, E)` as a scalar tensor.
 
@@ -204,6 +247,15 @@ from moe_tutorial.exercises.ch03 import check_router_z_loss
 passed = check_router_z_loss(router_z_loss)
 assert passed  # solutions-only
 
+# %% [markdown] solutions-only
+# **Why it works.** `torch.logsumexp` computes `log Σ_i e^{l_i}` stably (it subtracts the row's max
+# first), so large logits do not overflow; squaring per token and then averaging is ST-MoE's
+# definition.
+#
+# **Wrong answers the check catches:** the mean of the squared logits (not the logsumexp),
+# `log(exp(l).sum())` written out (overflows to `inf` for large logits), and the logsumexp without
+# the square.
+
 # %% [markdown]
 # ## 6 · The whole layer, from scratch, against the package
 # Putting it together: route, find who fits, run each expert on its tokens, scale by the gate,
@@ -213,8 +265,17 @@ assert passed  # solutions-only
 # (`moe_tutorial.dispatch.sort_dispatch`).
 
 # %%
+from moe_tutorial.exercises import learner_or_package
 from moe_tutorial.moe import MoE
 from moe_tutorial.router import positions_in_expert
+
+
+def package_assign_with_capacity(expert, n_experts, capacity):
+    return positions_in_expert(expert[:, None], n_experts)[:, 0] < capacity
+
+
+fits = learner_or_package(capacity_solved, assign_with_capacity, package_assign_with_capacity,
+                          "who fits (exercise 1)")
 
 
 def scratch_moe(x, router_weight, w_fc, w_proj, capacity_factor):
@@ -223,7 +284,7 @@ def scratch_moe(x, router_weight, w_fc, w_proj, capacity_factor):
     probs = F.softmax(x @ router_weight.T, dim=-1)
     gate, expert = probs.max(dim=-1)
     cap = math.ceil(capacity_factor * N / E)
-    kept = positions_in_expert(expert[:, None], E)[:, 0] < cap
+    kept = fits(expert, E, cap)
     out = torch.zeros_like(x)
     for e in range(E):
         mine = (expert == e) & kept  # this expert's tokens that fit
@@ -243,85 +304,119 @@ print(f"max |difference| {(ours - theirs).abs().max():.1e}; "
 assert torch.allclose(ours, theirs, atol=1e-6)
 
 # %% [markdown]
-# ## 7 · Training: dense vs Switch MoE
-# Same model as notebook 01, same recipe (`"char"` preset), same steps; the MoE version has 8
-# experts in blocks 1 and 3 (top-1, so the same compute per token). A third run switches the
-# load-balancing loss off. To fit a few minutes of CPU we train each for 800 steps rather than
-# the preset's 2000.
+# ## 7 · Training: what each auxiliary loss does
+# Notebook 01's model and recipe (`"char"` preset), fewer steps, with 8
+# experts in the 2nd and 4th blocks (`every=2`: indices 1 and 3), top-1, so the same compute per
+# token. Then the same MoE without the load-balancing loss, without the z-loss, and with neither
+# loss, no capacity limit (capacity factor = E: no token can be dropped) and a higher learning rate
+# — the setting most likely to collapse. One seed each, so the asserts below only check several-fold
+# differences in routing, and nothing here compares validation losses: whether an MoE beats the
+# dense model is a question for 3 seeds, answered in notebook 04.
 
 # %%
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
 
+STEPS = 800
+COLLAPSE_LR = 1e-2
 dataset = shakespeare_dataset(progress=False)
-runs = {
-    "dense": None,
-    "Switch MoE": MoEConfig(n_experts=8, top_k=1, every=2),
-    "MoE, no aux loss": MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0),
+switch = MoEConfig(n_experts=8, top_k=1, every=2)
+runs = {  # name: (MoE layers, learning rate or None for the recipe's)
+    "Switch MoE": (switch, None),
+    "no aux loss": (MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0), None),
+    "no z-loss": (MoEConfig(n_experts=8, top_k=1, every=2, z_loss_coef=0.0), None),
+    "neither, no cap": (MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0, z_loss_coef=0.0,
+                                  capacity_factor_train=8.0), COLLAPSE_LR),
 }
 histories, models = {}, {}
-for name, moe in runs.items():
-    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=800, eval_interval=200,
-                                  progress=False)
+for name, (moe, lr) in runs.items():
+    overrides = {"learning_rate": lr} if lr else {}
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=STEPS, eval_interval=200,
+                                  progress=False, **overrides)
     model_cfg = GPTConfig(**{**model_cfg.to_dict(), "moe": moe})
     torch.manual_seed(train_cfg.seed)
     models[name] = GPT(model_cfg)
     histories[name] = train(models[name], dataset, train_cfg)
-    print(f"{name:<17} val loss {histories[name].final_val_loss:.3f}  ({histories[name].elapsed:.0f} s)")
+recipe_steps, recipe_lr = preset("char", 65)[1].max_iters, preset("char", 65)[1].learning_rate
+print(f"{STEPS} steps each (the recipe trains {recipe_steps}); learning rate {recipe_lr:g}, "
+      f"{COLLAPSE_LR:g} for the last run")
 
 # %%
-def load_cv(history, last=100):
-    """Coefficient of variation of expert load, averaged over layers and the last steps."""
-    loads = torch.tensor(history.expert_load[-last:])  # (steps, layers, E)
-    return (loads.std(dim=-1) / loads.mean(dim=-1)).mean().item()
-
-
-print(f"{'run':<17}{'val loss':>9}{'dropped %':>11}{'load CV':>9}{'max share':>11}{'tokens/s':>10}")
+# NBVAL_IGNORE_OUTPUT
 for name, h in histories.items():
-    moe = bool(h.expert_load)
-    dropped = 100 * torch.tensor(h.dropped[-100:]).mean().item() if moe else 0.0  # last 100 steps
-    max_share = torch.tensor(h.expert_load[-100:]).amax(dim=-1).mean().item() if moe else float("nan")
-    print(f"{name:<17}{h.final_val_loss:>9.3f}{dropped:>11.1f}{load_cv(h) if moe else 0.0:>9.2f}"
-          f"{max_share:>11.2f}{h.tokens / h.elapsed:>10,.0f}")
+    print(f"{name:<17} {h.tokens / h.elapsed:>8,.0f} tokens/s  ({h.elapsed:.0f} s)")
 
-assert histories["Switch MoE"].final_val_loss < 2.2 and histories["dense"].final_val_loss < 2.2
-def mean_dropped(history, last=100):
-    return torch.tensor(history.dropped[-last:]).mean().item()
+# %%
+@torch.no_grad()
+def router_logit_stats(model, ids):
+    """Mean over MoE layers and tokens of: logsumexp of the router logits (z), the largest logit,
+    the logits' spread (std over experts) and the router's probability for its chosen expert."""
+    model.eval()
+    model(ids)
+    rows = [(torch.logsumexp(r.logits, -1).mean(), r.logits.max(-1).values.mean(), r.logits.std(-1).mean(),
+             r.probs.max(-1).values.mean()) for r in (layer.last_routing for layer in model.moe_layers())]
+    return [torch.stack(col).mean().item() for col in zip(*rows)]
 
 
-assert load_cv(histories["Switch MoE"]) < load_cv(histories["MoE, no aux loss"])
-assert mean_dropped(histories["MoE, no aux loss"]) > 3 * mean_dropped(histories["Switch MoE"])
+val_ids = dataset.val[:64 * 64].view(64, 64)  # 64 validation windows
+print(f"{'run':<17}{'val loss':>9}{'dropped %':>11}{'load CV':>9}{'max share':>11}{'z':>7}{'max logit':>11}"
+      f"{'spread':>8}{'top prob':>10}")
+stats = {}
+for name, h in histories.items():
+    stats[name] = {**h.routing_summary(), **dict(zip(("z", "max_logit", "spread", "top_prob"),
+                                                      router_logit_stats(models[name], val_ids)))}
+    s_ = stats[name]
+    print(f"{name:<17}{h.final_val_loss:>9.3f}{s_['dropped_pct']:>11.1f}{s_['load_cv']:>9.2f}{s_['max_share']:>11.2f}"
+          f"{s_['z']:>7.2f}{s_['max_logit']:>11.2f}{s_['spread']:>8.2f}{s_['top_prob']:>10.2f}")
+
+with_aux, no_aux, no_z = (stats[n] for n in ("Switch MoE", "no aux loss", "no z-loss"))
+assert with_aux["load_cv"] < 0.5 * no_aux["load_cv"]  # the balancing loss evens the demand ...
+assert no_aux["dropped_pct"] > 3 * with_aux["dropped_pct"]  # ... and without it several times more is dropped
+assert no_aux["max_share"] < 0.5  # ... but no collapse at this budget: the busiest expert has under half
+assert abs(with_aux["z"]) < 0.5 * abs(no_z["z"])  # the z-loss pins the log-partition near 0
+first_layer_share = torch.tensor(histories["neither, no cap"].expert_load[-100:])[:, 0].amax(-1).mean().item()
+assert first_layer_share > 0.5  # collapse: in MoE layer 0 one expert is the first choice of most tokens
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
-for name, h in histories.items():
-    axes[0].plot(h.eval_step, h.val_loss, "o-", label=name)
-axes[0].set(xlabel="step", ylabel="val loss", title="validation loss")
-axes[0].legend()
-for ax, name in zip(axes[1:], ("Switch MoE", "MoE, no aux loss")):
+for ax, name in zip(axes, ("Switch MoE", "no aux loss", "neither, no cap")):
     load = torch.tensor(histories[name].expert_load)[:, 0]  # (steps, E) for the first MoE layer
     smooth = F.avg_pool1d(load.T[None], 25, stride=5)[0].T  # moving average over 25 steps
     ax.stackplot(range(0, 5 * len(smooth), 5), smooth.T.numpy())
-    ax.set(xlabel="step", ylabel="share of tokens", ylim=(0, 1), title=f"{name}: top choices, MoE layer 0")
+    ax.set(xlabel="step", ylabel="share of first choices", ylim=(0, 1), title=f"{name}: MoE layer 0")
 plt.tight_layout()
 plt.show()
 
+# %%
+Markdown(f"""Read the table, don't take the course's word. "Load CV" is the coefficient of variation of the experts'
+share of first choices (0 = perfectly even; `moe_tutorial.router.load_cv`, the one definition every notebook
+uses), "max share" the busiest expert's share (1/8 = 0.125 is even), both over the last 100 steps; z, max logit
+and top prob are measured on validation text.
+
+- **The load-balancing loss** keeps demand even: load CV {with_aux['load_cv']:.2f} with it,
+  {no_aux['load_cv']:.2f} without, and {no_aux['dropped_pct'] / max(with_aux['dropped_pct'], 1e-9):.0f}× as many
+  tokens dropped without it ({with_aux['dropped_pct']:.1f}% vs {no_aux['dropped_pct']:.1f}%). Without it the
+  router's preferences drift apart but, at this scale and budget, do not collapse (busiest expert
+  {no_aux['max_share']:.2f}).
+- **The z-loss** pins the log-partition: mean z = {with_aux['z']:.2f} with it, {no_z['z']:.2f} without, and the
+  largest logit {with_aux['max_logit']:.2f} vs {no_z['max_logit']:.2f} — the logits' level, which a softmax ignores.
+  Their spread ({with_aux['spread']:.2f} vs {no_z['spread']:.2f}) and the router's probability for its chosen expert
+  ({with_aux['top_prob']:.2f} vs {no_z['top_prob']:.2f}) are one seed each: no claim either way.
+- **Collapse**: with neither loss, no capacity limit and a {COLLAPSE_LR / recipe_lr:.1f}× learning rate, one expert
+  takes {first_layer_share:.0%} of the first choices of MoE layer 0 over the last 100 steps (the right plot) — the
+  rich-get-richer loop of section 4. That run changes three things at once, so which of them was needed is not
+  tested here; one plausible reason to lift the capacity is that a token dropped by a full expert outputs 0 whatever
+  its gate, so it adds nothing to that expert's gate gradient. Its validation loss is not comparable with the others'
+  (another learning rate, one seed).""")
+
 # %% [markdown]
-# Read the table, don't take the course's word. "Load CV" is the coefficient of variation of the
-# experts' share of top choices (0 = perfectly even), "max share" the busiest expert's share
-# (1/8 = 0.125 is even), both over the last 100 steps. At this small budget the MoE and the dense
-# model are close in validation loss (MoE gains grow with training budget and model size), and the
-# MoE is slower per token on a CPU: routing, sorting and scattering cost time that a dense matmul
-# does not pay (`benchmarks/moe_layer.py` measures the layer alone). The load-balancing loss keeps
-# the experts' demand even; without it the router's preferences drift apart, and several times more
-# tokens are dropped (asserted above).
-#
 # ## 8 · The routing explorer
 # Which expert does each character go to, and what is dropped when capacity shrinks? The panel
 # below routes real Shakespeare through the trained Switch MoE. Move the **capacity** slider,
-# change the **layer** or the **text**, and watch the coloured text and the load bars against the
-# capacity line. (It needs a live kernel; a static rendering of the same view follows.)
+# change the **layer** or the **text**, and watch the coloured text and, per expert, its demand
+# (outlined bar: the tokens that chose it) against the capacity line and what it processed
+# (filled). (It needs a live kernel; a static rendering of the same view follows.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -338,17 +433,38 @@ for capacity_factor in (1.0, 0.5):
     view = route_text(models["Switch MoE"], dataset.tokenizer, sample, layer=0, capacity_factor=capacity_factor)
     plot_routing(view, max_lines=4)
     plt.show()
-    print(f"capacity factor {capacity_factor}: capacity {view.capacity}, dropped {view.n_dropped} of {len(sample)}")
+    over = sum(max(d - view.capacity, 0) for d in view.demand)
+    print(f"capacity factor {capacity_factor}: capacity {view.capacity}, demand {view.demand}, "
+          f"dropped {view.n_dropped} of {len(sample)}")
+    assert view.n_dropped == over  # top-1: exactly the demand above each expert's capacity is dropped
 
 # %% [markdown]
+# At capacity factor 0.5 every expert's slots are fewer than an even share, so every expert that
+# is chosen more than that overflows: the outlined part above the dashed line is what was dropped
+# (the assert checks that the drops are exactly the demand over capacity).
+#
 # ## Summary
-# - MoE multiplies parameters (×3.4 here) at constant compute per token.
+# - MoE multiplies parameters (the ratio is printed in section 1) at constant compute per token.
 # - Switch routing: softmax router in fp32, top-1 expert, output scaled by the gate.
 # - Capacity `ceil(cf · N / E)`; late tokens over capacity are dropped and ride the residual.
-# - Load balancing `α·E·Σ f_i P_i` (= α when uniform, α·E when collapsed) and z-loss
-#   `mean(logsumexp²)`; without the former, load collapses onto a few experts (measured above).
+# - Load balancing `α·E·Σ f_i P_i` (= α when uniform, α·E when collapsed) evens the demand; the
+#   z-loss `mean(logsumexp²)` pins each token's log-partition near 0, bounding the logits' level.
+#   Section 7 measures both, and a setting that collapses.
 # - Our from-scratch layer equals `moe_tutorial.moe.MoE`.
 #
 # **Where the finalized code lives:** `moe_tutorial/config.py` (`MoEConfig`), `router.py` (routing,
-# capacity, losses), `experts.py` (stacked experts, grouped matmul), `moe.py` (the layer), `viz.py` (the explorer),
-# `benchmarks/moe_layer.py` (speed against dense and a per-expert loop).
+# capacity, losses, `load_cv`), `experts.py` (stacked experts, grouped matmul), `moe.py` (the layer),
+# `viz.py` (the explorer), `diagrams.py` (the layer's picture), `benchmarks/moe_layer.py` (speed
+# against dense and a per-expert loop).
+#
+# ## Further reading
+# - Shazeer et al. 2017, *Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+#   Layer* — the modern MoE layer, noisy top-k gating: [arXiv:1701.06538](https://arxiv.org/abs/1701.06538).
+# - Lepikhin et al. 2020, *GShard* — expert capacity, the balancing loss's ancestor:
+#   [arXiv:2006.16668](https://arxiv.org/abs/2006.16668).
+# - Fedus, Zoph, Shazeer 2021, *Switch Transformers* — top-1 routing, `α·E·Σ f_i P_i`, capacity
+#   factors, selective precision: [arXiv:2101.03961](https://arxiv.org/abs/2101.03961).
+# - Zoph et al. 2022, *ST-MoE: Designing Stable and Transferable Sparse Expert Models* — the router
+#   z-loss and why logits blow up: [arXiv:2202.08906](https://arxiv.org/abs/2202.08906).
+# - Code: Mesh TensorFlow's / Flaxformer's MoE layers (the Switch reference implementation) and
+#   `transformers`' `modeling_switch_transformers.py` (router, capacity, losses in one file).

@@ -39,8 +39,8 @@ torch.set_num_threads(2)
 # ## 1 · RMSNorm
 # LayerNorm subtracts the mean, divides by the standard deviation, then scales and shifts.
 # RMSNorm (Zhang & Sennrich 2019) keeps only the scaling: `x / sqrt(mean(x²) + eps) · weight`.
-# One reduction instead of two, no bias, and in practice the same quality: every model in this
-# notebook uses it. Llama's implementation computes the statistics in fp32 and casts back to the
+# One reduction instead of two, no bias, and in the paper's experiments comparable quality: every
+# model in this notebook uses it. Llama's implementation computes the statistics in fp32 and casts back to the
 # input's dtype *before* multiplying by the weight — the order matters for matching a bf16 checkpoint
 # bit for bit, so ours does the same.
 
@@ -80,9 +80,12 @@ print(f"mean of RMSNorm(x) with unit weight: {rms_norm(x, torch.ones(64)).mean()
 # neighbours (2j, 2j+1) as in the paper and in Meta's original Llama code — the same rotation on
 # permuted channels: converting weights between the layouts permutes the rows of the query and key
 # projections, and weights used with the other layout give wrong outputs.
-#
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 1 — apply RoPE
-# Rotate `x` (B, H, T, D) whose tokens sit at positions `start, start+1, …`, with base `theta`.
+# Rotate `x` (B, H, T, D) whose tokens sit at positions `start, start+1, …`, with base `theta`: in the
+# Hugging Face layout, channel pair (j, j + D/2) of the token at position p turns by the angle
+# `p · theta^(−2j/D)`.
 
 # %% solutions
 def rope(x, start, theta):
@@ -103,6 +106,18 @@ from moe_tutorial.exercises.ch07 import check_rope
 
 passed = check_rope(rope)
 assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `cat(−x2, x1)` is `rotate_half`: with the angle of pair j written at both j and
+# j + D/2 (`repeat(1, 2)`), `x·cos + rotate_half(x)·sin` maps (x_j, x_{j+D/2}) to
+# (x_j cos − x_{j+D/2} sin, x_{j+D/2} cos + x_j sin), a 2-D rotation of each pair by its own angle.
+# The positions run from `start`, so tokens after a KV cache are turned by their true positions.
+#
+# **Wrong answers the check catches:** positions counted from 0 instead of `start`; neighbouring
+# channels paired, (0, 1), (2, 3), … (the paper's layout: right in itself, wrong for these weights);
+# `rotate_half` without its minus sign (not a rotation: vector lengths change); a rotation the wrong
+# way, `x·cos − rotate_half(x)·sin` (lengths kept, values wrong); `theta` ignored, e.g. 10,000
+# hard-coded (a second case uses `theta = 1e6`).
 
 # %% [markdown]
 # The package's version (`moe_tutorial.rope`) computes the cos/sin tables once for every position
@@ -139,9 +154,11 @@ fig.tight_layout()
 # key/value heads; query head h reads kv head `h // (n_head / n_kv_head)`. `n_kv_head = 1` is
 # **multi-query attention** (Shazeer 2019), `n_kv_head = n_head` is ordinary multi-head attention.
 # Mixtral uses 8 kv heads for 32 query heads, Qwen3-30B-A3B 4 for 32.
-#
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 2 — share key/value heads
-# Expand `kv` (B, KV, T, D) to (B, KV · n_rep, T, D) so that query head h finds its kv head at index h.
+# Expand `kv` (B, KV, T, D) to (B, KV · n_rep, T, D) so that query head h finds its kv head at index h:
+# query head h reads kv head `h // n_rep`, so each kv head is repeated `n_rep` times in place.
 
 # %% solutions
 def repeat_kv_heads(kv, n_rep):
@@ -158,6 +175,16 @@ from moe_tutorial.exercises.ch07 import check_repeat_kv
 
 passed = check_repeat_kv(repeat_kv_heads)
 assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `kv[:, :, None]` adds an axis right after the kv heads; `expand` repeats along it
+# without copying memory, and `reshape` flattens (KV, n_rep) in row-major order, so the copies of kv
+# head g land at indices g·n_rep … g·n_rep + n_rep − 1: exactly the query heads h with h // n_rep = g.
+#
+# **Wrong answers the check catches:** `kv.repeat(1, n_rep, 1, 1)`, which tiles the heads as
+# 0, 1, 2, 0, 1, 2; returning `kv` unchanged (wrong shape); repeating along the time axis and then
+# reshaping (right shape, keys and values moved to the wrong heads and positions); an answer that only
+# works for n_rep = 2 (n_rep = 1 must return the heads unchanged).
 
 # %% [markdown]
 # The cache at GPT-2-small's shape (12 layers, 12 heads of 64, a 1,024-token context, bf16), computed
@@ -237,11 +264,13 @@ def largest_logit(qk_norm, scale):
 
 
 print(f"{'projection scale':>17}{'no QK-norm':>12}{'per head':>10}{'projection':>12}")
+rows = {}
 for scale in (1, 10, 100):
-    row = [largest_logit(mode, scale) for mode in ("none", "head", "projection")]
+    rows[scale] = row = [largest_logit(mode, scale) for mode in ("none", "head", "projection")]
     print(f"{scale:>17}{row[0]:>12.1f}{row[1]:>10.2f}{row[2]:>12.2f}")
-    if scale == 100:
-        assert row[0] > 1000 and row[1] <= math.sqrt(16) + 1e-4  # |q·k|/√D ≤ √D for unit-RMS q and k
+assert rows[100][0] > 1000 and rows[100][1] <= math.sqrt(16) + 1e-4  # |q·k|/√D ≤ √D for unit-RMS q and k
+# with either QK-norm the logits do not move with the projections' scale (up to the norms' eps)
+assert all(abs(rows[100][i] - rows[1][i]) < 1e-3 * rows[1][i] for i in (1, 2))
 
 # %% [markdown]
 # Per head, each query and key has RMS 1 (length √D) before the gains, so by Cauchy–Schwarz
@@ -378,9 +407,10 @@ print(f"Muon − AdamW: {mean(muon_vals) - mean(results['modern block']):+.4f} �
 assert all(1.4 < v < 2.6 for v in muon_vals)
 
 # %% [markdown]
-# On the whole `char` recipe the two changes add up: `python benchmarks/char_gpt.py --seeds 3` trains
-# nanoGPT's CPU recipe, the course's `char` preset and `char-modern` (modern block + Muon, as many
-# steps as fit the reference's wall time) in one run; the README lists its table.
+# Whether the two changes add up on the whole `char` recipe is measured outside this notebook:
+# `python benchmarks/char_gpt.py --seeds 3` trains nanoGPT's CPU recipe, the course's `char` preset and
+# `char-modern` (modern block + Muon, as many steps as fit the reference's wall time) in one run; the
+# README lists its table.
 #
 # ## 7 · DeepSeek-V3's router
 # Three changes to the softmax top-k router of notebooks 03–04 (DeepSeek-V3 report, §2.1.2; V3 has
@@ -394,9 +424,12 @@ assert all(1.4 < v < 2.6 for v in muon_vals)
 # 3. **Normalise, then scale**: the chosen weights are divided by their sum (so, among the chosen,
 #    they do compete) and multiplied by a routed scaling factor — 2.5 in V3's `config.json`
 #    (`routed_scaling_factor`, `route_scale` in its inference code), not a number the report discusses.
-#
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 3 — sigmoid top-k with a bias
-# From logits (N, E) and a bias (E,), return the chosen experts (N, k) and their weights (N, k).
+# From logits (N, E) and a bias (E,), return the chosen experts (N, k) and their weights (N, k):
+# choose the `top_k` experts of `sigmoid(logits) + bias`; weight each by its unbiased sigmoid score,
+# divided by the sum over the chosen experts and multiplied by `scaling`.
 
 # %% solutions
 def sigmoid_topk(logits, bias, top_k, scaling):
@@ -415,6 +448,16 @@ from moe_tutorial.exercises.ch07 import check_sigmoid_topk
 
 passed = check_sigmoid_topk(sigmoid_topk)
 assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** The bias enters only `topk`'s input, so it changes *which* experts are chosen and
+# nothing else; the weights are gathered from the unbiased scores, so the gradient never sees the
+# bias. Dividing by their sum makes the chosen weights sum to 1, and `scaling` then sets their total.
+# (The check sorts the k experts, so any order of the chosen experts is accepted.)
+#
+# **Wrong answers the check catches:** choosing by `sigmoid(logits)` without the bias; weights taken
+# from the biased scores `sigmoid(logits) + bias`; weights not multiplied by `scaling` (they sum to 1);
+# weights not normalised (scaled raw sigmoid scores); softmax instead of sigmoid scores.
 
 # %% [markdown]
 # DeepSeek-V3 drops the batch-wide auxiliary loss but keeps a tiny **sequence-wise** one (α = 1e-4),
@@ -512,10 +555,12 @@ assert share_over_2 > 0.2 and val_limited > val_unlimited
 # %% [markdown]
 # Left free, a token's four experts often sit in three or four groups (the share printed above):
 # three or four devices' worth of all-to-all traffic for that token. The limit caps that at two.
-# Imposing it on a router that never trained with it costs validation loss (printed above), also
-# through tokens already within two groups: ranking groups by the sum of their two best scores can
-# exclude the group of a token's single best expert. That is why DeepSeek trains with the limit
-# from the start: the router then learns to pick experts within a few groups.
+# Imposed on this router, which never trained with it, it changes the validation loss by the amount
+# printed above (one model: not a comparison between training runs). The limit can move even a token
+# whose experts already sat in two groups: groups are ranked by the sum of their two best scores, so
+# the group of a token's single best expert can lose to one with two good experts. DeepSeek-V3 trains
+# with the limit from the start, so its router learns to choose within the groups it keeps; section 9
+# compares a model trained with a limit (2 of 4 groups) against one trained without, three seeds each.
 #
 # The remaining options, all `MoEConfig` fields (tested in `tests/test_modern_block.py`):
 # - `first_k_dense`: the first blocks keep a dense MLP (DeepSeek-V3: 3 of 61). DeepSeekMoE gives the
@@ -583,13 +628,53 @@ else:
 #   Qwen3's global-batch load balancing (the balancing loss over the whole batch, not each micro-batch).
 #
 # ## Further reading
-# - Zhang & Sennrich 2019, *Root Mean Square Layer Normalization*.
-# - Su et al. 2021, *RoFormer: Enhanced Transformer with Rotary Position Embedding*.
-# - Shazeer 2019, *Fast Transformer Decoding: One Write-Head is All You Need* (MQA); Ainslie et al. 2023, *GQA*.
-# - Dehghani et al. 2023, *Scaling Vision Transformers to 22 Billion Parameters* (QK-norm against logit growth).
-# - Shazeer 2020, *GLU Variants Improve Transformer* (SwiGLU).
-# - Dai et al. 2024, *DeepSeekMoE* (fine-grained and shared experts); DeepSeek-AI 2024, *DeepSeek-V3 Technical
-#   Report* §2.1 (sigmoid routing, aux-loss-free balancing, sequence-wise loss, node-limited routing).
-# - Jiang et al. 2024, *Mixtral of Experts*; Muennighoff et al. 2024, *OLMoE*; Qwen Team 2025, *Qwen3 Technical Report*.
-# - Jordan et al. 2024, *Muon: An optimizer for hidden layers* (blog); Liu et al. 2025, *Muon is Scalable for LLM
-#   Training*.
+# Papers (arXiv), each with what to read it for:
+# - Zhang & Sennrich 2019, *Root Mean Square Layer Normalization*, [arXiv:1910.07467](https://arxiv.org/abs/1910.07467):
+#   why LayerNorm's re-centring can go, and the speed RMSNorm saves.
+# - Su et al. 2021, *RoFormer*, [arXiv:2104.09864](https://arxiv.org/abs/2104.09864): the rotation and the proof
+#   that the score depends on the distance only (section 2).
+# - Shazeer 2019, *Fast Transformer Decoding: One Write-Head is All You Need*,
+#   [arXiv:1911.02150](https://arxiv.org/abs/1911.02150): why decoding is bound by reading K and V, and
+#   multi-query attention.
+# - Ainslie et al. 2023, *GQA*, [arXiv:2305.13245](https://arxiv.org/abs/2305.13245): the groups between multi-head
+#   and multi-query attention, and uptraining a multi-head checkpoint into them.
+# - Dehghani et al. 2023, *Scaling Vision Transformers to 22 Billion Parameters*,
+#   [arXiv:2302.05442](https://arxiv.org/abs/2302.05442): attention logits growing until training diverges, and QK-norm.
+# - Shazeer 2020, *GLU Variants Improve Transformer*, [arXiv:2002.05202](https://arxiv.org/abs/2002.05202): SwiGLU
+#   and the smaller hidden width that keeps the parameter count.
+# - Dai et al. 2024, *DeepSeekMoE*, [arXiv:2401.06066](https://arxiv.org/abs/2401.06066): fine-grained and shared
+#   experts, and why the first layer stays dense.
+# - Wang et al. 2024, *Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts*,
+#   [arXiv:2408.15664](https://arxiv.org/abs/2408.15664): the selection bias and its update rule (notebook 04,
+#   section 7).
+# - DeepSeek-AI 2024, *DeepSeek-V2*, [arXiv:2405.04434](https://arxiv.org/abs/2405.04434): multi-head latent attention
+#   (left out here) and device-limited routing, the predecessor of section 8's group limit.
+# - DeepSeek-AI 2024, *DeepSeek-V3 Technical Report*, [arXiv:2412.19437](https://arxiv.org/abs/2412.19437), §2.1:
+#   sigmoid affinities, the selection bias, the sequence-wise loss and node-limited routing (sections 7–8).
+# - Jiang et al. 2024, *Mixtral of Experts*, [arXiv:2401.04088](https://arxiv.org/abs/2401.04088): a softmax top-2 MoE
+#   on Mistral's block (RMSNorm, RoPE, GQA, SwiGLU).
+# - Muennighoff et al. 2024, *OLMoE*, [arXiv:2409.02060](https://arxiv.org/abs/2409.02060): an MoE with everything
+#   released, and ablations of fine-grained experts, QK-norm and the balancing losses.
+# - Qwen Team 2025, *Qwen3 Technical Report*, [arXiv:2505.09388](https://arxiv.org/abs/2505.09388): per-head QK-norm,
+#   128 experts with 8 active and no shared expert.
+# - Qiu et al. 2025, *Demons in the Detail*, [arXiv:2501.11873](https://arxiv.org/abs/2501.11873): the balancing loss
+#   over the global batch instead of each micro-batch (Qwen3's).
+# - Peng et al. 2023, *YaRN*, [arXiv:2309.00071](https://arxiv.org/abs/2309.00071): stretching RoPE past the training
+#   length (the package refuses such checkpoints).
+# - Jordan et al. 2024, *Muon: An optimizer for hidden layers in neural networks*
+#   ([blog](https://kellerjordan.github.io/posts/muon/)): the Newton–Schulz iteration and why orthogonalise the update.
+# - Liu et al. 2025, *Muon is Scalable for LLM Training*, [arXiv:2502.16982](https://arxiv.org/abs/2502.16982):
+#   weight decay and the update scale matched to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`).
+# - Kimi Team 2025, *Kimi K2*, [arXiv:2507.20534](https://arxiv.org/abs/2507.20534): Muon (with QK-clip) training a
+#   1 T-parameter MoE.
+#
+# Code the chapter follows:
+# - transformers, [`models/llama/modeling_llama.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py):
+#   `LlamaRMSNorm` (fp32 statistics, cast before the weight), `rotate_half` and `repeat_kv`, which the package matches.
+# - transformers, [`models/deepseek_v3/modeling_deepseek_v3.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/deepseek_v3/modeling_deepseek_v3.py):
+#   `DeepseekV3TopkRouter` and `DeepseekV3MoE`, the reference `tests/test_modern_block.py` compares the package with.
+# - DeepSeek's [`inference/model.py`](https://github.com/deepseek-ai/DeepSeek-V3/blob/main/inference/model.py):
+#   the `Gate` class, the whole V3 router (sigmoid, bias, groups, `route_scale`) in a few dozen lines.
+# - PyTorch's [`torch.optim.Muon`](https://docs.pytorch.org/docs/stable/generated/torch.optim.Muon.html) (used by
+#   `moe_tutorial/optimizers.py`) and Keller Jordan's [`muon.py`](https://github.com/KellerJordan/Muon/blob/master/muon.py),
+#   the reference implementation.

@@ -16,8 +16,9 @@
 # checkpoint folder, e.g. `allenai/OLMoE-1B-7B-0924` (OLMoE: 64 experts, 8 per token, 6.9 B parameters,
 # 1.3 B active; its weights take 12.9 GiB in bfloat16, so it needs a machine with ≥ 16 GiB *free*,
 # and `pip install -e ".[real]"` for its tokenizer) — the first run downloads it once (sha256-checked)
-# and reads it shard by shard. It runs on a GPU if there is one; on a laptop CPU its ~15 forward
-# passes over 4k tokens take tens of minutes. Without it (and in CI) the notebook looks at the
+# and reads it shard by shard. It runs on a GPU if there is one; on a CPU expect a long wait (not
+# timed here: every measurement below is a forward pass over the same few thousand tokens, a few
+# dozen passes in all). Without it (and in CI) the notebook looks at the
 # course's own modern MoE: notebook 07's block with 32 fine-grained experts, 4 per token, trained on
 # Shakespeare. The cell below says which one you are looking at; the committed outputs are the
 # offline ones. (The loaders are tested on small random Mixtral, Qwen3-MoE and OLMoE checkpoints that
@@ -70,7 +71,7 @@ else:
     model = pretrained_modern_moe(dataset)
     encode, decode = dataset.tokenizer.encode, dataset.tokenizer.decode
     print(f"looking at the course's modern MoE (offline): notebook 07's block, {COURSE_MOE_STEPS} steps on "
-          f"Shakespeare, 4.4 M parameters; set MOE_TUTORIAL_REAL_MOE to look at a real one")
+          f"Shakespeare; set MOE_TUTORIAL_REAL_MOE to look at a real one")
 model.eval()
 moe = model.config.moe
 total = sum(p.numel() for p in model.parameters())
@@ -112,9 +113,10 @@ routings = collect_routing(model, idx)
 token_ids = idx.reshape(-1)  # (N,), the order routing sees them in
 print(f"{idx.numel():,} tokens routed through {len(routings)} MoE layers")
 
-# %% [markdown]
+# %% [markdown] solutions
 # ### ✍️ Exercise 1 — expert load
-# From the chosen experts `expert` (N, k), return each expert's share of all N·k assignments.
+# From the chosen experts `expert` (N, k) — row n holds the k experts token n was sent to — return
+# each expert's share of all N·k assignments, a vector of `n_experts` shares that sums to 1.
 
 # %% solutions
 def expert_load_share(expert, n_experts):
@@ -131,6 +133,15 @@ from moe_tutorial.exercises.ch08 import check_expert_load
 
 passed = check_expert_load(expert_load_share)
 assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `bincount` over all N·k entries counts every assignment, first choice or k-th;
+# `minlength=n_experts` keeps a zero for an expert nobody chose instead of returning a shorter vector;
+# dividing by the total, N·k, turns counts into shares that sum to 1.
+#
+# **Wrong answers the check catches:** counting first choices only (`expert[:, 0]`); returning counts
+# instead of shares; dividing by N instead of N·k (the shares then sum to k); forgetting `minlength`
+# (in the first case expert 4 is never chosen, so the result is one element short).
 
 # %% [markdown]
 # ## 3 · Load per layer
@@ -208,14 +219,17 @@ fig.tight_layout()
 
 # %% [markdown]
 # ## 5 · Consistency: the same token elsewhere, and across layers
-# OLMoE's authors found that routing depends strongly on the token itself. Measure it within each
-# layer: the share of tokens whose first choice is the expert their token id goes to most often (1.0:
-# routing is a function of the token id alone). Unrelated routing does not score 1/E: the busiest
-# expert's share and ids seen once push it up, so the baseline is the same routing with the ids
-# shuffled.
-#
+# OLMoE's authors report vocabulary specialisation: many token ids are sent mostly to one expert.
+# Measure it within each layer: the share of tokens whose first choice is the expert their token id
+# goes to most often (1.0: routing is a function of the token id alone). Unrelated routing does not
+# score 1/E: the busiest expert's share and ids seen once push it up, so the baseline is the same
+# routing with the ids shuffled.
+
+# %% [markdown] solutions
 # ### ✍️ Exercise 2 — token consistency
-# From `token_ids` (N,) and first-choice experts `expert` (N,), return that share.
+# From `token_ids` (N,) and first-choice experts `expert` (N,), return the share of the N tokens whose
+# expert is the one their token id is sent to most often (a float; 1.0 when routing is a function of
+# the token id alone).
 
 # %% solutions
 def consistency_of(token_ids, expert):
@@ -234,6 +248,17 @@ from moe_tutorial.exercises.ch08 import check_token_consistency
 
 passed = check_token_consistency(consistency_of)
 assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `joint[t, e]` counts how often token id t went to expert e, so the maximum of row t
+# is the number of t's occurrences that went to t's most common expert (when two experts tie, either
+# one: the count is the same). Summing those maxima over the ids and dividing by N weighs every token
+# once, so frequent ids count in proportion to how often they occur.
+#
+# **Wrong answers the check catches:** skipping an id whose occurrences tie between experts (4/7 on the
+# check's 7 tokens); one most common expert for all tokens, ignoring the ids (3/7); the mean over ids of
+# each id's share (0.75), which weighs a rare id like a frequent one; and any other value that differs
+# from `analysis.token_consistency` on random routing.
 
 # %%
 from moe_tutorial.analysis import layer_agreement, token_consistency, uncertainty_coefficient
@@ -271,8 +296,9 @@ print(f"agreement of neighbouring layers: {neighbours.mean():.3f} on average, "
 # ## 6 · Fewer experts per token at inference
 # Each token used top-k experts in training. Run the same weights with fewer: compute falls with k,
 # quality falls too — by how much? (`analysis.top_k_override`; a model that renormalises its weights
-# keeps doing so. This one does not — nor does OLMoE — so fewer experts also means a smaller total
-# weight on the MoE's output: part of the loss change is that change of scale.)
+# keeps doing so. The course's model does not, nor does OLMoE — the first cell prints which kind is
+# loaded — so for them fewer experts also means a smaller total weight on the MoE's output: part of
+# the loss change is that change of scale.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -314,24 +340,44 @@ print(f"top-{moe.top_k} → top-{moe.top_k // 2}: {by_k[moe.top_k // 2] - by_k[m
 # If some experts take little traffic, can they go? Remove, in every layer, the experts with the
 # smallest load — measured on windows of the *training* split, not on the evaluation text — so that
 # no token may choose them (a token that would have takes its next choice), and measure; beside it,
-# the same number of experts removed at random.
+# the same number of experts removed at random, three random draws (mean ± sd). The last column says
+# whether removing the least-used experts costs more or less than the random draws' mean by over 2 sd
+# of the draws, or neither ("tie").
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+from statistics import mean, stdev
+
+RANDOM_DRAWS = 3
+
+
+def versus_random(n_pruned):
+    """'more' / 'less' when pruning the least-used experts costs more / less than the random draws'
+    mean by over 2 sd of the draws, else 'tie'."""
+    diff, sd = by_pruned[n_pruned] - mean(by_random[n_pruned]), stdev(by_random[n_pruned])
+    return "tie" if abs(diff) <= 2 * sd else ("more" if diff > 0 else "less")
+
+
 train_loads = torch.stack([expert_load(r) for r in collect_routing(model, windows("train"))])  # (L, E)
 generator = torch.Generator().manual_seed(0)
-by_pruned, by_random = {}, {}
-for n_pruned in (0, E // 8, E // 4, E // 2):
+unpruned = val_loss()
+print(f"{'pruned per layer':<18}{'eval traffic':>13}{'least used':>12}{'random (mean ± sd)':>21}  least used vs random")
+print(f"{'0 of ' + str(E):<18}{0:>13.1%}{unpruned:>12.4f}")
+by_pruned, by_random = {}, {}  # n_pruned -> loss; n_pruned -> [loss per random draw]
+for n_pruned in (E // 8, E // 4, E // 2):
     least_used = [load.argsort()[:n_pruned].tolist() for load in train_loads]
-    at_random = [torch.randperm(E, generator=generator)[:n_pruned].tolist() for _ in train_loads]
     with pruned_experts(model, least_used):
         by_pruned[n_pruned] = val_loss()
-    with pruned_experts(model, at_random):
-        by_random[n_pruned] = val_loss()
+    by_random[n_pruned] = []
+    for _ in range(RANDOM_DRAWS):
+        at_random = [torch.randperm(E, generator=generator)[:n_pruned].tolist() for _ in train_loads]
+        with pruned_experts(model, at_random):
+            by_random[n_pruned].append(val_loss())
     traffic = sum(load[experts].sum().item() for load, experts in zip(loads, least_used)) / len(loads)
-    print(f"{n_pruned:>3} of {E} experts pruned per layer ({traffic:.1%} of the evaluation text's traffic): "
-          f"validation loss {by_pruned[n_pruned]:.4f} (random experts: {by_random[n_pruned]:.4f})")
-assert by_pruned[0] == val_loss()
+    randoms = f"{mean(by_random[n_pruned]):.4f} ± {stdev(by_random[n_pruned]):.4f}"
+    print(f"{f'{n_pruned} of {E}':<18}{traffic:>13.1%}{by_pruned[n_pruned]:>12.4f}{randoms:>21}  "
+          f"{versus_random(n_pruned)}")
+assert val_loss() == unpruned  # every pruning was undone
 
 # %% [markdown]
 # ## Summary
@@ -339,11 +385,11 @@ assert by_pruned[0] == val_loss()
 # %%
 from IPython.display import Markdown
 
-name = REAL or "the course's modern MoE (offline, 4.4 M parameters, characters)"
-if by_pruned[E // 2] > by_random[E // 2]:
-    pruning_verdict = "on this model the least-used experts cost *more* to remove than random ones"
-else:
-    pruning_verdict = "removing the least-used experts costs less than removing random ones"
+name = REAL or f"the course's modern MoE (offline, {total / 1e6:.1f} M parameters, characters)"
+half = E // 2
+calls = {"more": "the least used cost more than random ones", "less": "the least used cost less than random ones",
+         "tie": "a tie with random ones"}
+pruning_verdicts = "; ".join(f"{n} of {E}: {calls[versus_random(n)]}" for n in by_pruned)
 Markdown(f"""
 Looking at **{name}**:
 - **Load**: on held-out text the busiest expert of a layer gets {loads.max(1).values.mean() * E:.2f}× the even
@@ -355,19 +401,34 @@ Looking at **{name}**:
   ({sum(by_chance) / len(by_chance):.1%} with the ids shuffled); neighbouring layers agree
   {neighbours.mean():.3f} (uncertainty coefficient; {sum(unrelated) / len(unrelated):.3f} with tokens shuffled).
 - **Top-k at inference**: top-{moe.top_k} → top-1 changes validation loss by {by_k[1] - by_k[moe.top_k]:+.4f}.
-- **Pruning** half the experts per layer changes it by {by_pruned[E // 2] - by_pruned[0]:+.4f} (the least
-  used, chosen on training text) and {by_random[E // 2] - by_random[0]:+.4f} (chosen at random):
-  {pruning_verdict}.
+- **Pruning** half the experts per layer changes it by {by_pruned[half] - unpruned:+.4f} (the least used, chosen
+  on training text) and {mean(by_random[half]) - unpruned:+.4f} ± {stdev(by_random[half]):.4f} (chosen at random,
+  {RANDOM_DRAWS} draws). Least used against random, by more than 2 sd of the draws or a tie:
+  {pruning_verdicts}.
 
 The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
 """)
 
 # %% [markdown]
 # ## Further reading
-# - Muennighoff et al. 2024, *OLMoE: Open Mixture-of-Experts Language Models*, §5 (routing analysis:
-#   router saturation, co-activation, domain and vocabulary specialisation).
-# - Jiang et al. 2024, *Mixtral of Experts*, §5 (routing analysis: no obvious domain specialisation,
-#   some syntactic structure, consecutive tokens often sharing experts).
-# - DeepSeek-AI 2024, *DeepSeek-V3 Technical Report*, §4.5.3 (batch-wise vs sequence-wise balance and
-#   expert specialisation).
-# - Lu et al. 2024, *Not All Experts are Equal: Efficient Expert Pruning and Skipping for MoE LLMs*.
+# Papers (arXiv), each with what to read it for:
+# - Muennighoff et al. 2024, *OLMoE: Open Mixture-of-Experts Language Models*,
+#   [arXiv:2409.02060](https://arxiv.org/abs/2409.02060), its routing analysis: router saturation, expert
+#   co-activation, domain and vocabulary specialisation — the measurements this notebook makes small.
+# - Jiang et al. 2024, *Mixtral of Experts*, [arXiv:2401.04088](https://arxiv.org/abs/2401.04088), §5 (routing
+#   analysis): no obvious specialisation by domain, some by syntax, consecutive tokens often sharing experts.
+# - DeepSeek-AI 2024, *DeepSeek-V3 Technical Report*, [arXiv:2412.19437](https://arxiv.org/abs/2412.19437), the
+#   discussion of batch-wise against sequence-wise balance: how the balancing scope changes expert specialisation.
+# - Lu et al. 2024, *Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large
+#   Language Models*, [arXiv:2402.14800](https://arxiv.org/abs/2402.14800): pruning experts chosen by their effect
+#   on the layer's output over calibration data, not by their load (compare section 7).
+#
+# Code the chapter follows:
+# - transformers' [`olmoe/modeling_olmoe.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/olmoe/modeling_olmoe.py),
+#   [`mixtral/modeling_mixtral.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/mixtral/modeling_mixtral.py)
+#   and [`qwen3_moe/modeling_qwen3_moe.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_moe/modeling_qwen3_moe.py):
+#   the routers (softmax top-k, renormalised or not) and weight names that `moe_tutorial/hf_models.py` maps.
+# - [allenai/OLMoE](https://github.com/allenai/OLMoE) (`scripts/run_routing_analysis.py`): how the OLMoE paper
+#   collected expert counts per domain, per layer and per token id.
+# - [Lucky-Lance/Expert_Sparsity](https://github.com/Lucky-Lance/Expert_Sparsity) (`method/expert_pruning.py`):
+#   the pruning method of Lu et al., on Mixtral.

@@ -7,9 +7,11 @@ names its chapter too):
                      config), sampling, train, evaluate, history, checkpoint, cli, presets
 02 flash attention   attention (naive / FlashAttention-2 / SDPA; model.Kernels picks one),
                      triton_attention, measure
-03 Switch MoE        config (MoEConfig), router, experts, dispatch (sort), moe, viz (routing explorer)
+03 Switch MoE        config (MoEConfig), router, experts, dispatch (sort), moe, viz (routing explorer),
+                     diagrams (the pictures of 03, 02 and 06, drawn as code)
 04 top-2 and beyond  router variants (top-k, noisy, random second expert, expert choice,
-                     aux-loss-free bias), moe (shared experts), dispatch (einsum, loop)
+                     aux-loss-free bias), moe (shared experts), dispatch (einsum, loop),
+                     seeds (mean ± sd over seeds, and ties)
 05 GPT-2 MoE         presets (GPT-2 shapes), costs, tokenizers (GPT-2 BPE), pretrained, upcycle,
                      kv_cache, course (notebook 01's model, shared by later chapters)
 06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)

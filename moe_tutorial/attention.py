@@ -84,7 +84,12 @@ def flash_attention_forward(q, k, v, causal=True, block_q=DEFAULT_BLOCK_Q, block
 
 def flash_attention_backward(q, k, v, out, lse, grad_out, causal=True,
                              block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
-    """FlashAttention-2 backward: recompute P blockwise from logsumexp; returns dq, dk, dv."""
+    """Tiled attention backward: recompute P blockwise from the saved logsumexp; returns dq, dk, dv.
+
+    The loop runs query blocks outer, key blocks inner, like the forward (one `key_blocks` helper
+    skips the causal blocks for both). FlashAttention-2's GPU kernel swaps the loops (key blocks
+    outer: dK, dV stay in SRAM, dQ is accumulated with atomic adds); on a CPU, with tiles run one
+    at a time, both orders give the same sums (notebook 02 builds the FlashAttention-2 order)."""
     Tq, D = q.shape[-2:]
     Tk = k.size(-2)
     scale = 1.0 / math.sqrt(D)

@@ -2,6 +2,10 @@
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from .router import load_cv
+
 
 @dataclass
 class History:
@@ -35,6 +39,15 @@ class History:
         self.moe_loss.append(aux_loss)
         self.expert_load.append([r.top_choice_share.tolist() for r in routings])
         self.dropped.append([r.dropped.float().mean().item() for r in routings])
+
+    def routing_summary(self, last: int = 100) -> dict:
+        """Over the last steps and every MoE layer: load CV and busiest expert's share of top choices
+        (the router's demand), and the % of tokens with every choice dropped. Empty for a dense model."""
+        if not self.expert_load:
+            return {}
+        share = torch.tensor(self.expert_load[-last:])  # (steps, layers, E)
+        return {"load_cv": load_cv(share).mean().item(), "max_share": share.amax(dim=-1).mean().item(),
+                "dropped_pct": 100 * torch.tensor(self.dropped[-last:]).mean().item()}
 
     @property
     def final_val_loss(self) -> float:

@@ -151,13 +151,20 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def load_cv(share: torch.Tensor) -> torch.Tensor:
+    """Coefficient of variation of expert load over the last dim: std / mean, the population std
+    (E experts are the whole population, not a sample). 0 = perfectly even; sqrt(E - 1) = one
+    expert takes everything. share (..., E) -> (...)."""
+    return share.std(dim=-1, unbiased=False) / share.mean(dim=-1)
+
+
 def balance_metrics(routing: Routing) -> dict:
     """How evenly the router spreads work: load CV, max/mean load, dropped %, router entropy."""
     load = routing.top_choice_share  # (E,)
     probs = routing.probs / routing.probs.sum(dim=-1, keepdim=True)  # sigmoid scores: as a distribution
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
     return {
-        "load_cv": (load.std(unbiased=False) / load.mean()).item(),
+        "load_cv": load_cv(load).item(),
         "max_over_mean": (load.max() / load.mean()).item(),
         "dropped_pct": 100.0 * routing.dropped.float().mean().item(),
         "router_entropy": entropy.item(),  # ln(E) when every token is unsure, 0 when sure

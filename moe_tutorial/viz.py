@@ -24,6 +24,7 @@ class TextRouting:
     expert: list  # first-choice expert of each character
     dropped: list  # bool per character: its first choice was over capacity
     counts: list  # tokens each expert processed
+    demand: list  # tokens whose first choice is each expert, before capacity: counts + dropped
     capacity: int  # slots per expert
     n_experts: int
     layer: int
@@ -67,9 +68,10 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     n = len(ids)
     expert, kept = routing.expert[:n, 0], routing.kept[:n, 0]
     counts = torch.bincount(expert[kept], minlength=routing.probs.size(1))
+    demand = torch.bincount(expert, minlength=routing.probs.size(1))
     return TextRouting(
         text=text, expert=expert.tolist(), dropped=(~kept).tolist(),
-        counts=counts.tolist(), capacity=routing.capacity,
+        counts=counts.tolist(), demand=demand.tolist(), capacity=routing.capacity,
         n_experts=routing.probs.size(1), layer=layer,
     )
 
@@ -90,15 +92,19 @@ def routing_html(r: TextRouting) -> str:
 
 
 def load_chart_html(r: TextRouting, height_px=120) -> str:
-    """Bars of tokens per expert, with a dashed line at the capacity."""
+    """Per expert: its demand (outlined bar: tokens that chose it) and what it processed (filled part),
+    with a dashed line at the capacity; the outlined part above the line is what was dropped."""
     colors = expert_colors(r.n_experts)
     # A fixed scale (twice the even share), so the capacity line visibly moves with the slider.
     even_share = len(r.text) / r.n_experts
-    top = max(2 * even_share, max(r.counts), r.capacity, 1) * 1.1
+    top = max(2 * even_share, max(r.demand), r.capacity, 1) * 1.1
     bars = "".join(
-        f'<div class="bar" data-expert="{e}" data-count="{c}" title="expert {e}: {c} tokens" '
-        f'style="width:28px;margin-right:4px;height:{height_px * c / top:.1f}px;background:{colors[e]}"></div>'
-        for e, c in enumerate(r.counts)
+        f'<div class="bar" data-expert="{e}" data-count="{c}" data-demand="{d}" '
+        f'title="expert {e}: chosen by {d} tokens, processed {c}" style="width:28px;margin-right:4px;'
+        f'height:{height_px * d / top:.1f}px;border:1px solid {colors[e]};box-sizing:border-box;display:flex;'
+        f'align-items:flex-end"><div style="width:100%;height:{height_px * c / top:.1f}px;'
+        f'background:{colors[e]}"></div></div>'
+        for e, (c, d) in enumerate(zip(r.counts, r.demand))
     )
     line = (f'<div class="capacity-line" data-capacity="{r.capacity}" style="position:absolute;left:0;right:0;'
             f'bottom:{height_px * r.capacity / top:.1f}px;border-top:2px dashed #d00"></div>')
@@ -106,7 +112,8 @@ def load_chart_html(r: TextRouting, height_px=120) -> str:
                      for e in range(r.n_experts))
     return (f'<div class="moe-load"><div style="position:relative;display:flex;align-items:flex-end;'
             f'height:{height_px}px">{bars}{line}</div><div style="display:flex;font-size:11px">{labels}</div>'
-            f'<div style="font-size:11px;color:#d00">- - capacity {r.capacity} per expert</div></div>')
+            f'<div style="font-size:11px;color:#d00">- - capacity {r.capacity} per expert; outline: demand, '
+            f'filled: processed</div></div>')
 
 
 def summary_text(r: TextRouting) -> str:
@@ -134,9 +141,10 @@ def plot_routing(r: TextRouting, chars_per_line=64, max_lines=8):
                 ax_text.plot([col + 0.1, col + 0.9], [y, y], color="#d00", lw=1)
     ax_text.set(xlim=(0, chars_per_line), ylim=(-len(lines) + 0.5, 0.5), title=summary_text(r))
     ax_text.axis("off")
-    ax_load.bar(range(r.n_experts), r.counts, color=colors)
+    ax_load.bar(range(r.n_experts), r.demand, color="white", edgecolor=colors, linewidth=1.5, label="chose it")
+    ax_load.bar(range(r.n_experts), r.counts, color=colors, label="processed")
     ax_load.axhline(r.capacity, color="#d00", ls="--", label=f"capacity {r.capacity}")
-    ax_load.set(xlabel="expert", ylabel="tokens", xticks=range(r.n_experts), title="load")
+    ax_load.set(xlabel="expert", ylabel="tokens", xticks=range(r.n_experts), title="demand vs capacity")
     ax_load.legend(fontsize=8)
     fig.tight_layout()
     return fig

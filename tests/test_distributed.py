@@ -179,6 +179,28 @@ def test_aux_loss_free_bias_follows_the_global_load(tmp_path):
     assert any(b.abs().sum() > 0 for b in expected)
 
 
+def _rank_local_counts(rank, result_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, aux_loss_coef=0.0, bias_update_rate=1e-2)))
+    net = distributed.ddp(model)
+    router = model.moe_layers()[0].router
+    x = torch.randint(TINY["vocab_size"], (4, TINY["block_size"]), generator=torch.Generator().manual_seed(rank))
+    counts = []
+    for _ in range(2):  # two micro-batches of one step: counts accumulate in a buffer
+        net(x, x).loss.backward()
+        counts.append(router.load_since_update.clone())
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, counts[0])
+    assert not torch.equal(everyone[0], everyone[1])  # the ranks' own tokens load the experts differently
+    # DDP's default (broadcast_buffers=True) would copy rank 0's counts over rank 1's before the
+    # second forward; every rank must keep its own, to be summed over ranks once per step.
+    torch.testing.assert_close(counts[1], 2 * counts[0], rtol=0, atol=0)
+
+
+def test_ddp_keeps_each_ranks_routing_counts(tmp_path):
+    run_on_two_ranks(_rank_local_counts, tmp_path)
+
+
 # --- bad setups fail clearly, on every rank, without hanging ------------------------------------
 
 def _bad_setups(rank, result_dir):

@@ -109,6 +109,42 @@ def _blocks_no_mask_flag(q_start, q_end, T, block_k):
     return [(s, min(s + block_k, T), False) for s in range(0, T, block_k) if s <= q_end - 1]
 
 
+def _tile(q, k, v, d_out, lse, delta, future, probs_of=None, subtract_delta=True, grad_scale=None, dv_of=None):
+    """One backward tile with one named mistake (the defaults give the right answer)."""
+    scale = q.size(-1) ** -0.5
+    s = q @ k.T * scale
+    if future is not None:
+        s = s.masked_fill(future, float("-inf"))
+    p = probs_of(s, lse) if probs_of else torch.exp(s - lse[:, None])
+    ds = p * (d_out @ v.T - (delta[:, None] if subtract_delta else 0.0))
+    g = scale if grad_scale is None else grad_scale
+    return ds @ k * g, ds.T @ q * g, dv_of(p, d_out) if dv_of else p.T @ d_out
+
+
+def _tile_no_delta(*args):  # dS = P * dP: forgets the softmax Jacobian's D_i
+    return _tile(*args, subtract_delta=False)
+
+
+def _tile_unnormalised(*args):  # P = exp(S), never divided by the row's sum of exponentials
+    return _tile(*args, probs_of=lambda s, lse: torch.exp(s))
+
+
+def _tile_softmax_per_tile(*args):  # P renormalised over the tile alone instead of all keys
+    return _tile(*args, probs_of=lambda s, lse: F.softmax(s, dim=-1))
+
+
+def _tile_unscaled(*args):  # dQ, dK without the 1/sqrt(D) of S = Q K^T / sqrt(D)
+    return _tile(*args, grad_scale=1.0)
+
+
+def _tile_transposed(*args):  # dV = P dO instead of P^T dO
+    return _tile(*args, dv_of=lambda p, d_out: p @ d_out)
+
+
+def _tile_ignores_mask(q, k, v, d_out, lse, delta, future):  # the causal tile's future keys get weight
+    return _tile(q, k, v, d_out, lse, delta, None)
+
+
 # notebook 03
 def _kept_all(expert, n_experts, capacity):
     return torch.ones_like(expert, dtype=torch.bool)
@@ -339,6 +375,8 @@ WRONG_ANSWERS = {
     "merge_softmax_states": [_merge_no_rescale, _merge_min],
     "attend_one_query_block": [_attend_no_online, _attend_unscaled],
     "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag],
+    "flash_backward_tile": [_tile_no_delta, _tile_unnormalised, _tile_softmax_per_tile, _tile_unscaled,
+                            _tile_transposed, _tile_ignores_mask],
     "assign_with_capacity": [_kept_all, _kept_latest],
     "switch_load_balancing_loss": [_lb_soft_f, _lb_no_scale],
     "router_z_loss": [_z_mean_sq_logits, _z_naive, _z_no_square],
@@ -381,3 +419,18 @@ def test_every_exercise_has_a_check_and_a_passing_solution(walkthrough, capsys):
         assert name in CHECKS, f"no check registered for exercise {name}"
         assert 'raise NotImplementedError("Exercise' in walkthrough_code
         assert CHECKS[name](namespace[fn_name]) is True, capsys.readouterr().out
+
+
+def test_later_cells_use_the_learners_function_only_when_solved(capsys):
+    from moe_tutorial.exercises import learner_or_package
+
+    def mine():
+        return 1
+
+    def package():
+        return 2
+
+    assert learner_or_package(True, mine, package, "demo") is mine
+    assert "your solution" in capsys.readouterr().out
+    assert learner_or_package(False, mine, package, "demo") is package
+    assert "package version" in capsys.readouterr().out

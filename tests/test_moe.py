@@ -226,3 +226,18 @@ def test_routing_and_aux_loss_are_right_under_activation_checkpointing():
     assert aux_a == pytest.approx(aux_b, rel=1e-6) and aux_a > 0
     assert torch.equal(expert_a, expert_b) and torch.equal(kept_a, kept_b)
     torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+
+
+def test_load_cv_is_the_population_cv_and_history_uses_it():
+    import math
+
+    from moe_tutorial.history import History
+    from moe_tutorial.router import load_cv
+
+    assert load_cv(torch.full((8,), 0.125)).item() == 0.0
+    assert math.isclose(load_cv(torch.tensor([1.0, 0.0, 0.0, 0.0])).item(), math.sqrt(3), rel_tol=1e-6)  # sqrt(E - 1)
+    h = History(expert_load=[[[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]] * 3, dropped=[[0.5, 0.0]] * 3)
+    summary = h.routing_summary()
+    assert math.isclose(summary["load_cv"], math.sqrt(3) / 2, rel_tol=1e-6)  # mean over the two layers
+    assert summary["max_share"] == 0.625 and summary["dropped_pct"] == 25.0
+    assert History().routing_summary() == {}

@@ -70,3 +70,33 @@ def test_builder_accepts_well_formed_markers():
     cells = build_notebooks.parse_cells("# %% [markdown]\n# Title\n\n# %% solutions\n# BEGIN SOLUTION\nx = 1\n"
                                         "# END SOLUTION\nassert x  # solutions-only\n", "x.py")
     assert [(kind, sorted(tags)) for kind, tags, _ in cells] == [("markdown", []), ("code", ["solutions"])]
+
+
+def test_builder_puts_solutions_only_cells_in_solutions_alone(tmp_path):
+    source = tmp_path / "09_x.py"
+    source.write_text("# %% [markdown]\n# # 09 · X\n\n# %% [markdown] solutions\n# ### Exercise 1\n\n"
+                      "# %% solutions\n# BEGIN SOLUTION\nx = 1\n# END SOLUTION\n\n"
+                      "# %% [markdown] solutions-only\n# **Why it works.** x is one.\n")
+    walkthrough, solutions = build_notebooks.build(source)
+    assert not any("Why it works" in c.source for c in walkthrough.cells)
+    assert [c.source.strip() for c in solutions.cells[1:]] == ["### Exercise 1", "x = 1", "**Why it works.** x is one."]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_solved_exercises_stand_alone(source):
+    """In solutions/, every solved exercise comes with its statement before it and, after its check,
+    a note on why it works and which wrong answers the check catches."""
+    cells = build_notebooks.parse_cells(source.read_text(), source.name)
+    exercises = [i for i, (kind, _, src) in enumerate(cells) if kind == "code" and "# BEGIN SOLUTION" in src]
+    assert exercises, f"{source.name} has no exercise"
+    for n, i in enumerate(exercises):
+        statement = next(j for j in range(i - 1, -1, -1) if cells[j][0] == "markdown")
+        _, tags, text = cells[statement]
+        assert tags & build_notebooks.IN_SOLUTIONS and "Exercise" in text, (
+            f"{source.name}: the statement before exercise cell {i} is not in the solutions notebook "
+            f"(tag its markdown cell '# %% [markdown] solutions')")
+        end = exercises[n + 1] if n + 1 < len(exercises) else len(cells)
+        notes = [src for kind, tags, src in cells[i + 1:end] if kind == "markdown" and "solutions-only" in tags]
+        assert any("Why it works" in s and "wrong answer" in s.lower() for s in notes), (
+            f"{source.name}: exercise cell {i} has no '# %% [markdown] solutions-only' note with "
+            f"'Why it works' and the wrong answers its check catches")

@@ -44,6 +44,9 @@ def test_route_text_counts_and_capacity(model_and_tokenizer):
     r = route_text(model, tok, TEXT, layer=1, capacity_factor=1.0)
     assert len(r.expert) == len(r.dropped) == len(TEXT)  # padding is not reported
     assert sum(r.counts) == len(TEXT) - r.n_dropped
+    assert sum(r.demand) == len(TEXT) and all(d >= c for d, c in zip(r.demand, r.counts))
+    assert [d - c for d, c in zip(r.demand, r.counts)] == [
+        sum(1 for e, x in zip(r.expert, r.dropped) if e == expert and x) for expert in range(r.n_experts)]
     n_padded = -(-len(TEXT) // 32) * 32  # whole windows of block_size
     assert max(r.counts) <= r.capacity == -(-n_padded // 4)  # ceil(1.0 * N / E)
     short = route_text(model, tok, "to be", layer=0, capacity_factor=1.0)
@@ -63,6 +66,7 @@ def test_explorer_follows_the_slider_layer_and_text(model_and_tokenizer):
     assert capacity_line(explorer.chart.value) < wide_cap
     assert f"dropped {explorer.routing.n_dropped}" in explorer.summary.value
     assert sum(bar_counts(explorer.chart.value)) == len(TEXT) - explorer.routing.n_dropped
+    assert sum(int(d) for d in re.findall(r'data-demand="(\d+)"', explorer.chart.value)) == len(TEXT)
 
     layer0 = explorer.text_view.value
     explorer.layer.value = 1
@@ -86,7 +90,8 @@ def test_static_rendering_matches(model_and_tokenizer):
     title = fig.axes[0].get_title()
     assert f"dropped {r.n_dropped}" in title
     bars = [p.get_height() for p in fig.axes[1].patches]
-    assert bars == r.counts
+    assert bars == r.demand + r.counts  # outlined demand, then what was processed in front of it
+    assert max(r.demand) > r.capacity >= max(r.counts)  # at cf 0.5 the overflow is visible above the line
     matplotlib.pyplot.close(fig)
 
 

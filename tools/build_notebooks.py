@@ -6,7 +6,8 @@
 
 A source is a Python file in "percent" format: `# %%` starts a code cell, `# %% [markdown]`
 a markdown cell (its lines start with "# "). A cell header may carry the word `solutions`:
-such cells also go into the solutions notebook. Inside a code cell, the lines between
+such cells also go into the solutions notebook; a cell tagged `solutions-only` goes only there
+(the "why it works" note after a solved exercise). Inside a code cell, the lines between
 `# BEGIN SOLUTION` and `# END SOLUTION` are the answer: the walkthrough replaces them with
 `raise NotImplementedError`, the solutions notebook keeps them. A line ending in
 `# solutions-only` appears only in the solutions notebook. So an exercise and its solution
@@ -29,7 +30,8 @@ SOLUTION_BLOCK = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTIO
 SOLUTIONS_ONLY = "# solutions-only"
 
 
-KNOWN_TAGS = {"solutions"}
+KNOWN_TAGS = {"solutions", "solutions-only"}
+IN_SOLUTIONS = KNOWN_TAGS  # a cell with either tag goes into the solutions notebook
 MARKERS = re.compile(r"# (BEGIN|END) SOLUTION\b|" + re.escape(SOLUTIONS_ONLY))
 
 
@@ -65,7 +67,7 @@ def check_markers(kind, tags, lines, path, first_line):
         marker = MARKERS.search(line)
         if not marker:
             continue
-        if kind != "code" or "solutions" not in tags:
+        if kind != "code" or not tags & IN_SOLUTIONS:
             raise SourceError(f"{path}:{i}: {marker.group(0)!r} in a {kind} cell without the 'solutions' tag: "
                               f"the marker would be ignored (write '# %% solutions' above the cell)")
         if marker.group(1) == "BEGIN":
@@ -109,14 +111,16 @@ def build(source_path):
     cells = parse_cells(source_path.read_text(), source_path.relative_to(ROOT) if source_path.is_relative_to(ROOT)
                         else source_path)
     walkthrough = new_notebook([
-        make_cell(kind, student_source(src) if kind == "code" else src) for kind, _, src in cells
+        make_cell(kind, student_source(src) if kind == "code" else src)
+        for kind, tags, src in cells if "solutions-only" not in tags
     ])
     title = next(src for kind, _, src in cells if kind == "markdown").splitlines()[0].lstrip("# ")
-    intro = (f"# Solutions: {title}\n\nThe solved exercises of `notebooks/{source_path.stem}.ipynb`, "
-             "each followed by its check. Try them yourself first!")
+    intro = (f"# Solutions: {title}\n\nThe solved exercises of `notebooks/{source_path.stem}.ipynb`: each "
+             "with its statement, the solution, its check, why it works and the wrong answers the check "
+             "catches. Try them yourself first!")
     solutions = new_notebook([make_cell("markdown", intro)] + [
         make_cell(kind, solution_source(src) if kind == "code" else src)
-        for kind, tags, src in cells if "solutions" in tags
+        for kind, tags, src in cells if tags & IN_SOLUTIONS
     ])
     return walkthrough, solutions
 
