@@ -46,6 +46,7 @@ from moe_tutorial.downloads import atomic_path
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
+from moe_tutorial.seeds import verdict_of_stats
 from moe_tutorial.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_scaling.json"
@@ -154,13 +155,11 @@ def step_times(runs) -> dict:
 
 
 def verdict(a, b) -> str:
-    """a vs b (mean, sd, ...): 'better' / 'worse' when lower / higher by more than 2 sd, else 'tie'."""
-    diff, sd = a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
-    if math.isnan(sd):
+    """a vs b (mean, sd, ...): 'better' / 'worse' when lower / higher by more than 2 sd, else 'tie'
+    (the rule of moe_tutorial.seeds, in this report's words)."""
+    if math.isnan(a[1]) or math.isnan(b[1]):
         return "n<2"  # one seed says nothing about noise: no verdict
-    if abs(diff) <= 2 * sd:
-        return "tie"
-    return "better" if diff < 0 else "worse"
+    return {"lower": "better", "higher": "worse", "tie": "tie"}[verdict_of_stats(a[0], a[1], b[0], b[1])]
 
 
 def ranking(runs, steps=STEPS) -> list:

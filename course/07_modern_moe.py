@@ -349,12 +349,7 @@ for seed in SEEDS:
 # %%
 from statistics import mean, stdev
 
-
-def verdict(a, b):
-    """'lower' / 'higher' when a's mean is below / above b's by more than 2 sd of the difference, else 'tie'."""
-    diff, sd = mean(a) - mean(b), math.hypot(stdev(a), stdev(b))
-    return "tie" if abs(diff) <= 2 * sd else ("lower" if diff < 0 else "higher")
-
+from moe_tutorial.seeds import verdict  # 'lower' / 'higher' beyond 2 sd (combined per-run sd), else 'tie'
 
 params = {name: model_info(dataclasses.replace(preset("char", 65)[0], **block)).total_params
           for name, block in (("GPT-2 block", {}), ("modern block", MODERN))}

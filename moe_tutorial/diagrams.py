@@ -23,9 +23,11 @@ def _box(ax, x, y, w, h, text, color="#dbe8f5", fontsize=9):
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize, wrap=True)
 
 
-def _arrow(ax, start, end, text=None, color="black"):
-    """An arrow from start to end, with an optional label at its middle."""
-    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=color, linewidth=1.2))
+def _arrow(ax, start, end, text=None, color="black", both_ways=False):
+    """An arrow from start to end (both_ways: an exchange, heads at both ends), with an optional
+    label at its middle."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="<|-|>" if both_ways else "-|>", mutation_scale=12,
+                                 color=color, linewidth=1.2))
     if text:
         ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, text, ha="center", va="bottom", fontsize=8)
 
@@ -116,11 +118,6 @@ def flash_tiling_diagram(n_blocks=4, query_block=2, key_block=1, ax=None):
 
 # --- notebook 06: parallelism and the all-to-all -----------------------------------------------
 
-def _double_arrow(ax, start, end, color="black"):
-    """A two-headed arrow: an exchange both ways."""
-    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="<|-|>", mutation_scale=12, color=color, linewidth=1.2))
-
-
 def _rank_frame(ax, x, y, w, h, label):
     """A dashed frame around what one rank (one process, one GPU) holds, its name at the top left."""
     ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fill=False,
@@ -157,7 +154,7 @@ def parallelism_diagram():
                     e = r * n_experts // 2 + i
                     _box(ax, x0 + 0.2 + 0.59 * i, 2.2, 0.5, 0.55, f"e{e}", color=EXPERT_COLORS[e], fontsize=8)
             _box(ax, x0 + 0.2, 1.3, 2.3, 0.6, panel["batch"].format(r=r), color="#fdebd0", fontsize=8)
-        _double_arrow(ax, (1.5, 0.85), (4.5, 0.85))
+        _arrow(ax, (1.5, 0.85), (4.5, 0.85), both_ways=True)
         ax.text(3.0, 0.7, panel["talk"], ha="center", va="top", fontsize=8)
         ax.set(xlim=(0, 6), ylim=(-0.1, 4.2))
     fig.tight_layout()
@@ -243,7 +240,7 @@ def all_to_all_diagram(world_size=2, experts_per_rank=2, choices=None, ax=None):
         _box(ax, 11.3, out_y[r] - 0.35, 2.1, 0.7, f"y: {len(choices[r])} tokens\n= Σ gate × result", color="#d5f5e3",
              fontsize=8)
     for r in range(W - 1):  # the counts exchange, between neighbouring lanes
-        _double_arrow(ax, (3.3, top - (r + 1) * band + 0.3), (3.3, top - (r + 1) * band - 0.3))
+        _arrow(ax, (3.3, top - (r + 1) * band + 0.3), (3.3, top - (r + 1) * band - 0.3), both_ways=True)
         ax.text(3.45, top - (r + 1) * band, "all_to_all_single\non the counts", ha="left", va="center", fontsize=7,
                 bbox=dict(facecolor="white", edgecolor="none", pad=1))
     for r in range(W):  # 3. dispatch: block s of rank r's buffer goes to rank s

@@ -20,8 +20,12 @@ def mean_sd(values) -> tuple[float, float]:
 
 def verdict(a, b) -> str:
     """'lower' / 'higher' when a's mean is below / above b's by more than twice the combined per-run sd
-    (sqrt(sd_a² + sd_b²)), else 'tie'."""
-    (mean_a, sd_a), (mean_b, sd_b) = mean_sd(a), mean_sd(b)
+    (sqrt(sd_a² + sd_b²)), else 'tie'. a, b: each run's result."""
+    return verdict_of_stats(*mean_sd(a), *mean_sd(b))
+
+
+def verdict_of_stats(mean_a, sd_a, mean_b, sd_b) -> str:
+    """The same rule from summaries already computed (mean and sd of each side's runs)."""
     diff = mean_a - mean_b
     if abs(diff) <= 2 * math.hypot(sd_a, sd_b):
         return "tie"

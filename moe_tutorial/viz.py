@@ -24,7 +24,6 @@ class TextRouting:
     expert: list  # first-choice expert of each character
     dropped: list  # bool per character: its first choice was over capacity
     counts: list  # tokens each expert processed
-    demand: list  # tokens whose first choice is each expert, before capacity: counts + dropped
     capacity: int  # slots per expert
     n_experts: int
     layer: int
@@ -32,6 +31,11 @@ class TextRouting:
     @property
     def n_dropped(self) -> int:
         return sum(self.dropped)
+
+    @property
+    def demand(self) -> list:
+        """Tokens whose first choice is each expert, before capacity cuts it: counts + dropped."""
+        return [self.expert.count(e) for e in range(self.n_experts)]
 
 
 def expert_colors(n_experts):
@@ -68,10 +72,9 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     n = len(ids)
     expert, kept = routing.expert[:n, 0], routing.kept[:n, 0]
     counts = torch.bincount(expert[kept], minlength=routing.probs.size(1))
-    demand = torch.bincount(expert, minlength=routing.probs.size(1))
     return TextRouting(
         text=text, expert=expert.tolist(), dropped=(~kept).tolist(),
-        counts=counts.tolist(), demand=demand.tolist(), capacity=routing.capacity,
+        counts=counts.tolist(), capacity=routing.capacity,
         n_experts=routing.probs.size(1), layer=layer,
     )
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_tutorial.seeds import describe, mean_sd, verdict
+from moe_tutorial.seeds import describe, mean_sd, verdict, verdict_of_stats
 
 
 def test_mean_sd_is_the_sample_sd_and_refuses_one_seed():
@@ -24,3 +24,9 @@ def test_describe_says_tie_and_both_means():
     text = describe("MoE", [1.98, 1.99, 1.97], "dense", [2.00, 2.01, 1.99])
     assert "MoE 1.9800 ± 0.0100 vs dense 2.0000 ± 0.0100" in text and "-0.0200" in text and "a tie" in text
     assert "lower by more than 2 sd" in describe("MoE", [1.90, 1.91, 1.89], "dense", [2.00, 2.01, 1.99])
+
+
+def test_the_rule_from_summaries_is_the_same_rule():
+    assert verdict_of_stats(1.90, 0.01, 2.00, 0.01) == "lower"
+    assert verdict_of_stats(2.10, 0.01, 2.00, 0.01) == "higher"
+    assert verdict_of_stats(1.98, 0.01, 2.00, 0.01) == "tie"  # 0.02 <= 2 * sqrt(2) * 0.01
