@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node=2 benchmarks/expert_parallel_stats.py
 
-Trains the "char" model with 8 experts in every other block (Switch top-1, the notebook-04
-variant) for a few steps with the experts sharded over the ranks, after checking that the
+Trains the "char" model's "Switch top-1" variant (8 experts in every block; moe_tutorial.presets)
+for a few steps with the experts sharded over the ranks, after checking that the
 sharded layer gives the same outputs and gradients as the full layer. Rank 0 prints the tables.
 """
 

@@ -9,7 +9,10 @@ For top-1 and top-2 routing with E=8 experts, at the course's char-model shape (
   hf-loop  the same layer with the per-expert loop of Hugging Face's Mixtral block
            (moe_tutorial.dispatch.loop_dispatch: torch.where per expert, index_add back)
 Capacity is set high enough (factor E) that no token is dropped, so all three do the same work.
-Median of 40 interleaved repeats, 2 threads; ratios are within this run.
+Median of 40 interleaved repeats, 2 threads; ratios are within this run. Compare `--threads 1`
+with `--threads 2`: the per-expert matmuls gain less from a second core than the dense one does.
+
+    python benchmarks/moe_layer.py --shapes char --threads 1
 """
 
 import argparse
@@ -52,12 +55,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"E={N_EXPERTS}, forward+backward, median of {args.repeats}, {args.threads} threads")
     print(f"{'shape':<17}{'top_k':>6}{'dense ms':>10}{'moe ms':>9}{'hf-loop ms':>12}"
           f"{'moe/dense':>11}{'hf/dense':>10}{'moe/hf':>8}")
-    for name, (d, tokens) in SHAPES.items():
+    for name in args.shapes:
+        d, tokens = SHAPES[name]
         for top_k in (1, 2):
             torch.manual_seed(0)
             moe_cfg = MoEConfig(n_experts=N_EXPERTS, top_k=top_k, capacity_factor_train=float(N_EXPERTS))  # no drops

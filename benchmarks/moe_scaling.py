@@ -190,8 +190,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset: 3 variants x 2 seeds x 60 steps")
     parser.add_argument("--report", action="store_true", help="only print the table and draw the plots")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
-                        help="train only these variants in the steps phase (to finish the seeds that matter first)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                        help="train only these variants in the steps and long phases (to finish the seeds that "
+                             "matter first; e.g. --phases long --variants dense)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.report:
@@ -212,7 +213,7 @@ def sweep(args):
         record = run_one(comparison, variant, seed, steps, dataset, eval_sets, args.threads, **extra)
         append(args.out, record)
         done.add(k)
-        print(f"{comparison:<12}{variant:<34}seed {seed}  {steps:>5} steps  val {record['val_loss']:.4f}  "
+        print(f"{comparison:<12}{variant:<46}seed {seed}  {steps:>5} steps  val {record['val_loss']:.4f}  "
               f"{record['seconds']:.0f} s", flush=True)
 
     def measure_speed(names, **kw):
@@ -229,7 +230,7 @@ def sweep(args):
         return
     if "steps" in args.phases:
         for seed in SEEDS:  # seed-major: a partial sweep already has one run of every variant
-            for variant in args.variants:
+            for variant in args.variants or VARIANTS:
                 run("equal_steps", variant, seed, STEPS)
     best = ranking(load(args.out))[:1]
     if "derived" in args.phases and best:
@@ -244,7 +245,8 @@ def sweep(args):
     if "long" in args.phases and best:
         for seed in SEEDS:
             for variant in ["dense"] + best:
-                run("equal_steps", variant, seed, LONG_STEPS)
+                if args.variants is None or variant in args.variants:
+                    run("equal_steps", variant, seed, LONG_STEPS)
     per_step = step_times(load(args.out))
     if "time" in args.phases and best and {"dense", best[0]} <= per_step.keys():
         for budget in TIME_BUDGETS:
@@ -262,7 +264,7 @@ def report(runs, path):
     budgets = sorted({("equal_steps", r["steps"]) for r in runs if r["comparison"] == "equal_steps"}
                      | {("equal_time", r["budget_seconds"]) for r in runs if r["comparison"] == "equal_time"})
     meta = {r["variant"]: r for r in runs if "total_params" in r}
-    print(f"{'comparison':<12}{'budget':<12} {'variant':<34}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<8}"
+    print(f"{'comparison':<12}{'budget':<12} {'variant':<46}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<8}"
           f"{'total':>10}{'active':>9}{'ms/step':>8}{'x dense':>8}")
     for comparison, budget in budgets:
         table = stats(runs, comparison, budget)
@@ -273,7 +275,7 @@ def report(runs, path):
             call = verdict(s, dense) if dense and v != "dense" else ""
             ms = f"{1e3 * per_step[v]:.1f}" if v in per_step else "-"
             ratio = f"{per_step[v] / per_step['dense']:.2f}" if v in per_step and "dense" in per_step else "-"
-            print(f"{comparison:<12}{budget:>5g} {unit:<6}{v:<34}{s[2]:>2}{s[0]:>10.4f} ± {s[1]:.4f}{delta:>10}  "
+            print(f"{comparison:<12}{budget:>5g} {unit:<6}{v:<46}{s[2]:>2}{s[0]:>10.4f} ± {s[1]:.4f}{delta:>10}  "
                   f"{call:<8}{meta[v]['total_params']:>10,}{meta[v]['active_params']:>9,}{ms:>8}{ratio:>8}")
     plot(runs, path.with_suffix(".png"))
 

@@ -47,11 +47,13 @@ plt.show()
 # Each token's router picks one expert and a gate `g`; tokens are grouped by expert, at most
 # `capacity` per expert in arrival order (token 4 finds expert 1 full and is dropped); each expert
 # is an ordinary MLP run on its group; outputs are scaled by their gates and put back in token
-# order. For the char model of notebook 01, with every other block an MoE of 8 experts:
+# order. For the char model of notebook 01 with an MoE of 8 full-width experts in every block (the
+# course's `"Switch top-1"` variant: the best top-1 setting of notebook 04's experts sweep):
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.model import GPT
+from moe_tutorial.presets import MOE_VARIANTS
 
 
 def ffn_counts(config):
@@ -64,17 +66,19 @@ def ffn_counts(config):
 
 
 dense_cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
-moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "moe": MoEConfig(n_experts=8, top_k=1, every=2)})
+moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "moe": MOE_VARIANTS["Switch top-1"]})
 counts = {name: ffn_counts(cfg) for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg))}
 for name, (total, active) in counts.items():
     print(f"{name:<16} total {total:>9,} parameters, {active:>8,} used per token")
 param_ratio = counts["Switch MoE, E=8"][0] / counts["dense"][0]
-assert counts["Switch MoE, E=8"][1] - counts["dense"][1] == 2 * moe_cfg.n_embd * moe_cfg.moe.n_experts  # 2 routers
+n_routers = sum(moe_cfg.is_moe_layer(i) for i in range(moe_cfg.n_layer))  # one per MoE block
+assert counts["Switch MoE, E=8"][1] - counts["dense"][1] == n_routers * moe_cfg.n_embd * moe_cfg.moe.n_experts
 
 # %%
 Markdown(f"{param_ratio:.2f}× the parameters for the same matrix multiplications per token: the only "
-         f"extra weights a token uses are the two routers' `C × E` = {moe_cfg.n_embd * moe_cfg.moe.n_experts:,} "
-         f"each. Whether the extra parameters help is a question for seeds: notebook 04 answers it.")
+         f"extra weights a token uses are the {n_routers} routers' `C × E` = "
+         f"{moe_cfg.n_embd * moe_cfg.moe.n_experts:,} each. Whether the extra parameters help is a question "
+         f"for seeds: notebook 04 answers it.")
 
 # %% [markdown]
 #
@@ -305,15 +309,17 @@ assert torch.allclose(ours, theirs, atol=1e-6)
 
 # %% [markdown]
 # ## 7 · Training: what each auxiliary loss does
-# Notebook 01's model and recipe (`"char"` preset), fewer steps, with 8
-# experts in the 2nd and 4th blocks (`every=2`: indices 1 and 3), top-1, so the same compute per
-# token. Then the same MoE without the load-balancing loss, without the z-loss, and with neither
-# loss, no capacity limit (capacity factor = E: no token can be dropped) and a higher learning rate
-# — the setting most likely to collapse. One seed each, so the asserts below only check several-fold
+# Notebook 01's model and recipe (`"char"` preset), fewer steps, with the Switch MoE above: 8
+# full-width experts in every block, top-1, so the same compute per token. Then the same MoE
+# without the load-balancing loss, without the z-loss, and with neither loss, no capacity limit
+# (capacity factor = E: no token can be dropped) and a higher learning rate — the setting most
+# likely to collapse. One seed each, so the asserts below only check several-fold
 # differences in routing, and nothing here compares validation losses: whether an MoE beats the
 # dense model is a question for 3 seeds, answered in notebook 04.
 
 # %%
+from dataclasses import replace
+
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
@@ -321,13 +327,13 @@ from moe_tutorial.train import train
 STEPS = 800
 COLLAPSE_LR = 1e-2
 dataset = shakespeare_dataset(progress=False)
-switch = MoEConfig(n_experts=8, top_k=1, every=2)
+switch = MOE_VARIANTS["Switch top-1"]
 runs = {  # name: (MoE layers, learning rate or None for the recipe's)
     "Switch MoE": (switch, None),
-    "no aux loss": (MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0), None),
-    "no z-loss": (MoEConfig(n_experts=8, top_k=1, every=2, z_loss_coef=0.0), None),
-    "neither, no cap": (MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0, z_loss_coef=0.0,
-                                  capacity_factor_train=8.0), COLLAPSE_LR),
+    "no aux loss": (replace(switch, aux_loss_coef=0.0), None),
+    "no z-loss": (replace(switch, z_loss_coef=0.0), None),
+    "neither, no cap": (replace(switch, aux_loss_coef=0.0, z_loss_coef=0.0,
+                                capacity_factor_train=float(switch.n_experts)), COLLAPSE_LR),
 }
 histories, models = {}, {}
 for name, (moe, lr) in runs.items():

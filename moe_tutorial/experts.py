@@ -3,8 +3,9 @@
 Weights are (E, C, H) and (E, H, C) tensors rather than E separate modules, so that one
 grouped matrix multiply (`F.grouped_mm`, PyTorch >= 2.8) can run every expert on its own
 contiguous slice of tokens. Where grouped_mm cannot run (PyTorch < 2.8; dtypes the backend
-lacks, e.g. float64 on CPU; misaligned widths; tracing with torch.compile outside bfloat16) the
-experts fall back to one matmul per expert: a loop over experts, never over tokens.
+lacks, e.g. float64 on CPU; misaligned widths) the experts fall back to one matmul per expert: a
+loop over experts, never over tokens. Under torch.compile the same computation is one custom
+operator with its own backward (`expert_matmul`), which the compiler calls as it is.
 """
 
 import functools
@@ -20,9 +21,19 @@ def grouped_matmul(x, weight, counts):
     """Rows of x (M, K) in expert order, counts (E,) per expert, weight (E, K, N) -> (M, N)."""
     if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: do as nn.Linear
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if _can_group(x) and _aligned(x, weight):
-        offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-        return _ContiguousGrad.apply(F.grouped_mm(x, weight.to(x.dtype), offs=offsets))
+    weight = weight.to(x.dtype)
+    if torch.compiler.is_compiling():
+        return expert_matmul(x, weight, counts)  # one opaque operator to the compiler (below)
+    # Eager: autograd through grouped_mm (or the per-expert matmuls) directly, without the
+    # operator's ~0.1 ms of Python dispatch per call.
+    return _ContiguousGrad.apply(matmul_by_expert(x, weight, counts))
+
+
+def matmul_by_expert(x, weight, counts):
+    """Each expert's rows of x (M, K) @ its weight (E, K, N) -> (M, N): one grouped_mm where the
+    backend has it, one matmul per expert where not."""
+    if _can_group(x, weight):
+        return F.grouped_mm(x, weight, offs=counts.cumsum(0).to(torch.int32))  # offs: end row of each slice
     return per_expert_matmul(x, weight, counts)
 
 
@@ -39,13 +50,54 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _can_group(x) -> bool:
-    if not HAS_GROUPED_MM:
-        return False
-    if torch.compiler.is_compiling():
-        # grouped_mm's meta function (what torch.compile traces) accepts bfloat16 only.
-        return x.dtype == torch.bfloat16
-    return grouped_mm_supported(x.device.type, x.dtype)
+# Under torch.compile the grouped matmul is a custom operator: the compiler sees one opaque call with
+# a known output shape, (M, N), instead of tracing into it. Traced, the per-expert fallback's split
+# sizes are data (tokens per expert), which breaks the graph and compiles anew for each routing; and
+# grouped_mm's traced form accepts bfloat16 only, while run as an operator it takes whatever the
+# backend does (float32 on CPU).
+@torch.library.custom_op("moe_tutorial::expert_matmul", mutates_args=())
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rows grouped by expert, weight (E, K, N), counts (E,) -> (M, N): rows @ their expert."""
+    return matmul_by_expert(x, weight, counts)
+
+
+@torch.library.custom_op("moe_tutorial::expert_weight_grad", mutates_args=())
+def expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each expert's x_e^T @ grad_e, for x (M, K) and grad (M, N) grouped by expert -> (E, K, N)."""
+    if _can_group(x, grad[None]):
+        return F.grouped_mm(x.t(), grad, offs=counts.cumsum(0).to(torch.int32))
+    rows = counts.tolist()
+    return torch.stack([a.t() @ b for a, b in zip(x.split(rows), grad.split(rows))])
+
+
+@expert_matmul.register_fake
+def _(x, weight, counts):
+    return x.new_empty(x.size(0), weight.size(2))
+
+
+@expert_weight_grad.register_fake
+def _(x, grad, counts):
+    return x.new_empty(counts.size(0), x.size(1), grad.size(1))
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_matmul_backward(ctx, grad):
+    """y_e = x_e @ W_e for every expert e: dx_e = dy_e @ W_e^T, dW_e = x_e^T @ dy_e."""
+    x, weight, counts = ctx.saved_tensors
+    grad = grad.contiguous()  # a broadcast gradient (from y.sum()) has stride 0, which grouped_mm rejects
+    grad_x = expert_matmul(grad, weight.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+    grad_weight = expert_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_weight, None
+
+
+expert_matmul.register_autograd(_expert_matmul_backward, setup_context=_save_inputs)
+
+
+def _can_group(x, weight) -> bool:
+    return grouped_mm_supported(x.device.type, x.dtype) and _aligned(x, weight)
 
 
 @functools.cache

@@ -44,15 +44,20 @@ PRESETS = {
 }
 
 
-# Notebook 04's comparison, benchmarks/moe_vs_dense.py and the CLI's --variant: the MoE layers
-# of the "char" model. Compute per token is held at the dense model's: top-1 experts are 4C wide
-# (C = 128), top-2 experts 2C, top-2 + shared has three active experts of 172 ~ 4C/3.
+# The MoE variants of the "char" model (the CLI's --variant, notebook 06, benchmarks/
+# expert_parallel_stats.py): settings that won benchmarks/moe_scaling.py's experts sweep (notebook 04
+# reads its results). MoE in every block, compute per token held at the dense model's: a token's
+# routed and shared experts add up to the dense MLP's 4C hidden units (C = 128).
 MOE_VARIANTS = {
     "dense": None,
-    "Switch top-1": MoEConfig(n_experts=8, top_k=1, every=2),
-    "top-2": MoEConfig(n_experts=8, top_k=2, every=2, expert_hidden=256),
-    "top-2 + shared": MoEConfig(n_experts=8, top_k=2, every=2, n_shared_experts=1, expert_hidden=172),
-    "aux-loss-free top-1": MoEConfig(n_experts=8, top_k=1, every=2, aux_loss_coef=0.0, bias_update_rate=1e-3),
+    # The best top-1 setting: 8 full-width experts (4 tie it; 16 and 32 see too few tokens a step).
+    "Switch top-1": MoEConfig(n_experts=8, top_k=1),
+    # The best variant: 32 experts of width C, 3 routed + 1 shared (DeepSeekMoE's fine-grained
+    # experts), balanced by DeepSeek-V3's selection bias instead of a balancing loss.
+    "fine-grained + shared": MoEConfig(n_experts=32, top_k=3, expert_hidden=128, n_shared_experts=1,
+                                       aux_loss_coef=0.0, bias_update_rate=1e-3),
+    "top-2": MoEConfig(n_experts=16, top_k=2, expert_hidden=256),  # 16 experts of width 2C
+    "aux-loss-free top-1": MoEConfig(n_experts=8, top_k=1, aux_loss_coef=0.0, bias_update_rate=1e-3),
 }
 
 

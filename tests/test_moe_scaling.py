@@ -32,3 +32,18 @@ def test_quick_sweep_records_every_run_and_resumes(tmp_path, shakespeare_file):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
     assert len(json.loads(out.read_text())["runs"]) == len(runs)  # nothing trained twice
     assert "seed" not in again.split("comparison")[0]  # no training lines before the table
+
+
+def test_the_courses_moe_variants_are_the_sweeps_winners():
+    """presets.MOE_VARIANTS (the CLI's --variant, notebooks 03 and 06) holds the configurations the
+    sweep measured: its best variant and its best top-1 setting, MoE in every block."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import moe_scaling
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from moe_tutorial.presets import MOE_VARIANTS
+
+    assert MOE_VARIANTS["fine-grained + shared"] == moe_scaling.moe_config("E=32 k=3 (C) + shared, aux-loss-free")
+    assert MOE_VARIANTS["Switch top-1"] == moe_scaling.moe_config("top-1 E=8")
+    assert MOE_VARIANTS["top-2"] == moe_scaling.moe_config("E=16 k=2 (2C)")
