@@ -14,6 +14,7 @@ that drifts in machine speed hit both alike; ratios are within this run.
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -34,7 +35,7 @@ def stepper(name, dataset, dtype, compiled):
     optimizer = make_optimizer(model, cfg)
     net = torch.compile(model) if compiled else model
     rng = torch.Generator().manual_seed(0)
-    step = iter(range(10**9))
+    step = itertools.count()
 
     def one_step():
         batch = [get_batch(dataset.train, cfg.batch_size, model.config.block_size, rng)]

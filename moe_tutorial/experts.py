@@ -32,8 +32,8 @@ def grouped_matmul(x, weight, counts):
 def matmul_by_expert(x, weight, counts):
     """Each expert's rows of x (M, K) @ its weight (E, K, N) -> (M, N): one grouped_mm where the
     backend has it, one matmul per expert where not."""
-    if _can_group(x, weight):
-        return F.grouped_mm(x, weight, offs=counts.cumsum(0).to(torch.int32))  # offs: end row of each slice
+    if _can_group(x, weight.size(2)):
+        return F.grouped_mm(x, weight, offs=_slice_ends(counts))
     return per_expert_matmul(x, weight, counts)
 
 
@@ -64,8 +64,8 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -
 @torch.library.custom_op("moe_tutorial::expert_weight_grad", mutates_args=())
 def expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each expert's x_e^T @ grad_e, for x (M, K) and grad (M, N) grouped by expert -> (E, K, N)."""
-    if _can_group(x, grad[None]):
-        return F.grouped_mm(x.t(), grad, offs=counts.cumsum(0).to(torch.int32))
+    if _can_group(x, grad.size(1)):
+        return F.grouped_mm(x.t(), grad, offs=_slice_ends(counts))
     rows = counts.tolist()
     return torch.stack([a.t() @ b for a, b in zip(x.split(rows), grad.split(rows))])
 
@@ -96,8 +96,16 @@ def _expert_matmul_backward(ctx, grad):
 expert_matmul.register_autograd(_expert_matmul_backward, setup_context=_save_inputs)
 
 
-def _can_group(x, weight) -> bool:
-    return grouped_mm_supported(x.device.type, x.dtype) and _aligned(x, weight)
+def _can_group(x, out_width) -> bool:
+    """grouped_mm can multiply x (M, K) into out_width columns: the backend has it for this dtype,
+    and rows are 16-byte aligned (e.g. widths divisible by 4 in fp32)."""
+    row_bytes = (x.size(1) * x.element_size(), out_width * x.element_size())
+    return grouped_mm_supported(x.device.type, x.dtype) and all(b % 16 == 0 for b in row_bytes)
+
+
+def _slice_ends(counts):
+    """grouped_mm's offs: the end row of each expert's slice, int32."""
+    return counts.cumsum(0).to(torch.int32)
 
 
 @functools.cache
@@ -119,12 +127,6 @@ def _probe_grouped_mm(device_type, dtype) -> bool:
     y = F.grouped_mm(x, w, offs=torch.tensor([2, 4], device=device_type, dtype=torch.int32))
     y.backward(torch.ones_like(y))
     return True
-
-
-def _aligned(x, weight):
-    """grouped_mm wants 16-byte aligned rows (e.g. widths divisible by 4 in fp32)."""
-    row_bytes = (x.size(1) * x.element_size(), weight.size(2) * x.element_size())
-    return all(b % 16 == 0 for b in row_bytes)
 
 
 def per_expert_matmul(x, weight, counts):
