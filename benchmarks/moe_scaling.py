@@ -4,25 +4,23 @@
     python benchmarks/moe_scaling.py --report    # table and plots from the JSON alone, no training
     python benchmarks/moe_scaling.py --quick --out /tmp/q.json   # a ~2-minute subset (tests use it)
 
-Every variant keeps the dense `char` model's *active* compute per token: a token passes through
-experts whose hidden widths add up to the dense MLP's 4C (C = 128). Top-1 variants use full-width
-experts; fine-grained ones (DeepSeekMoE) split each expert into m narrower ones and route to m x
-more; shared-expert variants turn one of the k active experts into an always-on one.
+The variants are `moe_tutorial.sweep.VARIANTS`: every one keeps the dense `char` model's *active*
+compute per token (notebook 04 reads the results back with the same names).
 
 Phases, in order (--phases picks some); every training comparison over 3 seeds:
   steps    equal steps: every variant at the recipe's 1800 steps
   derived  the best variant with MoE in every other block, and with aux-loss-free balancing
   speed    seconds per training step of every variant, measured interleaved in one process on an
-           otherwise idle machine (a "step_time" record each); the wall-time figures use these,
-           never the wall time of runs that may have shared the machine
+           otherwise idle machine (a "step_time" record each): the step-cost table
   long     equal steps at 2x the budget, for dense and the best MoE
-  time     equal wall time: dense and the best MoE, each for as many steps as fit in 120 s and
-           in 300 s at its measured seconds per step
+  time     equal wall time: dense and the best MoE (alternating), each for as many steps as fit in
+           120 s and in 300 s at the seconds per step measured in the same process just before the
+           run (PROBE_STEPS steps after a warm-up); the run records that probe and its own seconds
 
 Each finished run is appended to benchmarks/results/moe_scaling.json at once (one record per
 run, with the machine and the command), so an interrupted sweep continues where it stopped. A
-run's `seconds` is its own wall time, which may include a shared or paused machine: only the
-speed phase's `seconds_per_step` feeds wall-time comparisons.
+run's `seconds` is its own wall time (training plus one final evaluation): run the time phase on an
+otherwise idle machine, since a shared one changes both the probe and the run.
 Mean +- sd over seeds; a difference under 2 sd of the difference (sqrt(sd_a^2 + sd_b^2)) is a tie.
 """
 
@@ -39,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from moe_tutorial.config import MoEConfig
 from moe_tutorial.costs import model_info
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.downloads import atomic_path
@@ -47,6 +44,7 @@ from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
 from moe_tutorial.seeds import verdict_of_stats
+from moe_tutorial.sweep import AUX_FREE, EVERY_OTHER, FAMILIES, VARIANTS, moe_config
 from moe_tutorial.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_scaling.json"
@@ -54,37 +52,11 @@ SEEDS = (1337, 1338, 1339)
 STEPS = 1800  # the char recipe
 LONG_STEPS = 2 * STEPS
 TIME_BUDGETS = (120.0, 300.0)  # seconds of training per run in the equal-time comparison
+PROBE_STEPS = 40  # timed steps that set an equal-time run's step count, measured just before it
 
-# MoEConfig fields of the char model's MoE layers (C = 128, dense hidden 4C = 512); in every block.
-VARIANTS = {
-    "dense": {},
-    "top-1 E=4": dict(n_experts=4, top_k=1),
-    "top-1 E=8": dict(n_experts=8, top_k=1),
-    "top-1 E=16": dict(n_experts=16, top_k=1),
-    "top-1 E=32": dict(n_experts=32, top_k=1),
-    "E=16 k=2 (2C)": dict(n_experts=16, top_k=2, expert_hidden=256),
-    "E=32 k=4 (C)": dict(n_experts=32, top_k=4, expert_hidden=128),
-    "E=64 k=8 (C/2)": dict(n_experts=64, top_k=8, expert_hidden=64),
-    "E=16 k=1 (2C) + shared": dict(n_experts=16, top_k=1, expert_hidden=256, n_shared_experts=1),
-    "E=32 k=3 (C) + shared": dict(n_experts=32, top_k=3, expert_hidden=128, n_shared_experts=1),
-    "E=64 k=7 (C/2) + shared": dict(n_experts=64, top_k=7, expert_hidden=64, n_shared_experts=1),
-}
-EVERY_OTHER = ", every other block"
-AUX_FREE = ", aux-loss-free"
 QUICK_VARIANTS = ("dense", "top-1 E=8", "E=32 k=4 (C)")
+QUICK_STEPS, QUICK_BUDGET = 60, 3.0  # --quick: equal steps, and one equal-time run of dense and its best MoE
 PHASES = ("steps", "derived", "speed", "long", "time")
-
-
-def moe_config(name: str) -> MoEConfig | None:
-    """A variant's MoE layers (None: dense); derived names add a suffix to a base variant."""
-    fields = dict(VARIANTS[name.removesuffix(EVERY_OTHER).removesuffix(AUX_FREE)])
-    if not fields:
-        return None
-    if name.endswith(EVERY_OTHER):
-        fields["every"] = 2
-    if name.endswith(AUX_FREE):
-        fields.update(aux_loss_coef=0.0, bias_update_rate=1e-3)  # DeepSeek-V3's balancing instead
-    return MoEConfig(**fields)
 
 
 def build(name, dataset, seed, steps):
@@ -149,6 +121,15 @@ def stats(runs, comparison, budget):
             for v, x in groups.items()}
 
 
+def timed_runs(runs, budget) -> dict:
+    """{variant: equal-time runs at this budget (seconds), by seed}."""
+    timed = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        if r["comparison"] == "equal_time" and r["budget_seconds"] == budget:
+            timed.setdefault(r["variant"], []).append(r)
+    return timed
+
+
 def step_times(runs) -> dict:
     """{variant: seconds per step}, from the latest speed measurement of each variant."""
     return {r["variant"]: r["seconds_per_step"] for r in runs if r["comparison"] == "step_time"}
@@ -187,7 +168,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON of runs (appended to)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a ~2-minute subset: 3 variants x 2 seeds x 60 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="a ~2-minute subset: 3 variants x 2 seeds x 60 steps, then 3 s of equal time")
     parser.add_argument("--report", action="store_true", help="only print the table and draw the plots")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
@@ -221,12 +203,23 @@ def sweep(args):
             append(args.out, dict(comparison="step_time", variant=name, seed=0, steps=0, seconds_per_step=sec,
                                   machine=machine(args.threads), command=command))
 
+    def equal_time(budgets, seeds, best, probe_steps=PROBE_STEPS):
+        for budget in budgets:
+            for seed in seeds:
+                for variant in ["dense"] + best:  # alternating, so that a drifting machine hits both
+                    if ("equal_time", variant, seed, budget) in done:
+                        continue  # before probing: a finished run costs nothing
+                    per_step = seconds_per_step([variant], dataset, steps=probe_steps, rounds=1)[variant]
+                    run("equal_time", variant, seed, max(1, int(budget / per_step)),
+                        budget_seconds=budget, seconds_per_step=per_step)
+
     if args.quick:
         for seed in SEEDS[:2]:
             for variant in QUICK_VARIANTS:
-                run("equal_steps", variant, seed, 60)
+                run("equal_steps", variant, seed, QUICK_STEPS)
         if not step_times(load(args.out)):
             measure_speed(QUICK_VARIANTS, steps=5, rounds=1)
+        equal_time([QUICK_BUDGET], SEEDS[:1], ranking(load(args.out), QUICK_STEPS)[:1], probe_steps=5)
         return
     if "steps" in args.phases:
         for seed in SEEDS:  # seed-major: a partial sweep already has one run of every variant
@@ -247,45 +240,35 @@ def sweep(args):
             for variant in ["dense"] + best:
                 if args.variants is None or variant in args.variants:
                     run("equal_steps", variant, seed, LONG_STEPS)
-    per_step = step_times(load(args.out))
-    if "time" in args.phases and best and {"dense", best[0]} <= per_step.keys():
-        for budget in TIME_BUDGETS:
-            for seed in SEEDS:
-                for variant in ["dense"] + best:
-                    run("equal_time", variant, seed, max(1, int(budget / per_step[variant])),
-                        budget_seconds=budget, seconds_per_step=per_step[variant])
+    if "time" in args.phases and best:
+        equal_time(TIME_BUDGETS, SEEDS, best)
 
 
 def report(runs, path):
     if not runs:
         print(f"no runs in {path}")
         return
-    per_step = step_times(runs)
+    per_step = step_times(runs)  # speed phase; an equal-time row shows its runs' own probes instead
     budgets = sorted({("equal_steps", r["steps"]) for r in runs if r["comparison"] == "equal_steps"}
                      | {("equal_time", r["budget_seconds"]) for r in runs if r["comparison"] == "equal_time"})
     meta = {r["variant"]: r for r in runs if "total_params" in r}
     print(f"{'comparison':<12}{'budget':<12} {'variant':<46}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<8}"
-          f"{'total':>10}{'active':>9}{'ms/step':>8}{'x dense':>8}")
+          f"{'total':>10}{'active':>9}{'ms/step':>8}{'x dense':>8}  equal time: steps, own seconds")
     for comparison, budget in budgets:
         table = stats(runs, comparison, budget)
         dense = table.get("dense")
         unit = "steps" if comparison == "equal_steps" else "s"
+        timed = timed_runs(runs, budget) if comparison == "equal_time" else {}
+        speed = {v: statistics.mean(r["seconds_per_step"] for r in rs) for v, rs in timed.items()} or per_step
         for v, s in sorted(table.items(), key=lambda kv: kv[1][0]):
             delta = f"{s[0] - dense[0]:+.4f}" if dense else ""
             call = verdict(s, dense) if dense and v != "dense" else ""
-            ms = f"{1e3 * per_step[v]:.1f}" if v in per_step else "-"
-            ratio = f"{per_step[v] / per_step['dense']:.2f}" if v in per_step and "dense" in per_step else "-"
+            ms = f"{1e3 * speed[v]:.1f}" if v in speed else "-"
+            ratio = f"{speed[v] / speed['dense']:.2f}" if v in speed and "dense" in speed else "-"
+            own = "  " + ", ".join(f"{r['steps']} in {r['seconds']:.0f} s" for r in timed[v]) if v in timed else ""
             print(f"{comparison:<12}{budget:>5g} {unit:<6}{v:<46}{s[2]:>2}{s[0]:>10.4f} ± {s[1]:.4f}{delta:>10}  "
-                  f"{call:<8}{meta[v]['total_params']:>10,}{meta[v]['active_params']:>9,}{ms:>8}{ratio:>8}")
+                  f"{call:<8}{meta[v]['total_params']:>10,}{meta[v]['active_params']:>9,}{ms:>8}{ratio:>8}{own}")
     plot(runs, path.with_suffix(".png"))
-
-
-FAMILIES = {
-    "top-1, full-width experts": [(f"top-1 E={e}", e) for e in (4, 8, 16, 32)],
-    "fine-grained top-k (width 4C/k)": [("E=16 k=2 (2C)", 16), ("E=32 k=4 (C)", 32), ("E=64 k=8 (C/2)", 64)],
-    "fine-grained + 1 shared": [("E=16 k=1 (2C) + shared", 16), ("E=32 k=3 (C) + shared", 32),
-                                ("E=64 k=7 (C/2) + shared", 64)],
-}
 
 
 def plot(runs, png):
@@ -297,7 +280,7 @@ def plot(runs, png):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     table = stats(runs, "equal_steps", STEPS)
     for label, members in FAMILIES.items():
-        points = [(e, table[v]) for v, e in members if v in table]
+        points = [(moe_config(v).n_experts, table[v]) for v in members if v in table]
         if points:
             ax1.errorbar([e for e, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points],
                          marker="o", capsize=3, label=label)
@@ -309,18 +292,20 @@ def plot(runs, png):
     ax1.set(xlabel="routed experts per MoE layer", ylabel=f"validation loss after {STEPS} steps",
             title="Equal steps, equal active compute per token")
     ax1.legend(fontsize=8)
-    per_step = step_times(runs)  # wall time = steps x measured seconds per step (never a shared machine's)
-    for variant in [v for v in ["dense"] + ranking(runs)[:1] if v in per_step]:
-        by_steps = {}
-        for r in runs:
-            if r["variant"] == variant and r["comparison"] in ("equal_steps", "equal_time"):
-                by_steps.setdefault(r["steps"], []).append(r["val_loss"])
-        steps = sorted(by_steps)
-        ax2.errorbar([n * per_step[variant] for n in steps], [statistics.mean(by_steps[n]) for n in steps],
-                     yerr=[statistics.stdev(by_steps[n]) if len(by_steps[n]) > 1 else 0.0 for n in steps],
+    budgets = sorted({r["budget_seconds"] for r in runs if r["comparison"] == "equal_time"})
+    curves = {}  # variant: [(budget, val losses, steps)], from the equal-time runs alone
+    for budget in budgets:
+        for variant, rs in timed_runs(runs, budget).items():
+            steps = sorted(r["steps"] for r in rs)  # each run's own probe sets its steps
+            curves.setdefault(variant, []).append((budget, [r["val_loss"] for r in rs], f"{steps[0]}–{steps[-1]}"))
+    for variant, points in curves.items():
+        ax2.errorbar([b for b, _, _ in points], [statistics.mean(v) for _, v, _ in points],
+                     yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v, _ in points],
                      marker="o", capsize=3, label=variant)
-    ax2.set(xlabel="training seconds (steps x measured s/step)", ylabel="validation loss",
-            title="Validation loss vs wall time on this machine")
+        for b, v, n in points:
+            ax2.annotate(f"{n} steps", (b, statistics.mean(v)), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax2.set(xlabel="training budget (seconds on this machine)", ylabel="validation loss",
+            title="Equal wall time: as many steps as fit")
     if ax2.lines:
         ax2.legend(fontsize=8)
     fig.tight_layout()

@@ -408,6 +408,7 @@ Markdown(f"**The finding at {STEPS} steps:** {finding}. " + (
 
 # %%
 import moe_tutorial
+from moe_tutorial.sweep import FAMILIES, base_variant
 
 sweep_path = Path(moe_tutorial.__file__).resolve().parent.parent / "benchmarks" / "results" / "moe_scaling.json"
 sweep = json.loads(sweep_path.read_text())["runs"]
@@ -416,17 +417,12 @@ by_variant = {}
 for r in sweep:
     if r["comparison"] == "equal_steps" and r["steps"] == FULL:
         by_variant.setdefault(r["variant"], []).append(r)
-families = {
-    "top-1, full-width experts": [f"top-1 E={e}" for e in (4, 8, 16, 32)],
-    "fine-grained top-k (width 4C/k)": ["E=16 k=2 (2C)", "E=32 k=4 (C)", "E=64 k=8 (C/2)"],
-    "fine-grained + 1 shared": ["E=16 k=1 (2C) + shared", "E=32 k=3 (C) + shared", "E=64 k=7 (C/2) + shared"],
-}
-derived = {v: v.split(", ")[0] for v in by_variant if ", " in v}  # "<variant>, every other block": its base
+derived = {v: base_variant(v) for v in by_variant if base_variant(v) != v}  # "<variant>, every other block"
 dense_full = [r["val_loss"] for r in by_variant["dense"]]
 tokens_per_step = 12 * 64  # the char recipe's batch: 12 sequences of 64 characters
 print(f"{'variant':<46}{'seeds':>6}{'val loss':>18}{'vs dense':>10}  {'verdict':<9}{'tokens/expert/step':>19}")
 rows = {}
-for variant in ["dense"] + [v for members in families.values() for v in members] + list(derived):
+for variant in ["dense"] + [v for members in FAMILIES.values() for v in members] + list(derived):
     if variant not in by_variant:
         continue
     vals = [r["val_loss"] for r in by_variant[variant]]
@@ -441,7 +437,7 @@ for variant in ["dense"] + [v for members in families.values() for v in members]
           f"  {call:<9}{per_expert:>19.0f}")
 
 fig, ax = plt.subplots(figsize=(7, 4))
-for label, members in families.items():
+for label, members in FAMILIES.items():
     pts = [(by_variant[v][0]["n_experts"], rows[v][0]) for v in members if v in rows]
     means = [sum(v) / len(v) for _, v in pts]
     sds = [mean_sd(v)[1] if len(v) > 1 else 0.0 for _, v in pts]
@@ -467,32 +463,50 @@ assert all(len(vals) >= 3 for vals, _ in top1.values())
 assert rows[best][1] == "lower" and mean_sd(dense_full)[0] - mean_sd(rows[best][0])[0] >= 0.04
 assert rows["E=16 k=1 (2C) + shared"][1] == "lower"  # the variant trained above, at the full budget
 assert top1[32][1] == "higher" and mean_sd(top1[32][0])[0] > dense_mean + 0.1  # 32 coarse experts: worse
-shared_pairs = {"E=32": ("E=32 k=3 (C) + shared", "E=32 k=4 (C)"), "E=16": ("E=16 k=1 (2C) + shared", "E=16 k=2 (2C)")}
+shared_pairs = {"E=64": ("E=64 k=7 (C/2) + shared", "E=64 k=8 (C/2)"),
+                "E=32": ("E=32 k=3 (C) + shared", "E=32 k=4 (C)"),
+                "E=16": ("E=16 k=1 (2C) + shared", "E=16 k=2 (2C)")}
 shared_effect = {e: (mean_sd(rows[a][0])[0] - mean_sd(rows[b][0])[0], verdict(rows[a][0], rows[b][0]))
                  for e, (a, b) in shared_pairs.items()}
-assert shared_effect["E=32"][1] == "lower"  # the shared expert's one call the text makes
+assert [shared_effect[e][1] for e in ("E=64", "E=32", "E=16")] == ["lower", "lower", "tie"]  # as the text says
+effect_sd = math.sqrt(sum(mean_sd(rows[v][0])[1] ** 2 for v in shared_pairs["E=64"] + shared_pairs["E=32"]))
+more_at_64 = shared_effect["E=64"][0] - shared_effect["E=32"][0] < -2 * effect_sd  # the 2-sd rule, on the effects
+shared_fine_vs_coarse = verdict(rows["E=64 k=7 (C/2) + shared"][0], rows["E=32 k=3 (C) + shared"][0])
+assert more_at_64 and shared_fine_vs_coarse == "tie"
+finest = verdict(rows["E=64 k=8 (C/2)"][0], rows["E=32 k=4 (C)"][0])  # splitting further, without a shared expert
+assert rows["E=64 k=8 (C/2)"][1] == "tie" and finest == "higher"
 assert all(verdict(rows[v][0], top1[8][0]) == "tie" for v in ("E=16 k=2 (2C)", "E=32 k=4 (C)"))  # head to head
 assert top1[8][1] == "tie" and verdict(top1[4][0], top1[8][0]) == "tie"  # the best top-1 settings tie dense
 
 # %%
+said_vs = {"tie": "a tie", "lower": "lower by more than 2 sd", "higher": "higher by more than 2 sd"}
 top1_words = "; ".join(f"E={e}: {mean_sd(vals)[0]:.3f} ± {mean_sd(vals)[1]:.3f}, "
                        f"{call if call == 'tie' else call + ' than dense'}" for e, (vals, call) in top1.items())
 Markdown(f"**Reading the sweep.** Of the grid's variants, the lowest mean with 3 seeds is *{best}*, "
          f"{dense_mean - mean_sd(rows[best][0])[0]:.3f} below dense ({dense_mean:.3f}) at {FULL} steps; against "
-         f"the runner-up, *{runner_up}*, it is a {best_vs_runner_up}. The variant trained above, *E=16 k=1 (2C) + "
-         f"shared*, is {rows['E=16 k=1 (2C) + shared'][1]} than dense by more than 2 sd at this budget.\n\n"
+         f"the runner-up, *{runner_up}*, it is {said_vs[best_vs_runner_up]}. The variant trained above, "
+         f"*E=16 k=1 (2C) + shared*, is {rows['E=16 k=1 (2C) + shared'][1]} than dense by more than 2 sd at this "
+         f"budget.\n\n"
          f"Top-1 with full-width experts, 3 seeds each ({top1_words}): flat up to 8 experts — 4 and 8 tie dense "
          f"and each other (the course's `\"Switch top-1\"` uses 8) — and worse with 32, by "
          f"{mean_sd(top1[32][0])[0] - dense_mean:.2f}. One candidate reason is in the last column: a step has "
          f"{tokens_per_step} tokens, so with 32 experts and top-1 each full-size expert trains on about "
          f"{tokens_per_step // 32} tokens a step, a thirty-second of what the dense MLP sees. It is not the whole "
          f"story — E=16 top-1 with a shared expert gives each routed expert as few tokens as top-1 E=16 does, yet "
-         f"beats dense. DeepSeekMoE's argument for fine-grained experts (more experts per token keep each expert's "
-         f"batch larger and multiply the combinations) fits the rows that beat dense, but head to head the "
-         f"fine-grained rows tie the best top-1 ones here. A shared expert, against the same routed width without "
-         f"one: at E=32 {shared_effect['E=32'][0]:+.3f} ({shared_effect['E=32'][1]}), at E=16 "
-         f"{shared_effect['E=16'][0]:+.3f} ({shared_effect['E=16'][1]}). Rows with fewer than 3 seeds get no "
-         f"verdict.")
+         f"beats dense. DeepSeekMoE's argument for fine-grained experts (splitting each expert into narrower ones "
+         f"and routing to more of them multiplies the combinations a token can use and lets each expert "
+         f"specialise more narrowly) fits the rows that beat dense, but head to head the fine-grained rows tie the "
+         f"best top-1 ones here, and splitting further without a shared expert undoes it: *E=64 k=8 (C/2)* is a "
+         f"{rows['E=64 k=8 (C/2)'][1]} with dense and {finest} than *E=32 k=4 (C)* by more than 2 sd, at the same "
+         f"{tokens_per_step * 8 // 64} tokens per expert a step (DeepSeekMoE's fine-grained models all keep a "
+         f"shared expert beside the routed ones). A shared expert, "
+         f"against the same routed width without one: " + ", ".join(
+             f"at {e} {d:+.3f} ({call})" for e, (d, call) in shared_effect.items()) +
+         f" — more at E=64 than at E=32, just beyond 2 sd of that difference ({2 * effect_sd:.3f}); with it, "
+         f"E=64 and E=32 are a {shared_fine_vs_coarse}, so the shared expert recovers what the finer split lost. "
+         f"DeepSeekMoE's reason for a shared expert is that an always-on expert holds what every token needs, so "
+         f"the routed ones need not each learn it again; that would matter most for narrow experts, which fits, "
+         f"but this sweep does not test the reason. Rows with fewer than 3 seeds get no verdict.")
 
 # %% [markdown]
 # Two changes to the best variant, each against it (3 seeds each, same recipe): MoE layers in
@@ -523,47 +537,118 @@ Markdown(f"Both changes are beyond 2 sd. Half the MoE layers lose most of the ga
 # %% [markdown]
 # ### Equal wall time on this machine
 # Equal steps is the fair test of what the parameters buy per token. What a practitioner with
-# this 2-core CPU pays is time: the sweep's `speed` phase measures every variant's seconds per step
-# in one sitting (interleaved), and the `time` phase trains dense and the best MoE for as many steps
-# as fit in the same number of seconds (3 seeds each).
+# this 2-core CPU pays is time. The sweep's `speed` phase measures every variant's seconds per step
+# in one sitting (interleaved). The `time` phase then trains dense and the best MoE, alternating,
+# each for as many steps as fit in the budget at the seconds per step it measured in the same
+# process just before the run (40 steps after a warm-up), 3 seeds each; every run records that
+# probe and its own seconds, so the table shows how equal the times really were.
 
 # %%
 step_time = {r["variant"]: r["seconds_per_step"] for r in sweep if r["comparison"] == "step_time"}
+print(f"{'variant':<46}{'ms/step':>8}{'x dense':>8}")
+for variant in sorted(step_time, key=step_time.get):
+    print(f"{variant:<46}{1e3 * step_time[variant]:>8.1f}{step_time[variant] / step_time['dense']:>8.2f}")
 timed = {}
 for r in sweep:
     if r["comparison"] == "equal_time":
         timed.setdefault((r["budget_seconds"], r["variant"]), []).append(r)
-print(f"{'variant':<46}{'ms/step':>8}{'x dense':>8}")
-for variant in sorted(step_time, key=step_time.get):
-    print(f"{variant:<46}{1e3 * step_time[variant]:>8.1f}{step_time[variant] / step_time['dense']:>8.2f}")
-print(f"\n{'budget':>7}  {'variant':<40}{'steps':>6}{'val loss':>18}")
+budgets = sorted({b for b, _ in timed})
+timed_moe = next(v for _, v in timed if v != "dense")
+
+
+def step_range(runs_):  # each run's steps come from its own probe, so seeds differ a little
+    return f"{min(r['steps'] for r in runs_)}–{max(r['steps'] for r in runs_)}"
+
+
+def seconds_range(runs_):
+    return f"{min(r['seconds'] for r in runs_):.0f}–{max(r['seconds'] for r in runs_):.0f}"
+
+
+def ms_per_step(runs_):  # what the runs really took (their own seconds over their steps), mean over seeds
+    return 1e3 * mean_sd([r["seconds"] / r["steps"] for r in runs_])[0]
+
+
+assert all((b, v) in timed and len(timed[b, v]) >= 3 for b in budgets for v in ("dense", timed_moe))
+print(f"\n{'budget':>7}  {'variant':<40}{'steps':>11}{'probe ms':>9}{'real ms':>8}{'own s':>9}{'val loss':>18}")
 for (budget, variant), runs_ in sorted(timed.items()):
     vals = [r["val_loss"] for r in runs_]
-    print(f"{budget:>6.0f}s  {variant:<40}{runs_[0]['steps']:>6}{mean_sd(vals)[0]:>10.4f} ± {mean_sd(vals)[1]:.4f}")
-budgets = sorted({b for b, _ in timed})
-time_calls = {b: verdict([r["val_loss"] for r in timed[b, v]], [r["val_loss"] for r in timed[b, "dense"]])
-              for b, v in timed if v != "dense"}
-timed_moe = next(v for _, v in timed if v != "dense")
-cost = step_time[timed_moe] / step_time["dense"]
-assert cost > 1 and all(len(runs_) >= 3 for runs_ in timed.values())
-first = budgets[0]  # the shortest budget: dense's lead is several times what a 30% error in step cost could move
-dense_lead = (mean_sd([r["val_loss"] for r in timed[first, timed_moe]])[0]
-              - mean_sd([r["val_loss"] for r in timed[first, "dense"]])[0])
-assert time_calls[first] == "higher" and dense_lead > 0.05
+    print(f"{budget:>6.0f}s  {variant:<40}{step_range(runs_):>11}"
+          f"{1e3 * mean_sd([r['seconds_per_step'] for r in runs_])[0]:>9.1f}{ms_per_step(runs_):>8.1f}"
+          f"{seconds_range(runs_):>9}{mean_sd(vals)[0]:>10.4f} ± {mean_sd(vals)[1]:.4f}")
+time_vals = {(b, v): [r["val_loss"] for r in runs_] for (b, v), runs_ in timed.items()}
+time_calls = {b: verdict(time_vals[b, timed_moe], time_vals[b, "dense"]) for b in budgets}
+dense_ahead = {b: mean_sd(time_vals[b, timed_moe])[0] - mean_sd(time_vals[b, "dense"])[0] for b in budgets}
+cost = {b: ms_per_step(timed[b, timed_moe]) / ms_per_step(timed[b, "dense"]) for b in budgets}
+own_seconds = {(b, v): mean_sd([r["seconds"] for r in runs_])[0] for (b, v), runs_ in timed.items()}
+probe_miss = max(abs(r["seconds_per_step"] / (r["seconds"] / r["steps"]) - 1) for rs in timed.values() for r in rs)
+assert all(0.75 < r["seconds"] / b < 1.25 for (b, _), runs_ in timed.items() for r in runs_)  # each run near budget
+assert all(ahead > 0 for ahead in dense_ahead.values()) and all(c > 1.4 for c in cost.values())
+assert all(call == "tie" for call in time_calls.values())  # what the sweep found; the text below renders the calls
+
+# %% [markdown]
+# Why, in numbers the sweep already has: dense's loss at twice the recipe (the `long` phase,
+# 3 seeds) tells what doubling its steps buys, and so how many dense steps the MoE's lead at equal
+# steps is worth (interpolating in log steps between the two budgets, an assumption).
 
 # %%
-said = {"lower": "the MoE is lower by more than 2 sd", "higher": "dense is lower by more than 2 sd", "tie": "a tie"}
-Markdown(f"**At equal wall time** the question is different. A step of *{timed_moe}* costs about {cost:.1f}× a "
-         f"dense step here (the table above, one sitting; the README's MoE-layer section measures why an 8-expert "
-         f"layer uses 2 cores worse than a dense one), so dense takes about {cost:.1f}× as many steps in the same "
-         f"seconds. " + " ".join(
-             f"In {b:.0f} s: dense {timed[b, 'dense'][0]['steps']} steps, the MoE {timed[b, timed_moe][0]['steps']}"
-             f" — {said[time_calls[b]]}." for b in budgets) +
-         " Take the budgets as approximate: the steps come from the speed phase's seconds per step, and on this "
-         "shared 2-core machine step times drift by tens of percent between sittings (the README gives the runs' "
-         "own seconds: the MoE got somewhat less time than dense). Equal steps measures what the extra "
-         "parameters buy per token; equal time on this CPU also measures how well it runs many small matmuls, "
-         "a cost that depends on the hardware and its kernels.")
+LONG = 2 * FULL
+long_runs = {v: [r["val_loss"] for r in sweep if r["comparison"] == "equal_steps" and r["steps"] == LONG
+                 and r["variant"] == v] for v in ("dense", timed_moe)}
+dense_doubling_gain = mean_sd(dense_full)[0] - mean_sd(long_runs["dense"])[0]
+moe_lead = {FULL: mean_sd(dense_full)[0] - mean_sd(rows[timed_moe][0])[0],
+            LONG: mean_sd(long_runs["dense"])[0] - mean_sd(long_runs[timed_moe])[0]}
+worth = 2 ** (moe_lead[FULL] / dense_doubling_gain)  # dense steps the MoE's lead at FULL steps is worth, as a ratio
+long_call = verdict(long_runs[timed_moe], long_runs["dense"])
+lead_sd = math.sqrt(sum(mean_sd(v)[1] ** 2 for v in (dense_full, rows[timed_moe][0], *long_runs.values())))
+lead_shrinks = moe_lead[FULL] - moe_lead[LONG] > 2 * lead_sd  # the same 2-sd rule, on a difference of differences
+# The same ratio with the lead 2 sd larger and dense's gain 2 sd smaller: the most the lead could be worth.
+worth_at_most = 2 ** ((moe_lead[FULL] + 2 * math.hypot(mean_sd(dense_full)[1], mean_sd(rows[timed_moe][0])[1]))
+                      / (dense_doubling_gain - 2 * math.hypot(mean_sd(dense_full)[1], mean_sd(long_runs["dense"])[1])))
+for steps, lead in moe_lead.items():
+    print(f"{steps} steps: the MoE is {lead:.4f} below dense")
+print(f"doubling dense's steps ({FULL} -> {LONG}) lowers its loss by {dense_doubling_gain:.4f}")
+print(f"the MoE's lead at {FULL} steps is worth {worth:.2f}x dense's steps (at most {worth_at_most:.2f}x allowing "
+      f"2 sd); its step costs " + ", ".join(f"{c:.2f}x" for c in cost.values()) + " dense's (the equal-time runs)")
+assert all(len(v) >= 3 for v in long_runs.values())
+assert long_call == "lower" and moe_lead[LONG] <= moe_lead[FULL]  # still ahead at 2x the steps; the lead falls
+assert worth_at_most < min(cost.values())  # even at 2 sd, worth fewer dense steps than dense gets in the MoE's time
+
+# %%
+said = {"lower": "the MoE lower by more than 2 sd", "higher": "dense lower by more than 2 sd",
+        "tie": "a tie by the 2-sd rule"}
+
+
+def times(ratios):  # "1.9×", or "1.8× and 1.9×" when the budgets differ at this precision
+    return " and ".join(dict.fromkeys(f"{c:.1f}×" for c in ratios))
+
+
+def equal_time_words(b):
+    gap = dense_ahead[b]
+    lead = f"dense's mean lower by {gap:.3f}" if gap > 0 else f"the MoE's mean lower by {-gap:.3f}"
+    return (f"in {b:.0f} s, dense trained {step_range(timed[b, 'dense'])} steps in "
+            f"{seconds_range(timed[b, 'dense'])} s and the MoE {step_range(timed[b, timed_moe])} in "
+            f"{seconds_range(timed[b, timed_moe])} s: {lead}, {said[time_calls[b]]}")
+
+
+dense_had_less = all(own_seconds[b, "dense"] < own_seconds[b, timed_moe] for b in budgets)
+assert dense_had_less  # so the unequal seconds favour the MoE, not dense
+Markdown("**At equal wall time**: " + "; ".join(equal_time_words(b) for b in budgets) + ". "
+         "Each run's steps come from its own 40-step probe, which on this machine missed the run's real speed by "
+         f"up to {probe_miss:.0%}, so steps and seconds vary between seeds and the sd holds that variation as well "
+         "as the seed's" + (" — and dense got less real time than the MoE at every budget." if dense_had_less
+                            else ".") +
+         f" A step of *{timed_moe}* really took {times(cost.values())}" +
+         " a dense step in these runs (the README's MoE-layer section measures how an MoE layer's small per-expert "
+         "matmuls use 2 cores worse than a dense layer's one large matmul).\n\n"
+         f"The equal-steps runs say why the MoE is unlikely to pull ahead at this step cost. It stays ahead at twice "
+         f"the recipe ({long_call} than dense at {LONG} steps by {moe_lead[LONG]:.3f}; at {FULL} steps "
+         f"{moe_lead[FULL]:.3f}: the lead's mean falls, {'by more than 2 sd' if lead_shrinks else 'within 2 sd'}), "
+         f"but its lead at {FULL} steps is worth only about {worth:.1f}× dense's steps (at most {worth_at_most:.1f}× "
+         f"allowing 2 sd), since doubling dense's steps buys {dense_doubling_gain:.3f}; in the same seconds dense "
+         f"takes {times(cost.values())} the MoE's steps. Budgets beyond "
+         f"{max(budgets):.0f} s were not run. Equal steps measures what the extra parameters buy per token; equal "
+         f"time on this CPU also measures how well it runs many small matmuls, a cost that depends on the hardware "
+         f"and its kernels.")
 
 # %% [markdown]
 # ## 5 · What do the experts learn?
