@@ -335,7 +335,7 @@ assert math.comb(64, 8) > 1e9
 from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
-from moe_tutorial.seeds import describe, mean_sd, verdict
+from moe_tutorial.seeds import combined_sd, describe, mean_sd, verdict
 from moe_tutorial.train import train
 
 STEPS, SEEDS = 600, (1337, 1338, 1339)
@@ -469,7 +469,7 @@ shared_pairs = {"E=64": ("E=64 k=7 (C/2) + shared", "E=64 k=8 (C/2)"),
 shared_effect = {e: (mean_sd(rows[a][0])[0] - mean_sd(rows[b][0])[0], verdict(rows[a][0], rows[b][0]))
                  for e, (a, b) in shared_pairs.items()}
 assert [shared_effect[e][1] for e in ("E=64", "E=32", "E=16")] == ["lower", "lower", "tie"]  # as the text says
-effect_sd = math.sqrt(sum(mean_sd(rows[v][0])[1] ** 2 for v in shared_pairs["E=64"] + shared_pairs["E=32"]))
+effect_sd = combined_sd(*(rows[v][0] for v in shared_pairs["E=64"] + shared_pairs["E=32"]))
 more_at_64 = shared_effect["E=64"][0] - shared_effect["E=32"][0] < -2 * effect_sd  # the 2-sd rule, on the effects
 shared_fine_vs_coarse = verdict(rows["E=64 k=7 (C/2) + shared"][0], rows["E=32 k=3 (C) + shared"][0])
 assert more_at_64 and shared_fine_vs_coarse == "tie"
@@ -477,6 +477,11 @@ finest = verdict(rows["E=64 k=8 (C/2)"][0], rows["E=32 k=4 (C)"][0])  # splittin
 assert rows["E=64 k=8 (C/2)"][1] == "tie" and finest == "higher"
 assert all(verdict(rows[v][0], top1[8][0]) == "tie" for v in ("E=16 k=2 (2C)", "E=32 k=4 (C)"))  # head to head
 assert top1[8][1] == "tie" and verdict(top1[4][0], top1[8][0]) == "tie"  # the best top-1 settings tie dense
+pairs = [*shared_pairs.values(), ("E=64 k=8 (C/2)", "E=32 k=4 (C)"),
+         ("E=64 k=7 (C/2) + shared", "E=32 k=3 (C) + shared")]
+for a, b in pairs:  # the comparisons the text below makes, with the 2 sd each is judged against
+    print(f"{a} vs {b}: {mean_sd(rows[a][0])[0] - mean_sd(rows[b][0])[0]:+.4f}, "
+          f"2 sd {2 * combined_sd(rows[a][0], rows[b][0]):.4f}: {verdict(rows[a][0], rows[b][0])}")
 
 # %%
 said_vs = {"tie": "a tie", "lower": "lower by more than 2 sd", "higher": "higher by more than 2 sd"}
@@ -515,7 +520,8 @@ Markdown(f"**Reading the sweep.** Of the grid's variants, the lowest mean with 3
 
 # %%
 for variant, base in derived.items():
-    print(describe(variant, rows[variant][0], base, rows[base][0]))
+    print(describe(variant, rows[variant][0], base, rows[base][0])
+          + f" (2 sd {2 * combined_sd(rows[variant][0], rows[base][0]):.4f})")
 derived_calls = {variant: verdict(rows[variant][0], rows[base][0]) for variant, base in derived.items()}
 every_other, aux_free = (next(v for v in derived if v.endswith(end)) for end in ("every other block", "aux-loss-free"))
 assert all(len(rows[v][0]) >= 3 for v in derived)
@@ -556,12 +562,8 @@ budgets = sorted({b for b, _ in timed})
 timed_moe = next(v for _, v in timed if v != "dense")
 
 
-def step_range(runs_):  # each run's steps come from its own probe, so seeds differ a little
-    return f"{min(r['steps'] for r in runs_)}–{max(r['steps'] for r in runs_)}"
-
-
-def seconds_range(runs_):
-    return f"{min(r['seconds'] for r in runs_):.0f}–{max(r['seconds'] for r in runs_):.0f}"
+def span(runs_, field):  # "low–high" over the seeds: each run's own probe sets its steps, so they differ
+    return f"{min(r[field] for r in runs_):.0f}–{max(r[field] for r in runs_):.0f}"
 
 
 def ms_per_step(runs_):  # what the runs really took (their own seconds over their steps), mean over seeds
@@ -572,15 +574,18 @@ assert all((b, v) in timed and len(timed[b, v]) >= 3 for b in budgets for v in (
 print(f"\n{'budget':>7}  {'variant':<40}{'steps':>11}{'probe ms':>9}{'real ms':>8}{'own s':>9}{'val loss':>18}")
 for (budget, variant), runs_ in sorted(timed.items()):
     vals = [r["val_loss"] for r in runs_]
-    print(f"{budget:>6.0f}s  {variant:<40}{step_range(runs_):>11}"
+    print(f"{budget:>6.0f}s  {variant:<40}{span(runs_, 'steps'):>11}"
           f"{1e3 * mean_sd([r['seconds_per_step'] for r in runs_])[0]:>9.1f}{ms_per_step(runs_):>8.1f}"
-          f"{seconds_range(runs_):>9}{mean_sd(vals)[0]:>10.4f} ± {mean_sd(vals)[1]:.4f}")
+          f"{span(runs_, 'seconds'):>9}{mean_sd(vals)[0]:>10.4f} ± {mean_sd(vals)[1]:.4f}")
 time_vals = {(b, v): [r["val_loss"] for r in runs_] for (b, v), runs_ in timed.items()}
 time_calls = {b: verdict(time_vals[b, timed_moe], time_vals[b, "dense"]) for b in budgets}
 dense_ahead = {b: mean_sd(time_vals[b, timed_moe])[0] - mean_sd(time_vals[b, "dense"])[0] for b in budgets}
 cost = {b: ms_per_step(timed[b, timed_moe]) / ms_per_step(timed[b, "dense"]) for b in budgets}
 own_seconds = {(b, v): mean_sd([r["seconds"] for r in runs_])[0] for (b, v), runs_ in timed.items()}
 probe_miss = max(abs(r["seconds_per_step"] / (r["seconds"] / r["steps"]) - 1) for rs in timed.values() for r in rs)
+for b in budgets:
+    print(f"{b:.0f} s: dense lower by {dense_ahead[b]:.4f}, 2 sd "
+          f"{2 * combined_sd(time_vals[b, timed_moe], time_vals[b, 'dense']):.4f}: {time_calls[b]}")
 assert all(0.75 < r["seconds"] / b < 1.25 for (b, _), runs_ in timed.items() for r in runs_)  # each run near budget
 assert all(ahead > 0 for ahead in dense_ahead.values()) and all(c > 1.4 for c in cost.values())
 assert all(call == "tie" for call in time_calls.values())  # what the sweep found; the text below renders the calls
@@ -599,13 +604,15 @@ moe_lead = {FULL: mean_sd(dense_full)[0] - mean_sd(rows[timed_moe][0])[0],
             LONG: mean_sd(long_runs["dense"])[0] - mean_sd(long_runs[timed_moe])[0]}
 worth = 2 ** (moe_lead[FULL] / dense_doubling_gain)  # dense steps the MoE's lead at FULL steps is worth, as a ratio
 long_call = verdict(long_runs[timed_moe], long_runs["dense"])
-lead_sd = math.sqrt(sum(mean_sd(v)[1] ** 2 for v in (dense_full, rows[timed_moe][0], *long_runs.values())))
+lead_sd = combined_sd(dense_full, rows[timed_moe][0], *long_runs.values())
 lead_shrinks = moe_lead[FULL] - moe_lead[LONG] > 2 * lead_sd  # the same 2-sd rule, on a difference of differences
 # The same ratio with the lead 2 sd larger and dense's gain 2 sd smaller: the most the lead could be worth.
-worth_at_most = 2 ** ((moe_lead[FULL] + 2 * math.hypot(mean_sd(dense_full)[1], mean_sd(rows[timed_moe][0])[1]))
-                      / (dense_doubling_gain - 2 * math.hypot(mean_sd(dense_full)[1], mean_sd(long_runs["dense"])[1])))
-for steps, lead in moe_lead.items():
-    print(f"{steps} steps: the MoE is {lead:.4f} below dense")
+worth_at_most = 2 ** ((moe_lead[FULL] + 2 * combined_sd(dense_full, rows[timed_moe][0]))
+                      / (dense_doubling_gain - 2 * combined_sd(dense_full, long_runs["dense"])))
+print(f"{FULL} steps: the MoE is {moe_lead[FULL]:.4f} below dense")
+print(f"{LONG} steps: the MoE is {moe_lead[LONG]:.4f} below dense (2 sd "
+      f"{2 * combined_sd(*long_runs.values()):.4f}: {long_call}); the lead changes by "
+      f"{moe_lead[LONG] - moe_lead[FULL]:+.4f} (2 sd {2 * lead_sd:.4f})")
 print(f"doubling dense's steps ({FULL} -> {LONG}) lowers its loss by {dense_doubling_gain:.4f}")
 print(f"the MoE's lead at {FULL} steps is worth {worth:.2f}x dense's steps (at most {worth_at_most:.2f}x allowing "
       f"2 sd); its step costs " + ", ".join(f"{c:.2f}x" for c in cost.values()) + " dense's (the equal-time runs)")
@@ -625,9 +632,9 @@ def times(ratios):  # "1.9×", or "1.8× and 1.9×" when the budgets differ at t
 def equal_time_words(b):
     gap = dense_ahead[b]
     lead = f"dense's mean lower by {gap:.3f}" if gap > 0 else f"the MoE's mean lower by {-gap:.3f}"
-    return (f"in {b:.0f} s, dense trained {step_range(timed[b, 'dense'])} steps in "
-            f"{seconds_range(timed[b, 'dense'])} s and the MoE {step_range(timed[b, timed_moe])} in "
-            f"{seconds_range(timed[b, timed_moe])} s: {lead}, {said[time_calls[b]]}")
+    return (f"in {b:.0f} s, dense trained {span(timed[b, 'dense'], 'steps')} steps in "
+            f"{span(timed[b, 'dense'], 'seconds')} s and the MoE {span(timed[b, timed_moe], 'steps')} in "
+            f"{span(timed[b, timed_moe], 'seconds')} s: {lead}, {said[time_calls[b]]}")
 
 
 dense_had_less = all(own_seconds[b, "dense"] < own_seconds[b, timed_moe] for b in budgets)

@@ -32,6 +32,12 @@ def verdict_of_stats(mean_a, sd_a, mean_b, sd_b) -> str:
     return "lower" if diff < 0 else "higher"
 
 
+def combined_sd(*groups) -> float:
+    """sqrt(sd_1² + sd_2² + ...) of each group's runs: the sd the 2-sd rule measures a difference of
+    means against (two groups), or a difference of two differences (four)."""
+    return math.hypot(*(mean_sd(g)[1] for g in groups))
+
+
 def describe(name_a, a, name_b, b, unit="val loss") -> str:
     """One sentence for a notebook: both means ± sd, the difference and the verdict."""
     (mean_a, sd_a), (mean_b, sd_b) = mean_sd(a), mean_sd(b)

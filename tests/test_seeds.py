@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_tutorial.seeds import describe, mean_sd, verdict, verdict_of_stats
+from moe_tutorial.seeds import combined_sd, describe, mean_sd, verdict, verdict_of_stats
 
 
 def test_mean_sd_is_the_sample_sd_and_refuses_one_seed():
@@ -30,3 +30,12 @@ def test_the_rule_from_summaries_is_the_same_rule():
     assert verdict_of_stats(1.90, 0.01, 2.00, 0.01) == "lower"
     assert verdict_of_stats(2.10, 0.01, 2.00, 0.01) == "higher"
     assert verdict_of_stats(1.98, 0.01, 2.00, 0.01) == "tie"  # 0.02 <= 2 * sqrt(2) * 0.01
+
+
+def test_combined_sd_is_the_spread_the_rule_measures_a_difference_against():
+    a, b = [1.0, 2.0, 3.0], [2.0, 2.0, 5.0]  # sds 1 and sqrt(3)
+    assert combined_sd(a, b) == pytest.approx(2.0)
+    assert combined_sd(a, b, a, b) == pytest.approx(8 ** 0.5)  # a difference of two differences
+    assert verdict_of_stats(0.0, 1.0, 4.0, 3 ** 0.5) == "tie" and 4.0 <= 2 * combined_sd(a, b)  # at the boundary
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        combined_sd(a, [1.0])
