@@ -3,9 +3,12 @@
 A checkpoint holds the model and optimizer states, the step, both configs, the history and
 every random state, so a resumed run continues exactly as an uninterrupted one would. It is
 written atomically and read with `torch.load(..., weights_only=True)`: tensors and plain values
-only, no code can run. Anything that is not such a checkpoint is refused with the reason.
+only, no code can run. It carries a sha256 of its own contents, checked at load, so a file whose
+bytes were damaged on disk is refused instead of resumed. Anything that is not such a checkpoint
+is refused with the reason.
 """
 
+import hashlib
 import pickle
 import warnings
 import zipfile
@@ -29,6 +32,32 @@ def refuse_expert_parallel(model):
                          "slice of the experts); train without checkpoint_path or without --expert-parallel")
 
 
+def state_sha256(state) -> str:
+    """A sha256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every plain
+    value, walked in a fixed order. It is the same after a save and a load, whatever the device."""
+    digest = hashlib.sha256()
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):  # optimizer states have int keys
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra=None):
     """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
     state = {
@@ -43,8 +72,9 @@ def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
         "extra": extra or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    state["sha256"] = state_sha256(state)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError
+        torch.save(state, f)
 
 
 def load_checkpoint(path) -> dict:
@@ -64,6 +94,10 @@ def load_checkpoint(path) -> dict:
     if missing:
         raise ValueError(f"{path} is a PyTorch file but not a moe_tutorial training checkpoint "
                          f"(no {', '.join(missing)}); use a ckpt.pt written by moe_tutorial.train")
+    recorded = state.pop("sha256", None)  # None: written before checkpoints carried one
+    if recorded is not None and state_sha256(state) != recorded:
+        raise ValueError(f"{path} is damaged: its contents no longer match the sha256 recorded when it was saved "
+                         f"(bytes changed on disk or in a copy), so it is refused; use an intact copy or retrain")
     return state
 
 

@@ -4,24 +4,26 @@
     torchrun --nproc_per_node=2 -m moe_tutorial.train --variant "Switch top-1" --expert-parallel
 
 Everything a user can get wrong on the command line (a device the machine lacks, a count below 1,
-an out-dir that cannot be written, a fresh run over a trained one, a resume that would train
-nothing) is refused before training, in one line on stderr with exit status 2.
+an out-dir that cannot be written or that another run is using, a fresh run over a trained one, a
+resume that would train nothing, a batch larger than the data) is refused before training, in one
+line on stderr with exit status 2. So are a full disk and a loss that turns nan during training.
 """
 
 import argparse
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from . import distributed
 from .data import shakespeare_dataset
-from .downloads import ensure_writable_dir
+from .downloads import DiskFullError, directory_lock, ensure_writable_dir
 from .evaluate import DTYPES
 from .model import GPT
 from .presets import MOE_VARIANTS, PRESETS, preset
-from .train import train
+from .train import TrainingDiverged, train
 
 
 def _count(minimum):
@@ -37,8 +39,10 @@ def _count(minimum):
     return parse
 
 
-# Errors caused by what the user asked for: one line on stderr, no traceback (exit status 2).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, TimeoutError)
+# Errors caused by what the user asked for, or met on the way (a full disk, a diverging run): one
+# line on stderr, no traceback (exit status 2).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, TimeoutError, DiskFullError, TrainingDiverged)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -127,17 +131,27 @@ def _run(args, ranks):
         torch.set_num_threads(args.threads)
     if args.expert_parallel and ranks.world_size == 1:
         raise ValueError("--expert-parallel needs several ranks: torchrun --nproc_per_node=2 -m moe_tutorial.train ...")
-    error = ckpt = None
-    try:  # checked on every rank; under torchrun one rank's error ends all of them
-        if args.device:
-            check_device(args.device)
-        ckpt = check_out_dir(args, ranks)
-    except USER_ERRORS as err:
-        error = err
-    if ranks.world_size > 1:
-        distributed.raise_on_every_rank(error)
-    elif error is not None:
-        raise error
+    if args.expert_parallel and not MOE_VARIANTS.get(args.variant):
+        raise ValueError(f"--expert-parallel shards the experts of MoE layers, and --variant {args.variant or 'dense'} "
+                         f"has none: choose an MoE --variant, e.g. \"Switch top-1\"")
+    with ExitStack() as held:
+        error = ckpt = None
+        try:  # checked on every rank; under torchrun one rank's error ends all of them
+            if args.device:
+                check_device(args.device)
+            ckpt = check_out_dir(args, ranks)
+            if ckpt and ranks.is_main:
+                held.enter_context(directory_lock(ckpt.parent))  # one run per out-dir, until this one ends
+        except USER_ERRORS as err:
+            error = err
+        if ranks.world_size > 1:
+            distributed.raise_on_every_rank(error)
+        elif error is not None:
+            raise error
+        _train_and_sample(args, ranks, ckpt)
+
+
+def _train_and_sample(args, ranks, ckpt):
     overrides = {k: v for k, v in dict(max_iters=args.max_iters, seed=args.seed, batch_size=args.batch_size,
                                          dtype=args.dtype, device=args.device).items() if v is not None}
     if args.device and args.device.startswith("cuda") and ranks.world_size > 1:

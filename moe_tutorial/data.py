@@ -4,6 +4,7 @@ The corpus comes from the verified data cache (`moe_tutorial.downloads`); text b
 with a tokenizer from `moe_tutorial.tokenizers` (characters by default).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +33,34 @@ class Dataset:
     train: torch.Tensor  # (N_train,) int64
     val: torch.Tensor  # (N_val,) int64
     tokenizer: CharTokenizer
+    source: str = "the text"  # what the tokens came from, for error messages
 
     @classmethod
-    def from_text(cls, text: str, tokenizer=None, val_fraction: float = 0.1) -> "Dataset":
+    def from_text(cls, text: str, tokenizer=None, val_fraction: float = 0.1, source: str = "the text") -> "Dataset":
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not text:
+            raise ValueError(f"{source} is empty: there is nothing to train on")
         tokenizer = tokenizer or CharTokenizer.from_text(text)
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
         n_train = int(len(ids) * (1 - val_fraction))
-        return cls(ids[:n_train], ids[n_train:], tokenizer)
+        return cls(ids[:n_train], ids[n_train:], tokenizer, source)
+
+    def check_batches_fit(self, batch_size: int, block_size: int):
+        """Refuse, before any training, a block or a batch that a split is too small for: every
+        split must hold a block plus its next token, and at least `batch_size` distinct blocks."""
+        total = len(self.train) + len(self.val)
+        for name, tokens in (("training", self.train), ("validation", self.val)):
+            blocks = len(tokens) - block_size  # distinct windows of block_size + 1 tokens
+            if blocks < 1:
+                share = len(tokens) / total
+                raise ValueError(f"{self.source} is too short: its {name} split holds {len(tokens)} tokens "
+                                 f"({share:.0%} of {total}), and one block needs {block_size + 1}; use a text of "
+                                 f"at least {math.ceil((block_size + 1) / share)} tokens or a smaller block_size")
+            if batch_size > blocks:
+                raise ValueError(f"batch_size={batch_size:,} is more than the {blocks:,} distinct blocks of "
+                                 f"{block_size} tokens that the {name} split of {self.source} holds; use at most "
+                                 f"{blocks:,}")
 
     def split(self, name: str) -> torch.Tensor:
         if name not in ("train", "val"):
@@ -49,7 +69,7 @@ class Dataset:
 
 
 def shakespeare_dataset(progress: bool = True) -> Dataset:
-    return Dataset.from_text(load_shakespeare(progress=progress))
+    return Dataset.from_text(load_shakespeare(progress=progress), source="tiny Shakespeare")
 
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator=None):

@@ -6,6 +6,7 @@ truncated or corrupt file. Writes go to a temporary file beside the destination 
 only when complete: a crash or a kill never leaves a half-written file in its place.
 """
 
+import errno
 import hashlib
 import os
 import re
@@ -95,11 +96,25 @@ def remove_stale_temporaries(dest: Path, suffix: str) -> list[Path]:
     return removed
 
 
+class DiskFullError(OSError):
+    """The disk filled up during an atomic write; whatever `dest` held before is untouched."""
+
+
+def _caused_by_full_disk(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: torch.save, for one, turns it into a RuntimeError of its own."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 @contextmanager
 def atomic_path(dest: Path, suffix: str = ".tmp"):
     """A temporary path beside `dest` to write to; moved onto `dest` only if the block succeeds,
     deleted otherwise, so `dest` is never left half-written. Temporaries that a killed earlier
-    write of the same `dest` left behind are cleaned up first."""
+    write of the same `dest` left behind are cleaned up first. A full disk is reported in one
+    line (write through a Python file object, so that the OSError reaches this far)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest, suffix)
@@ -112,18 +127,82 @@ def atomic_path(dest: Path, suffix: str = ".tmp"):
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())  # on disk before the rename makes it the real file
         os.replace(tmp, dest)
+    except Exception as err:
+        if not _caused_by_full_disk(err):
+            raise
+        before = f"the previous {dest.name} is intact" if dest.exists() else f"no {dest.name} was written"
+        raise DiskFullError(f"no space left on device while writing {dest}; {before}: free some space and try "
+                            f"again") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+LOCK_NAME = ".lock"
+
+
+def _lock_holder(lock: Path) -> str | None:
+    try:
+        return lock.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _held_by_dead_process_here(holder: str) -> bool:
+    host, _, pid = holder.rpartition("-")
+    return host == writer_tag().rsplit("-", 1)[0] and pid.isdigit() and not _process_alive(int(pid))
+
+
+@contextmanager
+def directory_lock(directory: Path, what: str = "--out-dir"):
+    """Hold `directory/.lock` while the block runs, so that two runs never write into one folder.
+
+    The lock file names its holder (`host-pid`). A second writer is refused with one line naming
+    the first; a lock left by a process of this machine that no longer runs is cleared. Re-entrant
+    within one process: the CLI takes the lock and `train()` takes it again, harmlessly.
+    """
+    lock = Path(directory) / LOCK_NAME
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = writer_tag()
+    if _lock_holder(lock) == me:  # held by this process already: the outer holder releases it
+        yield lock
+        return
+    remove_stale_temporaries(lock, ".tmp")
+    fd, candidate = tempfile.mkstemp(prefix=f"{LOCK_NAME}.{me}.", suffix=".tmp", dir=directory)
+    try:
+        os.write(fd, (me + "\n").encode())
+        os.close(fd)
+        for _ in range(2):
+            try:
+                os.link(candidate, lock)  # atomic: fails if a lock exists, never shows a half-written one
+                break
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if holder and not _held_by_dead_process_here(holder):
+                    host, _, pid = holder.rpartition("-")
+                    raise FileExistsError(
+                        f"{what} {directory} is in use by another run (process {pid} on {host}): wait for it to "
+                        f"finish or choose another {what}; if no such run exists, delete {lock}") from None
+                lock.unlink(missing_ok=True)  # left by a process that was killed: stale
+        else:
+            raise FileExistsError(f"could not take {lock}: another run keeps taking it; choose another {what}")
+    finally:
+        os.unlink(candidate)
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock) == me:
+            lock.unlink(missing_ok=True)
+
+
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress: bool = True,
-             deadline: float | None = None) -> Path:
+             deadline: float | None = None, min_rate: float = 1000.0, rate_window: float = 60.0) -> Path:
     """Stream `url` to `dest`, verify its sha256, and only then move it into place.
 
     The bytes go to a temporary file beside `dest`; it is renamed atomically once the
     checksum matches and deleted on any failure, so `dest` is either complete or absent.
-    `timeout` bounds each wait for data; `deadline` bounds the whole download (default: 10
-    minutes plus one second per 50 kB announced), so a server that trickles bytes cannot hang it.
+    `timeout` bounds each wait for data; a download that receives fewer than `min_rate` bytes
+    per second over `rate_window` seconds has stalled and stops; `deadline` bounds the whole
+    download (default: 10 minutes plus one second per 50 kB announced).
     """
     dest = Path(dest)
     ensure_writable_dir(dest.parent, "data directory")
@@ -134,12 +213,21 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0, progress:
                 total = int(response.headers.get("content-length", 0)) or None
                 limit = deadline if deadline is not None else 600.0 + (total or 0) / 50e3
                 give_up_at = time.monotonic() + limit
+                window_start, window_bytes = time.monotonic(), 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
                           disable=not progress) as bar:
                     for chunk in _chunks_as_they_arrive(response):
                         out.write(chunk)
                         bar.update(len(chunk))
-                        if time.monotonic() > give_up_at:
+                        now, window_bytes = time.monotonic(), window_bytes + len(chunk)
+                        if now - window_start >= rate_window:
+                            if window_bytes < min_rate * rate_window:
+                                raise TimeoutError(
+                                    f"Download of {url} stalled: {window_bytes:,} bytes in the last "
+                                    f"{rate_window:.0f} s, under {min_rate:,.0f} bytes/s. Nothing was saved to "
+                                    f"{dest}; try again later or place the file there yourself.")
+                            window_start, window_bytes = now, 0
+                        if now > give_up_at:
                             raise TimeoutError(
                                 f"Download of {url} exceeded its {limit:.0f} s deadline after {bar.n:,} bytes: "
                                 f"the server is too slow. Nothing was saved to {dest}; try again later or "
@@ -173,6 +261,9 @@ def _chunks_as_they_arrive(response, size: int = 1 << 16):
 def fetch(url: str, filename: str, sha256: str, progress: bool = True) -> Path:
     """Return the cached, verified file `filename`, downloading it on first use."""
     path = data_dir() / filename
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, but the data cache keeps the file {filename} there: move "
+                                f"that directory away (it is downloaded again) or set MOE_TUTORIAL_DATA elsewhere")
     if path.exists():
         if sha256_of(path) != sha256:
             raise ValueError(
@@ -208,6 +299,13 @@ def record_sha256(weights: Path, sha256: str):
         tmp.write_text(sha256 + "\n")
 
 
+def check_sha256(path: Path, expected: str, problem: str, fix: str):
+    """Refuse `path` unless its sha256 is `expected`, saying what that means and what to do."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(f"{path} {problem}: its sha256 is {actual}, expected {expected}. {fix}")
+
+
 def verify_cached(path: Path, url: str, timeout: float = 30.0):
     """Check a cached checkpoint against its recorded sha256 (or, with no record, the Hub's)."""
     record = sha256_record(path)
@@ -221,10 +319,8 @@ def verify_cached(path: Path, url: str, timeout: float = 30.0):
                 f"{path} has no recorded sha256 ({record.name}) and {url} cannot be reached to get one, so the "
                 f"file cannot be verified. Put its sha256 in {record}, or delete the file to download it again."
             ) from err
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ValueError(f"{path} is not the file that was downloaded: its sha256 is {actual}, expected {expected}. "
-                         f"Delete it (and {record.name}) to download it again.")
+    check_sha256(path, expected, "is not the file that was downloaded",
+                 f"Delete it (and {record.name}) to download it again.")
     if not record.exists():
         record_sha256(path, expected)
 

@@ -58,16 +58,30 @@ MOE_FIELDS = {
 }
 
 
-def config_from_hf(hf: dict, block_size: int | None = None) -> GPTConfig:
+def refuse_unknown_fields(hf: dict, known: set, allowed, what: str):
+    """Refuse config.json fields no loader rule covers, unless the user vouches for them by name."""
+    unknown = sorted(set(hf) - known - set(allowed))
+    if unknown:
+        raise ValueError(f"{what} config.json has field(s) this loader does not know: {unknown}. Remove them, or, "
+                         f"if they do not change what the model computes (a note, metadata), load with "
+                         f"from_pretrained(..., allow_unknown_fields={unknown})")
+
+
+def check_floating(name: str, tensor: torch.Tensor, source):
+    """Weights are floating point: a tensor stored as integers or booleans is damage or a wrong
+    file, and casting it would load nonsense silently. (float16 / bfloat16 convert exactly.)"""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{source}: {name} is stored as {tensor.dtype}, but weights are floating point; the file "
+                         f"is damaged or not a checkpoint of this model, so it is refused rather than cast")
+
+
+def config_from_hf(hf: dict, block_size: int | None = None, allow_unknown_fields=()) -> GPTConfig:
     """The GPTConfig of a Hugging Face `config.json` dict. `block_size` caps the context (and
     the RoPE tables) below the checkpoint's max_position_embeddings, to save memory."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    unknown = sorted(set(hf) - COMMON_FIELDS - NO_EFFECT - MOE_FIELDS[model_type])
-    if unknown:
-        raise ValueError(f"{model_type} config field(s) {unknown} are not supported by this loader: refusing "
-                         f"rather than computing something else")
+    refuse_unknown_fields(hf, COMMON_FIELDS | NO_EFFECT | MOE_FIELDS[model_type], allow_unknown_fields, model_type)
     _require(hf, "hidden_act", "silu", "the SwiGLU experts use SiLU")
     _require(hf, "pretraining_tp", 1, "tensor-parallel slicing of the MLP is a training detail; 1 computes exactly")
     if hf.get("mlp_bias", False) != hf.get("attention_bias", False):
@@ -208,6 +222,8 @@ def load_tensors(model, tensors, source="checkpoint"):
             for target, index, transpose in weight_slots(model.config, name):
                 value = tensor.transpose(-2, -1) if transpose else tensor
                 slot = params[target][index]
+                if slot.is_floating_point():
+                    check_floating(name, value, source)
                 if tuple(slot.shape) != tuple(value.shape):
                     raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, which does not fit "
                                      f"{target}{'' if index is ... else f'[{index}]'} of shape {tuple(slot.shape)}")
@@ -272,12 +288,13 @@ def empty_model(config: GPTConfig, dtype: torch.dtype):
     return model
 
 
-def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: int | None = None):
+def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: int | None = None,
+                   allow_unknown_fields=()):
     """A Llama / Mixtral / Qwen3-MoE / OLMoE checkpoint folder (config.json + safetensors, single
     or sharded) as the package's GPT in `dtype`, copied tensor by tensor from memory-mapped shards:
     the model is allocated once, and no second copy of the weights is built."""
     directory = Path(directory)
-    config = config_from_hf(read_json(directory / "config.json"), block_size)
+    config = config_from_hf(read_json(directory / "config.json"), block_size, allow_unknown_fields)
     files = checkpoint_files(directory)
     model = empty_model(config, dtype)
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_model
 
 from . import hf_models
 from .config import CONFIG_VERSION, GPTConfig
-from .downloads import atomic_path, data_dir, fetch_hub_file, sha256_record
-from .hf_models import read_json
+from .downloads import atomic_path, check_sha256, data_dir, fetch_hub_file, record_sha256, sha256_of, sha256_record
+from .hf_models import check_floating, read_json, refuse_unknown_fields
 from .model import GPT
 from .presets import gpt2_config
 
@@ -89,12 +89,14 @@ HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": 
 HF_LM_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model", "GPT2DoubleHeadsModel"}  # same language model
 
 
-def config_from_hf(hf: dict) -> GPTConfig:
+def config_from_hf(hf: dict, allow_unknown_fields=()) -> GPTConfig:
     """Our GPTConfig from a transformers GPT2Config's config.json: every option is either
-    honoured exactly or refused with its name and value."""
-    refused = {k: v for k, v in hf.items()
-               if k not in HF_HONOURED | HF_DEFAULT_ONLY.keys() | HF_IGNORED and not k.startswith("_")}
-    refused |= {k: hf[k] for k, default in HF_DEFAULT_ONLY.items() if k in hf and hf[k] != default}
+    honoured exactly or refused with its name and value; a field no rule knows is refused unless
+    named in `allow_unknown_fields`."""
+    private = {k for k in hf if k.startswith("_")}
+    refuse_unknown_fields(hf, HF_HONOURED | HF_DEFAULT_ONLY.keys() | HF_IGNORED | private, allow_unknown_fields,
+                          "GPT-2")
+    refused = {k: hf[k] for k, default in HF_DEFAULT_ONLY.items() if k in hf and hf[k] != default}
     activation = hf.get("activation_function", "gelu_new")
     if activation not in HF_ACTIVATIONS:
         refused["activation_function"] = activation
@@ -144,6 +146,9 @@ def load_hf_weights(model: GPT, hf_state: dict, source="checkpoint"):
 def check_state_fits(model: GPT, state: dict, source):
     """Refuse weights that do not fit the model, naming the tensors, the shapes and the file."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and name in state:
+            check_floating(name, state[name], source)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [f"{k} has shape {tuple(state[k].shape)} in the file but {tuple(expected[k])} in the config"
              for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != tuple(expected[k])]
@@ -155,20 +160,21 @@ def check_state_fits(model: GPT, state: dict, source):
 
 
 def from_pretrained(name_or_dir, progress: bool = True, timeout: float = 30.0, dtype=None,
-                    block_size: int | None = None) -> GPT:
+                    block_size: int | None = None, allow_unknown_fields=()) -> GPT:
     """A GPT with pretrained weights: a GPT-2 size by name; a Hub repository ("org/name") of a
     Llama, Mixtral, Qwen3-MoE or OLMoE model (notebook 08; bfloat16 unless `dtype` says otherwise;
     `block_size` caps their long contexts, whose KV cache would otherwise be allocated in full);
-    or a directory with config.json and safetensors (written by save_pretrained or transformers)."""
+    or a directory with config.json and safetensors (written by save_pretrained or transformers).
+    `allow_unknown_fields` names config.json fields you vouch have no effect on the outputs."""
     path = Path(name_or_dir)
     if path.is_dir():
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
         if config.get("model_type") in hf_models.ARCHITECTURES:
-            return hf_models.load_directory(path, dtype or torch.bfloat16, block_size)
-        return _from_directory(path)
+            return hf_models.load_directory(path, dtype or torch.bfloat16, block_size, allow_unknown_fields)
+        return _from_directory(path, allow_unknown_fields)
     if "/" in str(name_or_dir) and not path.exists():
         folder = hf_models.download_repo(str(name_or_dir), progress=progress, timeout=timeout)
-        return hf_models.load_directory(folder, dtype or torch.bfloat16, block_size)
+        return hf_models.load_directory(folder, dtype or torch.bfloat16, block_size, allow_unknown_fields)
     if name_or_dir not in HUB_REPOS:
         raise ValueError(f"Unknown model {name_or_dir!r}: use one of {sorted(HUB_REPOS)}, a Hub repository such as "
                          f"'allenai/OLMoE-1B-7B-0924', or a directory holding config.json and model.safetensors")
@@ -185,12 +191,23 @@ def _read_safetensors(path: Path) -> dict:
                          f"safetensors); delete it and download or save it again") from None
 
 
-def _from_directory(path: Path) -> GPT:
+def _from_directory(path: Path, allow_unknown_fields=()) -> GPT:
     config_file, weights = path / "config.json", path / "model.safetensors"
+    if not config_file.exists() and (path / "ckpt.pt").exists():
+        raise FileNotFoundError(
+            f"{path} holds a training checkpoint (ckpt.pt), not a saved model: load it with "
+            f"model_from_checkpoint(load_checkpoint('{path / 'ckpt.pt'}')) from moe_tutorial.checkpoint, and "
+            f"save_pretrained that model to a folder from_pretrained reads")
     for f in (config_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing: a model directory holds config.json and model.safetensors")
     config = read_json(config_file)
+    record = sha256_record(weights)
+    if record.exists():  # written by save_pretrained: the weights must be the bytes it wrote
+        check_sha256(weights, record.read_text().strip(),
+                     problem=f"does not match the sha256 recorded in {record.name} when it was saved",
+                     fix=f"It was damaged or changed after saving: save the model again (or delete {record.name} "
+                         f"if you changed the weights on purpose).")
     state = _read_safetensors(weights)
     if "moe_tutorial" in config:  # written by save_pretrained
         model = GPT(GPTConfig.from_dict(config["moe_tutorial"], config_file))
@@ -205,16 +222,22 @@ def _from_directory(path: Path) -> GPT:
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{config_file} is neither a moe_tutorial nor a GPT-2 config "
                          f"(model_type={config.get('model_type')!r})")
-    return load_hf_weights(GPT(config_from_hf(config)), state, source=str(weights))
+    return load_hf_weights(GPT(config_from_hf(config, allow_unknown_fields)), state, source=str(weights))
 
 
 def save_pretrained(model: GPT, directory) -> Path:
-    """Write config.json and model.safetensors (tied weights stored once), each atomically."""
+    """Write config.json and model.safetensors (tied weights stored once), each atomically, and
+    the weights' sha256 beside them (model.safetensors.sha256, as `sha256sum` prints it without
+    the name), which from_pretrained checks: damaged weights are refused, not loaded."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
     config = json.dumps({"moe_tutorial": model.config.to_dict(), "config_version": CONFIG_VERSION}, indent=2)
-    with atomic_path(directory / "model.safetensors") as tmp:
+    sha256_record(weights).unlink(missing_ok=True)  # never a record that disagrees with the weights beside it
+    with atomic_path(weights) as tmp:
         save_model(model, str(tmp))
+        sha256 = sha256_of(tmp)
     with atomic_path(directory / "config.json") as tmp:
         tmp.write_text(config)
+    record_sha256(weights, sha256)
     return directory

@@ -6,7 +6,9 @@ same global batch and keeps its slice; rank 0 logs and saves. Command line: `moe
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import load_checkpoint, refuse_expert_parallel, restore, save_checkpoint
 from .data import get_batch
+from .downloads import directory_lock
 from .evaluate import DTYPES, autocast, estimate_loss, fixed_batches
 from .history import History
 from .model import GPT
@@ -93,14 +96,36 @@ def train_step(net, model: GPT, optimizer, batches, cfg: TrainConfig, lr: float)
     return loss_sum / cfg.grad_accum_steps, aux_sum / cfg.grad_accum_steps
 
 
+class TrainingDiverged(FloatingPointError):
+    """A loss became nan or inf: training stops, and no checkpoint is written over the last good one."""
+
+
+def check_finite(value: float, what: str, step: int, checkpoint_path):
+    if math.isfinite(value):
+        return
+    kept = f"the last good checkpoint, {checkpoint_path}, is untouched" if checkpoint_path and Path(
+        checkpoint_path).exists() else "no checkpoint was written"
+    raise TrainingDiverged(f"training diverged: the {what} is {value} at step {step}; stopped, and {kept} "
+                           f"(try a lower learning rate, or a smaller grad_clip)")
+
+
 def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=False, extra=None):
     """Train `model` on `dataset.train`, evaluating on `dataset.val`; returns a History. With
-    `checkpoint_path`, a checkpoint is written at every evaluation and at the end; with
-    `resume=True` training continues from it (same batches, same random numbers)."""
-    T, ranks = model.config.block_size, distributed.info()
-    model.to(cfg.device).gradient_checkpointing = cfg.activation_checkpointing
+    `checkpoint_path`, a checkpoint is written at every evaluation and at the end, and the folder
+    is locked against other runs meanwhile; with `resume=True` training continues from it (same
+    batches, same random numbers). A nan or inf loss stops the run (TrainingDiverged)."""
+    ranks = distributed.info()
+    dataset.check_batches_fit(cfg.batch_size * ranks.world_size, model.config.block_size)
     if checkpoint_path:
         refuse_expert_parallel(model)  # before any training: saving sharded experts is not implemented
+    writing = checkpoint_path and ranks.is_main
+    with directory_lock(Path(checkpoint_path).parent, "checkpoint folder") if writing else nullcontext():
+        return _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks)
+
+
+def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
+    T = model.config.block_size
+    model.to(cfg.device).gradient_checkpointing = cfg.activation_checkpointing
     net = distributed.wrap_for_training(model, cfg.device)  # DDP under torchrun, else the model
     optimizer = make_optimizer(model, cfg)
     batch_rng = torch.Generator().manual_seed(cfg.seed)
@@ -125,6 +150,7 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
     for step in bar:
         lr = learning_rate_at(step, cfg)
         loss, aux_loss = train_step(net, model, optimizer, micro_batches(), cfg, lr)
+        check_finite(loss + aux_loss, "training loss", step, checkpoint_path)
         history.record_step(step, loss, lr, cfg.batch_size * T * cfg.grad_accum_steps, model, aux_loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (done := step + 1) % cfg.eval_interval == 0 or done == cfg.max_iters:
@@ -132,6 +158,7 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
             history.train_loss.append(estimate_loss(model, eval_sets["train"], cfg))
             history.val_loss.append(estimate_loss(model, eval_sets["val"], cfg))
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{history.val_loss[-1]:.3f}")
+            check_finite(history.val_loss[-1], "validation loss", done, checkpoint_path)
             if checkpoint_path and ranks.is_main:
                 history.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()

@@ -26,17 +26,21 @@ from moe_tutorial.pretrained import from_pretrained, save_pretrained
 from moe_tutorial.router import Router, capacity
 from moe_tutorial.train import TrainConfig, train
 
-transformers = pytest.importorskip("transformers")
-
-
 # --- GPT-2 checkpoints from transformers: every GPT2Config option honoured exactly or refused ---------------
 
 TINY = dict(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
 
 
+def gpt2_config(**options):
+    transformers = pytest.importorskip("transformers")  # only these tests need it: the others run without
+    return transformers.GPT2Config(**TINY, **options)
+
+
 def hf_gpt2(**options):
+    from transformers import GPT2LMHeadModel
+
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY, **options)).eval()
+    model = GPT2LMHeadModel(gpt2_config(**options)).eval()
     with torch.no_grad():  # non-zero biases and norms, so a mapping mistake cannot hide
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
@@ -73,14 +77,44 @@ def test_gpt2_options_that_load_give_transformers_logits(tmp_path, options):
     (dict(resid_pdrop=0.1, embd_pdrop=0.0, attn_pdrop=0.1), "embd_pdrop=0.0"),
     (dict(add_cross_attention=True), "add_cross_attention=True"),
     (dict(architectures=["GPT2ForSequenceClassification"]), "GPT2ForSequenceClassification"),
-    (dict(rotary_dim=16), "rotary_dim=16"),  # an option GPT-2 does not even have
 ])
 def test_gpt2_options_that_would_change_outputs_are_refused(tmp_path, options, named):
-    config = json.loads(transformers.GPT2Config(**TINY).to_json_string())
+    config = json.loads(gpt2_config().to_json_string())
     config.update(options)
     with pytest.raises(ValueError, match="does not implement") as err:
         pretrained.config_from_hf(config)
     assert named in str(err.value)
+
+
+def test_unknown_config_fields_are_named_with_both_ways_forward(tmp_path):
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path / "m", safe_serialization=True)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(note="trained by me", rotary_dim=16)  # a harmless note, and an option GPT-2 does not have
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        from_pretrained(tmp_path / "m")
+    message = str(err.value)
+    assert "does not know: ['note', 'rotary_dim']" in message and "Remove them" in message
+    assert "allow_unknown_fields=['note', 'rotary_dim']" in message and "would give different" not in message
+    with pytest.raises(ValueError, match=r"does not know: \['rotary_dim'\]"):
+        from_pretrained(tmp_path / "m", allow_unknown_fields={"note"})
+    model = from_pretrained(tmp_path / "m", allow_unknown_fields={"note", "rotary_dim"}).eval()
+    idx = torch.randint(0, 97, (1, 16))
+    torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_unknown_fields_of_a_llama_family_config_can_be_vouched_for(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "note": "mine"}))
+    with pytest.raises(ValueError, match=r"llama config.json has field\(s\) this loader does not know: \['note'\]"):
+        from_pretrained(tmp_path / "m")
+    assert from_pretrained(tmp_path / "m", allow_unknown_fields=["note"], dtype=torch.float32).config.n_embd == 32
 
 
 def test_untied_checkpoint_round_trips_through_save_pretrained(tmp_path):
@@ -156,9 +190,75 @@ def saved_dir(tmp_path):
 def test_truncated_safetensors_is_refused(saved_dir):
     weights = saved_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="does not match the sha256 recorded"):
+        from_pretrained(saved_dir)
+    (saved_dir / "model.safetensors.sha256").unlink()  # without the record: still refused, as unreadable
     with pytest.raises(ValueError, match="not a readable safetensors file") as err:
         from_pretrained(saved_dir)
     assert str(weights) in str(err.value)
+
+
+def test_save_pretrained_records_the_weights_sha256(saved_dir):
+    record = saved_dir / "model.safetensors.sha256"
+    assert record.read_text().strip() == hashlib.sha256((saved_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_damaged_weights_of_a_saved_model_are_refused(saved_dir):
+    """64 bytes overwritten inside a tensor: right names, shapes and dtypes, wrong numbers."""
+    weights = saved_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-200:-136] = os.urandom(64)  # inside the last tensor's data, past the header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the sha256 recorded in model.safetensors.sha256") as err:
+        from_pretrained(saved_dir)
+    assert str(weights) in str(err.value) and "save the model again" in str(err.value)
+    (saved_dir / "model.safetensors.sha256").unlink()  # a folder with no record (as transformers writes) loads
+    assert isinstance(from_pretrained(saved_dir), GPT)
+
+
+def tensors_with_one_cast(path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    state[name] = (state[name] * 100).to(dtype)  # what a damaged or foreign file could hold
+    save_file(state, path)
+    return name
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_weights_stored_as_integers_or_booleans_are_refused(saved_dir, dtype):
+    (saved_dir / "model.safetensors.sha256").unlink()  # not damage on disk: a file written that way
+    name = tensors_with_one_cast(saved_dir / "model.safetensors", dtype)
+    with pytest.raises(ValueError, match=f"{name} is stored as {dtype}, but weights are floating point"):
+        from_pretrained(saved_dir)
+
+
+def test_half_precision_weights_still_load_as_float32(saved_dir):
+    (saved_dir / "model.safetensors.sha256").unlink()
+    tensors_with_one_cast(saved_dir / "model.safetensors", torch.bfloat16)
+    assert from_pretrained(saved_dir).transformer.h[0].mlp.c_fc.weight.dtype == torch.float32
+
+
+def test_llama_family_weights_of_the_wrong_dtype_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.int64)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="up_proj.weight is stored as torch.int64"):
+        from_pretrained(tmp_path / "m")
+
+
+def test_from_pretrained_on_a_training_out_dir_says_how_to_load_it(cli, tmp_path):
+    assert cli()[0] == 0
+    with pytest.raises(FileNotFoundError, match="holds a training checkpoint \\(ckpt.pt\\), not a saved model") as err:
+        from_pretrained(tmp_path / "out")
+    assert "model_from_checkpoint(load_checkpoint(" in str(err.value) and "save_pretrained" in str(err.value)
 
 
 def test_config_that_is_not_json_is_refused(saved_dir):
@@ -512,3 +612,193 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_whole(tmp_path):
     with atomic_path(ckpt) as tmp:
         torch.save({"step": 3}, tmp)
     assert list(tmp_path.glob("ckpt.pt.*.tmp")) == []
+
+
+# --- damaged checkpoints, diverging runs, full disks: refused, and the last good checkpoint kept --------------------
+
+def overwrite_a_tensor_with_nan(ckpt):
+    """Overwrite 64 bytes inside the largest tensor of a torch.save archive with NaN bit patterns,
+    as a bad disk or copy could: the file still unpickles, only the numbers change."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(ckpt.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the tensor's bytes (stored uncompressed)
+    raw[start:start + 64] = b"\xff" * 64
+    ckpt.write_bytes(bytes(raw))
+    assert torch.load(ckpt, weights_only=True)["model"]  # still a loadable file: only a checksum can tell
+
+
+def test_a_damaged_checkpoint_is_refused_and_never_resumed_over(cli, tmp_path):
+    assert cli()[0] == 0
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    overwrite_a_tensor_with_nan(ckpt)
+    damaged = ckpt.read_bytes()
+    code, out, err = cli("--resume", "--max-iters", "8")
+    assert code == 2 and "is damaged" in err and "sha256" in err and one_line_error(err)
+    assert ckpt.read_bytes() == damaged and "val loss" not in out
+
+
+def test_checkpoints_record_a_sha256_of_their_contents(tiny_dataset, tmp_path):
+    from moe_tutorial.checkpoint import state_sha256
+
+    model = GPT(GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    train(model, tiny_dataset, TrainConfig(max_iters=2, eval_interval=2, eval_iters=1, batch_size=2, progress=False),
+          checkpoint_path=tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    recorded = state.pop("sha256")
+    assert state_sha256(state) == recorded
+    state["step"] += 1  # a plain value counts as much as a tensor
+    assert state_sha256(state) != recorded
+
+
+def test_a_run_that_diverges_stops_without_writing_a_checkpoint(cli, tmp_path):
+    code, out, err = cli("--max-iters", "20")
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    good = ckpt.read_bytes()
+    import moe_tutorial.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def step_that_goes_nan(*args):  # steps 20 and 21 as usual, then a nan loss
+        loss, aux = real_step(*args)
+        calls.append(loss)
+        return (float("nan") if len(calls) > 2 else loss), aux
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "train_step", step_that_goes_nan)
+        code, out, err = cli("--resume", "--max-iters", "40")
+    assert code == 2 and one_line_error(err) and "training diverged" in err and "at step 22" in err
+    assert f"the last good checkpoint, {ckpt}, is untouched" in err
+    assert ckpt.read_bytes() == good and not (tmp_path / "out" / ".lock").exists()
+
+
+def test_a_real_divergence_is_caught_before_its_first_checkpoint(tiny_dataset, tmp_path):
+    from moe_tutorial.train import TrainingDiverged
+
+    model = GPT(GPTConfig(vocab_size=tiny_dataset.tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    cfg = TrainConfig(max_iters=20, eval_interval=5, eval_iters=1, batch_size=4, learning_rate=1e30, min_lr=0.0,
+                      warmup_iters=0, grad_clip=0.0, progress=False)  # weights of 1e30 overflow float32
+    with pytest.raises(TrainingDiverged, match="is nan at step 1; stopped, and no checkpoint was written"):
+        train(model, tiny_dataset, cfg, checkpoint_path=tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def full_filesystem(path, size):
+    """A tmpfs of `size` bytes mounted at `path` (root on Linux), or skip naming why it cannot be made."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'}): needs root")
+    return path
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    from moe_tutorial.downloads import DiskFullError
+
+    disk = full_filesystem(tmp_path / "disk", 256 * 1024)
+    try:
+        ckpt = disk / "ckpt.pt"
+
+        def save(n_embd):
+            model = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=1, n_embd=n_embd))
+            save_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), n_embd, TrainConfig(), History(),
+                            torch.Generator())
+
+        save(8)  # a few kB: fits
+        with pytest.raises(DiskFullError) as err:
+            save(256)  # ~800 kB of weights alone: does not
+        message = str(err.value)
+        assert message.startswith("no space left on device while writing")
+        assert "the previous ckpt.pt is intact" in message
+        assert "\n" not in message and load_checkpoint(ckpt)["step"] == 8
+        assert sorted(p.name for p in disk.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# --- one run per out-dir ----------------------------------------------------------------------------------------
+
+def test_an_out_dir_in_use_by_another_run_is_refused(cli, tmp_path):
+    (tmp_path / "out").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out" / ".lock").write_text(writer_tag(other.pid) + "\n")  # as a running train would hold it
+        code, out, err = cli()
+        assert code == 2 and one_line_error(err) and f"in use by another run (process {other.pid} on" in err
+        assert "choose another --out-dir" in err and not (tmp_path / "out" / "ckpt.pt").exists()
+    finally:
+        other.kill()
+        other.wait()
+    code, out, err = cli()  # its process is gone: a stale lock, cleared
+    assert code == 0 and (tmp_path / "out" / "ckpt.pt").exists() and not (tmp_path / "out" / ".lock").exists()
+
+
+def test_two_runs_started_together_into_one_out_dir(tmp_path, shakespeare_file):
+    copy_into(shakespeare_file, tmp_path / "cache" / "tinyshakespeare.txt")
+    env = {**os.environ, "MOE_TUTORIAL_DATA": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "moe_tutorial.train", "--preset", "char-tiny", "--max-iters", "200", "--sample",
+               "0", "--no-progress", "--threads", "1", "--out-dir", str(tmp_path / "out")]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 2]  # one trains, the other is refused
+    code, out, err = next(r for r in results if r[0] == 2)
+    assert one_line_error(err) and ("in use by another run" in err or "already holds a trained run" in err)
+    assert "checkpoint:" not in out
+
+
+# --- data that does not fit the run ---------------------------------------------------------------------------------
+
+def test_empty_text_is_refused_by_name():
+    with pytest.raises(ValueError, match="^my notes is empty: there is nothing to train on"):
+        data.Dataset.from_text("", source="my notes")
+
+
+def test_a_text_too_short_for_a_block_names_the_split_and_the_length_needed():
+    dataset = data.Dataset.from_text("To be, or not to be, that is the question", source="hamlet.txt")
+    with pytest.raises(ValueError) as err:
+        dataset.check_batches_fit(batch_size=1, block_size=32)
+    assert str(err.value).startswith("hamlet.txt is too short: its validation split holds 5 tokens (12% of 41)")
+    assert "one block needs 33; use a text of at least 271 tokens or a smaller block_size" in str(err.value)
+
+
+def test_cli_refuses_a_batch_larger_than_the_data_before_training(cli, tmp_path):
+    code, out, err = cli("--batch-size", "200000")
+    assert code == 2 and one_line_error(err) and "batch_size=200,000 is more than the" in err
+    assert "validation split of tiny Shakespeare" in err and "val loss" not in out
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_cli_corpus_path_that_is_a_directory(cli, tmp_path, monkeypatch):
+    (tmp_path / "other-cache" / "tinyshakespeare.txt").mkdir(parents=True)
+    monkeypatch.setenv("MOE_TUTORIAL_DATA", str(tmp_path / "other-cache"))
+    code, out, err = cli()
+    assert code == 2 and one_line_error(err) and "tinyshakespeare.txt is a directory" in err
+
+
+def test_cli_expert_parallel_refuses_a_dense_model(cli, monkeypatch):
+    from moe_tutorial import distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda: distributed.DistInfo(0, 2, 0))  # as under torchrun
+    for variant in (["--variant", "dense"], []):
+        code, out, err = cli("--expert-parallel", *variant)
+        assert code == 2 and one_line_error(err) and "has none: choose an MoE --variant" in err
+
+
+def test_a_download_that_stalls_below_the_minimum_rate_stops(tmp_path, data_cache):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "slow.txt").write_bytes(b"x" * 1000)
+    with LocalServer(served, trickle=0.05) as server:  # 20 bytes/s: alive, but hopeless
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="stalled: .* bytes in the last 1 s, under 1,000 bytes/s") as err:
+            download(f"{server.url}/slow.txt", data_cache / "slow.txt", "0" * 64, timeout=5, progress=False,
+                     deadline=60, min_rate=1000, rate_window=1.0)
+        assert time.monotonic() - start < 10  # the overall deadline (60 s) was not what stopped it
+    assert "Nothing was saved" in str(err.value)
+    assert not data_cache.exists() or list(data_cache.iterdir()) == []

@@ -218,7 +218,8 @@ def test_save_pretrained_round_trip_moe(tmp_path):
                        moe=MoEConfig(n_experts=4, top_k=2))
     model = GPT(config).eval()
     save_pretrained(model, tmp_path / "moe")
-    assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == ["config.json", "model.safetensors",
+                                                                 "model.safetensors.sha256"]
     loaded = from_pretrained(tmp_path / "moe").eval()
     assert loaded.config == config
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
