@@ -34,13 +34,14 @@ model.save_pretrained(folder, max_shard_size="200MB")
 
 LOAD = """
 import json, sys, time, torch
-from moe_tutorial.hf_models import load_directory, peak_rss_gib
-baseline = peak_rss_gib()  # python + torch, before any weights
+from moe_tutorial.hf_models import load_directory
+from moe_tutorial.measure import peak_rss_mib
+baseline = peak_rss_mib() / 1024  # GiB: python + torch, before any weights
 t0 = time.perf_counter()
 model = load_directory(sys.argv[1], torch.bfloat16)
 seconds = time.perf_counter() - t0
 weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-print(json.dumps(dict(weights_gib=weights, baseline_gib=baseline, peak_gib=peak_rss_gib(), seconds=seconds)))
+print(json.dumps(dict(weights_gib=weights, baseline_gib=baseline, peak_gib=peak_rss_mib() / 1024, seconds=seconds)))
 """
 
 

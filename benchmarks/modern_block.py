@@ -33,8 +33,8 @@ from moe_tutorial.presets import MODERN_BLOCK, preset
 from moe_tutorial.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_scaling import RESULTS as SWEEP_RESULTS  # noqa: E402
-from moe_scaling import SEEDS, STEPS, append, load, machine, stats, verdict  # noqa: E402
+from moe_scaling import RESULTS as SWEEP_RESULTS
+from moe_scaling import SEEDS, STEPS, append, load, machine, stats, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results" / "modern_block.json"
 MODERN = MODERN_BLOCK  # RMSNorm, RoPE, SwiGLU, per-head QK-norm

@@ -406,7 +406,7 @@ assert gain > MIN_GAIN
 # Save the trained model (config + safetensors weights) in the data cache: notebook 05 starts from it.
 
 # %%
-from moe_tutorial.course import char_model_dir
+from moe_tutorial.cached_models import char_model_dir
 from moe_tutorial.downloads import data_dir
 from moe_tutorial.pretrained import save_pretrained
 

@@ -52,22 +52,15 @@ plt.show()
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.costs import model_info
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import MOE_VARIANTS
 
-
-def ffn_counts(config):
-    """(total parameters, parameters used per token) of the model."""
-    model = GPT(config)
-    total = sum(p.numel() for p in model.parameters())
-    inactive = sum(m.experts.c_fc.numel() + m.experts.c_proj.numel() for m in model.moe_layers())
-    active = total - inactive * (1 - config.moe.top_k / config.moe.n_experts) if config.moe else total
-    return total, int(active)
-
-
 dense_cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
 moe_cfg = GPTConfig(**{**dense_cfg.to_dict(), "moe": MOE_VARIANTS["Switch top-1"]})
-counts = {name: ffn_counts(cfg) for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg))}
+infos = {name: model_info(cfg) for name, cfg in (("dense", dense_cfg), ("Switch MoE, E=8", moe_cfg))}
+counts = {name: (info.total_params, info.active_params) for name, info in infos.items()}
+assert counts["Switch MoE, E=8"][0] == sum(p.numel() for p in GPT(moe_cfg).parameters())  # every weight counted
 for name, (total, active) in counts.items():
     print(f"{name:<16} total {total:>9,} parameters, {active:>8,} used per token")
 param_ratio = counts["Switch MoE, E=8"][0] / counts["dense"][0]
@@ -301,10 +294,10 @@ config = GPTConfig(vocab_size=65, n_embd=32, n_head=4, moe=MoEConfig(n_experts=4
 layer = MoE(config).eval()
 x = torch.randn(2, 24, 32)  # (B, T, C)
 ours = scratch_moe(x.view(-1, 32), layer.router.gate.weight, layer.experts.c_fc, layer.experts.c_proj, 1.0)
-theirs, aux_loss = layer(x)  # the layer also returns its weighted balancing losses (sections 4-5)
+theirs, aux_loss, routing = layer(x)  # also: the weighted balancing losses (sections 4-5), the routing
 theirs = theirs.view(-1, 32)
 print(f"max |difference| {(ours - theirs).abs().max():.1e}; "
-      f"dropped {int(layer.last_routing.dropped.sum())} of {x.shape[0] * x.shape[1]} tokens")
+      f"dropped {int(routing.dropped.sum())} of {x.shape[0] * x.shape[1]} tokens")
 assert torch.allclose(ours, theirs, atol=1e-6)
 
 # %% [markdown]
@@ -359,9 +352,8 @@ def router_logit_stats(model, ids):
     """Mean over MoE layers and tokens of: logsumexp of the router logits (z), the largest logit,
     the logits' spread (std over experts) and the router's probability for its chosen expert."""
     model.eval()
-    model(ids)
     rows = [(torch.logsumexp(r.logits, -1).mean(), r.logits.max(-1).values.mean(), r.logits.std(-1).mean(),
-             r.probs.max(-1).values.mean()) for r in (layer.last_routing for layer in model.moe_layers())]
+             r.probs.max(-1).values.mean()) for r in model(ids, return_routing=True).routing]
     return [torch.stack(col).mean().item() for col in zip(*rows)]
 
 

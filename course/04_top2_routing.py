@@ -99,7 +99,7 @@ for t in range(12):
 ax.set(xlabel="token", ylabel="expert", yticks=range(4), xticks=range(12),
        title=f"top-2, capacity {routing.capacity}: squares = first choice, circles = second")
 plt.show()
-print("per-expert counts:", routing.counts.tolist(), "| gates sum to 1:",
+print("tokens each expert processed:", routing.tokens_processed.tolist(), "| gates sum to 1:",
       bool(torch.allclose(routing.weights.sum(-1), torch.ones(12))))
 print(f"first choices dropped: {(~routing.kept[:, 0]).sum().item()}, "
       f"second choices dropped: {(~routing.kept[:, 1]).sum().item()}")
@@ -181,8 +181,7 @@ def routing_leaks(layer, trials=40, B=4, T=64):
     """% of the last sequence's tokens re-routed: (a) its earlier tokens when its last token changes,
     (b) all of them when the first sequence changes."""
     def routes(x):
-        layer(x)
-        r = layer.last_routing
+        r = layer(x).routing
         return torch.cat([r.expert * r.kept, r.kept], dim=1).view(B, T, -1)  # (B, T, 2k): who processes each token
 
     future, other = [], []
@@ -674,13 +673,13 @@ text = dataset.tokenizer.decode(dataset.val[:16384])
 ids = torch.tensor(dataset.tokenizer.encode(text)).view(-1, 64)
 moe_model = models["MoE", SEEDS[0]].eval()
 with torch.no_grad(), dropless(moe_model):
-    moe_model(ids)
+    routings = moe_model(ids, return_routing=True).routing
 chars = ids.reshape(-1)
 frequent = [ch for ch, _ in Counter(text).most_common(24)]
-shown = {0: moe_model.moe_layers()[0], len(moe_model.moe_layers()) - 1: moe_model.moe_layers()[-1]}
+shown = {0: routings[0], len(routings) - 1: routings[-1]}
 fig, axes = plt.subplots(1, 2, figsize=(12, 6))
-for ax, (i, layer) in zip(axes, shown.items()):
-    expert = layer.last_routing.expert[:, 0]
+for ax, (i, routing) in zip(axes, shown.items()):
+    expert = routing.expert[:, 0]
     table = torch.zeros(len(frequent), MOE.n_experts)
     for row, ch in enumerate(frequent):
         mine = expert[chars == dataset.tokenizer.stoi[ch]]
@@ -758,7 +757,7 @@ outputs = {}
 for name, fn in DISPATCH.items():
     layer.dispatch = fn
     torch.manual_seed(0)
-    outputs[name], _ = layer(x)
+    outputs[name] = layer(x).out
 for name in ("einsum", "loop"):
     assert torch.allclose(outputs[name], outputs["sort"], atol=1e-5)
 print("all three give the same output (to 1e-5)")

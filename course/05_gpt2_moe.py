@@ -196,7 +196,7 @@ assert gpt2_model.num_params(non_embedding=False) == infos["gpt2"].total_params
 # dataset by a BPE one (`Dataset.from_text(text, tokenizer=bpe)`); nothing else changes.
 
 # %%
-from moe_tutorial.course import pretrained_char_model
+from moe_tutorial.cached_models import pretrained_char_model
 from moe_tutorial.data import Dataset
 
 dataset = Dataset.from_text(text)
@@ -273,8 +273,10 @@ for label, base, batch in ((f"GPT-2 shape ({'random' if 'RANDOM' in gpt2_source 
     for top_k in (1, 2):
         moe = upcycle(base, n_experts=8, top_k=top_k, moe_every=2)
         capped = max_logit_difference(base, moe, batch)
-        dropped = sum((~layer.last_routing.kept).float().mean().item() for layer in moe.moe_layers()) / len(
-            moe.moe_layers())  # assignments dropped: a top-2 token that loses one choice keeps only g₁·MLP(x)
+        with torch.no_grad():
+            routings = moe(batch, return_routing=True).routing  # eval mode, as max_logit_difference left it
+        # assignments dropped: a top-2 token that loses one choice keeps only g₁·MLP(x)
+        dropped = sum((~r.kept).float().mean().item() for r in routings) / len(routings)
         with dropless(moe):
             exact = max_logit_difference(base, moe, batch)
         print(f"{label:<30} top-{top_k}: {moe.num_params() / base.num_params():.1f}x the parameters; max |logit "
@@ -489,7 +491,7 @@ grads and AdamW before any activation — experts are spread over devices: **not
 # - `generate()` uses a KV cache; same tokens as without it (asserted).
 #
 # **Where the finalized code lives:** `moe_tutorial/costs.py`, `presets.py`, `tokenizers.py`,
-# `pretrained.py`, `upcycle.py`, `kv_cache.py`, `seeds.py`, `course.py` (notebook 01's model). Next:
+# `pretrained.py`, `upcycle.py`, `kv_cache.py`, `seeds.py`, `cached_models.py` (notebook 01's model). Next:
 # **06 · distributed MoE**.
 #
 # ## Further reading

@@ -228,8 +228,8 @@ Markdown(f"Of all the rows the ranks routed in these 5 steps, **{left:.0%} left 
 # %% [markdown]
 # ### 3.2 What changes in the optimizer step
 # The forward pass above equals the single-process layer. The gradients need two corrections
-# before `optimizer.step()`, and one thing stays deliberately per rank. This is the package's code,
-# called by `train_step` between `backward()` and `optimizer.step()`:
+# before `optimizer.step()`, and one thing stays deliberately per rank. This is the package's code:
+# `train_step` calls it between `backward()` and `optimizer.step()`:
 # - **Expert gradients ÷ W.** Each rank's loss is the mean over *its own* tokens, and DDP averages
 #   the replicated weights' gradients over ranks: together, the gradient of the mean over the global
 #   batch. An expert's gradient is different: it already holds the contributions of *every* rank's
@@ -248,8 +248,10 @@ Markdown(f"Of all the rows the ranks routed in these 5 steps, **{left:.0%} left 
 
 # %%
 from moe_tutorial import distributed
+from moe_tutorial import train as training
 
-for function in (distributed.finish_gradients, distributed.average_expert_grads, distributed.clip_grad_norm_):
+for function in (training.train_step, training.clip_gradients, distributed.average_expert_grads,
+                 distributed.clip_grad_norm_):
     print(inspect.getsource(function))
 
 # %% [markdown]
@@ -287,12 +289,14 @@ mine = slice(B * rank, B * (rank + 1))
 
 torch.manual_seed(0)
 one = GPT(config)  # one process: every expert, the whole batch
-one(x, y).loss.backward()  # the task loss (the balancing loss is compared separately)
+one_out = one(x, y, return_routing=True)
+one_out.loss.backward()  # the task loss (the balancing loss is compared separately)
 
 torch.manual_seed(0)
 model = distributed.shard_experts(GPT(config))  # the same weights; this rank keeps E/W experts
 net = distributed.wrap_for_training(model, "cpu")  # DDP
-net(x[mine], y[mine]).loss.backward()  # DDP averages the replicated gradients; experts' are left alone
+out = net(x[mine], y[mine], return_routing=True)
+out.loss.backward()  # DDP averages the replicated gradients; experts' are left alone
 
 n_local = config.moe.n_experts // W
 owned = slice(rank * n_local, (rank + 1) * n_local)  # this rank's experts, in the full model
@@ -316,27 +320,29 @@ result = dict(
     replicated_error=max(((p.grad - one_grads[name].grad).abs().max() / (one_grads[name].grad.abs().max() + 1e-12))
                          .item() for name, p in model.named_parameters() if not distributed.is_expert_parallel(p)),
 )
-distributed.average_expert_grads(model, W)  # train_step's next line
+distributed.average_expert_grads(model, W)  # what train_step does next
 result.update(
     expert_ratio_after=fitted_ratio(expert_grads(model), expert_grads(one, owned)),
     local_norm=norm(model),  # what this rank alone would clip by
     global_norm=distributed.clip_grad_norm_(model, max_norm=float("inf")).item(),  # inf: measure, do not clip
     one_norm=norm(one),
-    balance_loss=sum(layer.last_routing.aux_loss for layer in model.moe_layers()).item(),  # this rank's tokens
-    one_balance_loss=sum(layer.last_routing.aux_loss for layer in one.moe_layers()).item(),
+    balance_loss=sum(r.aux_loss for r in out.routing).item(),  # this rank's tokens
+    one_balance_loss=sum(r.aux_loss for r in one_out.routing).item(),
 )
 
 # Aux-loss-free balancing (section 3.3): a few training steps, the biases moved from the counts of
 # the whole batch (the package) or from each rank's own counts.
 aux_free, _ = preset("char", dataset.tokenizer.vocab_size, variant="aux-loss-free top-1")
 train_cfg = TrainConfig(batch_size=B, progress=False)
+sum_router_loads = distributed.sum_router_loads
 
 
 def biases_after(steps, all_reduce_counts):
     torch.manual_seed(0)
     m = distributed.shard_experts(GPT(aux_free))
     net = distributed.wrap_for_training(m, "cpu")
-    m.data_parallel = all_reduce_counts  # False: after_optimizer_step uses this rank's counts alone
+    # False: train_step skips the sum over ranks, and each rank moves its biases by its own counts
+    distributed.sum_router_loads = sum_router_loads if all_reduce_counts else (lambda model, group=None: None)
     optimizer = make_optimizer(m, train_cfg)
     batches = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -390,9 +396,10 @@ assert 0 < abs(mean_balance - one_balance) < 0.05 * one_balance  # close to the 
 # step, up if the expert got fewer tokens than average, down if more. Under data or expert
 # parallelism each rank counts only its own tokens. If each rank moved its bias from its own counts,
 # the ranks' biases would drift apart — the same token would be routed differently on different
-# ranks. Two lines of the package prevent that:
-# - `GPT.after_optimizer_step` sums the counts over ranks (`dist.all_reduce(loads)`) before the
-#   update, so every rank moves every bias the same way, by the load of the whole batch;
+# ranks. Two pieces of the package prevent that:
+# - `train_step` calls `distributed.sum_router_loads`, which sums the counts over ranks
+#   (`dist.all_reduce(loads)`) before `GPT.after_optimizer_step` updates the biases, so every rank
+#   moves every bias the same way, by the load of the whole batch;
 # - `ddp()` passes `broadcast_buffers=False`. The bias and the counts are buffers, and DDP's default
 #   copies rank 0's buffers over every other rank's at each forward: that would hide any drift of the
 #   bias by forcing rank 0's, and it would erase the other ranks' counts between the micro-batches of
@@ -400,9 +407,7 @@ assert 0 < abs(mean_balance - one_balance) < 0.05 * one_balance  # close to the 
 #   process's with the whole batch, and each rank keeps its own counts).
 
 # %%
-from moe_tutorial.model import GPT
-
-print(inspect.getsource(GPT.after_optimizer_step))
+print(inspect.getsource(distributed.sum_router_loads))
 print(inspect.getsource(distributed.ddp))
 
 # %%
@@ -449,6 +454,7 @@ print(f"wall time of the 2-rank run, from launch to exit (process start-up and d
 # %%
 # NBVAL_IGNORE_OUTPUT
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.model import GPT
 from moe_tutorial.train import train
 
 single_cfg, single_train = preset("char", dataset.tokenizer.vocab_size, variant="Switch top-1", max_iters=300,
@@ -510,8 +516,8 @@ assert abs(val_loss - single_val) < TOLERANCE
 #   the tests check that the sharded layer equals the single-process one (outputs and every gradient)
 #   and that 2-rank DDP equals one process with the doubled batch.
 #
-# **Where the finalized code lives:** `moe_tutorial/distributed.py`, `model.py`
-# (`after_optimizer_step`), `train.py`, `cli.py`; `benchmarks/expert_parallel_stats.py`.
+# **Where the finalized code lives:** `moe_tutorial/distributed.py`, `train.py` (`train_step`,
+# `clip_gradients`), `model.py` (`after_optimizer_step`), `cli.py`; `benchmarks/expert_parallel_stats.py`.
 
 # %% [markdown]
 # ## Further reading

@@ -295,7 +295,7 @@ mlp = MLP(config)
 x = torch.randn(2, 10, 384)
 gate_w, up_w = mlp.c_fc.weight.split(config.mlp_width)
 with torch.no_grad():
-    assert torch.allclose(F.silu(x @ gate_w.T) * (x @ up_w.T) @ mlp.c_proj.weight.T, mlp(x), atol=1e-5)
+    assert torch.allclose(F.silu(x @ gate_w.T) * (x @ up_w.T) @ mlp.c_proj.weight.T, mlp(x).out, atol=1e-5)
 gelu_params = model_info(GPTConfig(n_embd=384, n_head=6)).total_params
 print(f"hidden width {config.mlp_width} (8C/3 at C = 384); model parameters: SwiGLU "
       f"{model_info(config).total_params:,}, GELU {gelu_params:,}")
@@ -523,9 +523,9 @@ def route_validation(model, n_group, topk_group):
     for layer in layers:
         layer.router.config = dataclasses.replace(layer.router.config, n_group=n_group, topk_group=topk_group)
     val = estimate_loss(model, val_batches, preset("char", 65)[1])
-    model(val_batches[0][0])  # route one batch to look at its assignments
+    routings = model(val_batches[0][0], return_routing=True).routing  # route one batch to look at its assignments
     group_size = 32 // N_GROUP
-    groups = [F.one_hot(layer.last_routing.expert // group_size, N_GROUP) for layer in layers]  # (N, k, G) each
+    groups = [F.one_hot(r.expert // group_size, N_GROUP) for r in routings]  # (N, k, G) each
     fan_out = [g.amax(1).sum(1) for g in groups]  # (N,): groups a token sends to
     load = [g.sum((0, 1)).float() / g.sum() for g in groups]  # (G,): share of assignments per group
     return fan_out, load, val

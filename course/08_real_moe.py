@@ -47,9 +47,9 @@ torch.set_num_threads(2)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from moe_tutorial.course import COURSE_MOE_STEPS, pretrained_modern_moe
+from moe_tutorial.cached_models import COURSE_MOE_STEPS, pretrained_modern_moe
 from moe_tutorial.data import shakespeare_dataset
-from moe_tutorial.hf_models import peak_rss_gib
+from moe_tutorial.measure import peak_rss_mib
 from moe_tutorial.pretrained import from_pretrained
 
 REAL = os.environ.get("MOE_TUTORIAL_REAL_MOE")
@@ -66,7 +66,7 @@ if REAL:
     hf_tokenizer = Tokenizer.from_file(os.path.join(REAL if os.path.isdir(REAL) else hub_cache(REAL), "tokenizer.json"))
     encode = lambda s: hf_tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
     decode = hf_tokenizer.decode
-    print(f"looking at {REAL} on {DEVICE}; peak memory so far {peak_rss_gib():.1f} GiB")
+    print(f"looking at {REAL} on {DEVICE}; peak memory so far {peak_rss_mib() / 1024:.1f} GiB")
 else:
     model = pretrained_modern_moe(dataset)
     encode, decode = dataset.tokenizer.encode, dataset.tokenizer.decode
@@ -149,9 +149,9 @@ assert passed  # solutions-only
 # toward it during training — on the *training* batches. On held-out text, how close is it?
 
 # %%
-from moe_tutorial.analysis import expert_load, routing_entropy_bits
+from moe_tutorial.analysis import assignment_share, routing_entropy_bits
 
-loads = torch.stack([expert_load(r) for r in routings])  # (L, E)
+loads = torch.stack([assignment_share(r) for r in routings])  # (L, E)
 E = loads.size(1)
 fig, ax = plt.subplots(figsize=(10, 0.5 + 0.35 * len(routings)))
 image = ax.imshow(loads * E, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
@@ -358,7 +358,7 @@ def versus_random(n_pruned):
     return "tie" if abs(diff) <= 2 * sd else ("more" if diff > 0 else "less")
 
 
-train_loads = torch.stack([expert_load(r) for r in collect_routing(model, windows("train"))])  # (L, E)
+train_loads = torch.stack([assignment_share(r) for r in collect_routing(model, windows("train"))])  # (L, E)
 generator = torch.Generator().manual_seed(0)
 unpruned = val_loss()
 print(f"{'pruned per layer':<18}{'eval traffic':>13}{'least used':>12}{'random (mean ± sd)':>21}  least used vs random")

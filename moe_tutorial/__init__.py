@@ -1,30 +1,30 @@
 """moe-tutorial: the finalized code of the course, one module per idea.
 
-The course, chapter by chapter, and the modules each one introduces (every module's docstring
-names its chapter too):
+The package map: each chapter, the modules it introduces (every module's docstring names its
+chapter too), and the one thing to read first.
 
-01 char GPT          downloads (verified cache), data, tokenizers (characters), model (GPTConfig in
-                     config), sampling, train, evaluate, history, checkpoint, cli, presets
-02 flash attention   attention (naive / FlashAttention-2 / SDPA; model.Kernels picks one),
-                     triton_attention, measure
-03 Switch MoE        config (MoEConfig), router, experts, dispatch (sort), moe, viz (routing explorer),
-                     diagrams (the pictures of 03, 02 and 06, drawn as code)
-04 top-2 and beyond  router variants (top-k, noisy, random second expert, expert choice,
-                     aux-loss-free bias), moe (shared experts), dispatch (einsum, loop),
-                     seeds (mean ± sd over seeds, and ties)
-05 GPT-2 MoE         presets (GPT-2 shapes), costs, tokenizers (GPT-2 BPE), pretrained, upcycle,
-                     kv_cache, course (notebook 01's model, shared by later chapters)
-06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)
-07 modern MoE        norms (RMSNorm), rope, attention (grouped-query repeat_kv), model (QK-norm,
-                     SwiGLU), router (sigmoid scoring, group-limited routing, sequence-wise loss),
-                     optimizers (Muon)
-08 a real MoE        hf_models (Llama, Mixtral, Qwen3-MoE, OLMoE checkpoints, Hub downloads),
-                     analysis (routing measurements)
+chapter              modules                                            read first
+01 char GPT          config, model, data, tokenizers, sampling, train,  model.GPT, then train.train_step
+                     evaluate, history, checkpoint, downloads, cli,
+                     presets
+02 flash attention   attention, triton_attention, measure               attention.flash_attention
+03 Switch MoE        router, experts, dispatch, moe, viz, diagrams      moe.MoE.forward, then router.Router.forward
+04 top-2 and beyond  router (variants), moe (shared experts),           router.Router.select
+                     dispatch (einsum, loop), seeds, sweep
+05 GPT-2 MoE         costs, pretrained, upcycle, kv_cache,              upcycle.upcycle
+                     cached_models, tokenizers (GPT-2 BPE)
+06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)  distributed.ExpertParallelDispatch
+07 modern MoE        norms, rope, optimizers (Muon), router (sigmoid,   model.Block, then router.Router.affinity
+                     groups, sequence-wise loss)
+08 a real MoE        hf_models, analysis                                analysis.collect_routing
 all                  exercises (the checks behind every notebook's exercises)
+
+Routing travels in outputs: an MoE layer returns (out, aux_loss, routing), the dense MLP the same
+with no routing, and GPT.forward(idx, return_routing=True) returns one router.Routing per MoE layer.
 
 Import direction, bottom to top: config, downloads -> tokenizers -> data; attention, norms, rope,
 router, experts -> dispatch -> moe -> model; distributed; then evaluate, history, checkpoint, train,
-presets, cli, hf_models, pretrained, upcycle, course, analysis. Nothing imports upward
+sweep, presets, cli, hf_models, pretrained, upcycle, cached_models, analysis. Nothing imports upward
 (tests/test_imports.py walks the graph).
 """
 

@@ -3,33 +3,31 @@ each expert takes, how consistent routing is across layers, and what lowering to
 experts at inference costs.
 
 Everything works on any of the package's MoE models, whether trained by the course (notebook 07)
-or loaded from a Mixtral / Qwen3-MoE / OLMoE checkpoint (`hf_models`). Routing is read from each
-MoE layer's `last_routing` after a forward pass in eval mode without token dropping, so it is the
+or loaded from a Mixtral / Qwen3-MoE / OLMoE checkpoint (`hf_models`). Routing is what the model's
+forward pass returns (`return_routing=True`) in eval mode without token dropping, so it is the
 routing generation would use.
 """
 
-import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
-from .moe import dropless
+from .evaluate import evaluating
+from .moe import dropless, override_routing
 from .router import Routing
 
 
 @torch.no_grad()
 def collect_routing(model, idx: torch.Tensor) -> list[Routing]:
     """Each MoE layer's routing of the tokens idx (B, T), in eval mode, dropping nothing."""
-    was_training = model.training
-    model.eval()
-    with dropless(model):
-        model(idx)
-    model.train(was_training)
-    return [layer.last_routing for layer in model.moe_layers()]
+    with evaluating(model), dropless(model):
+        return model(idx, return_routing=True).routing
 
 
-def expert_load(routing: Routing) -> torch.Tensor:
-    """(E,) share of all assignments (every token's k choices) that each expert receives."""
+def assignment_share(routing: Routing) -> torch.Tensor:
+    """(E,) share of all assignments (every token's k choices) that each expert receives: unlike
+    Routing.first_choice_share it counts second choices too, and unlike tokens_processed it is
+    read before capacity."""
     counts = torch.bincount(routing.expert.reshape(-1), minlength=routing.probs.size(1)).float()
     return counts / counts.sum()
 
@@ -109,40 +107,28 @@ def random_routers(model, seed: int = 0, std: float = 0.02):
                 layer.router.gate.weight.copy_(weight)
 
 
-@contextmanager
 def top_k_override(model, top_k: int):
     """Route every MoE layer with `top_k` experts per token (weights of the chosen experts as the
-    router computes them: renormalised if the model renormalises), then restore."""
-    routers = [layer.router for layer in model.moe_layers()]
-    for router in routers:
-        if not 1 <= top_k <= router.n_experts:
-            raise ValueError(f"top_k must be in [1, {router.n_experts}], got {top_k}")
-    saved = [r.top_k for r in routers]
-    for router in routers:
-        router.top_k = top_k
-    try:
-        yield
-    finally:
-        for router, k in zip(routers, saved):
-            router.top_k = k
+    router computes them: renormalised if the model renormalises), then as trained again."""
+    for layer in model.moe_layers():
+        if not 1 <= top_k <= layer.router.n_experts:
+            raise ValueError(f"top_k must be in [1, {layer.router.n_experts}], got {top_k}")
+    return override_routing(model, top_k=top_k)
 
 
 @contextmanager
 def pruned_experts(model, experts_by_layer: list):
-    """Route without the given experts (one list per MoE layer): their selection bias is -inf, so
-    no token chooses them and a token that would have moves on to its next choice; the weights are
-    computed as usual (with unnormalised softmax weights the pruned experts' probability is lost)."""
+    """Route without the given experts (one list per MoE layer): no token chooses them, and a token
+    that would have moves on to its next choice; the weights are computed as usual (with unnormalised
+    softmax weights the pruned experts' probability is lost)."""
     layers = model.moe_layers()
     if len(experts_by_layer) != len(layers):
         raise ValueError(f"give one list of experts per MoE layer ({len(layers)}), got {len(experts_by_layer)}")
-    saved = [layer.router.selection_bias.clone() for layer in layers]
     for layer, experts in zip(layers, experts_by_layer):
         if len(experts) > layer.router.n_experts - layer.router.top_k:
             raise ValueError(f"pruning {len(experts)} of {layer.router.n_experts} experts leaves fewer than "
                              f"top_k={layer.router.top_k}")
-        layer.router.selection_bias[list(experts)] = -math.inf
-    try:
+    with ExitStack() as stack:
+        for layer, experts in zip(layers, experts_by_layer):
+            stack.enter_context(override_routing([layer], excluded=tuple(int(e) for e in experts)))
         yield
-    finally:
-        for layer, bias in zip(layers, saved):
-            layer.router.selection_bias.copy_(bias)

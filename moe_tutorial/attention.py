@@ -142,17 +142,16 @@ def repeat_kv(x, n_rep: int):
 
 
 def attention(q, k, v, causal=True, impl="sdpa", dropout_p=0.0):
-    """The one entry point the model uses; `impl` comes from GPTConfig.attn_impl."""
+    """The one entry point the model uses; `impl` is the model's Kernels(attention=...), one of
+    ATTENTION_IMPLS."""
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     if impl == "naive":
         return naive_attention(q, k, v, causal, dropout_p)
     if impl == "flash":
         if dropout_p > 0.0:
-            raise ValueError(
-                "impl='flash' does not implement attention dropout; set dropout=0.0 "
-                "or use attn_impl='sdpa'"
-            )
+            raise ValueError("impl='flash' does not implement attention dropout; set dropout=0.0 "
+                             "or use Kernels(attention='sdpa')")
         return flash_attention(q, k, v, causal)
     raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 

@@ -20,10 +20,9 @@ import torch
 from . import distributed
 from .data import shakespeare_dataset
 from .downloads import DiskFullError, directory_lock, ensure_writable_dir
-from .evaluate import DTYPES
 from .model import GPT
 from .presets import MOE_VARIANTS, PRESETS, preset
-from .train import TrainingDiverged, train
+from .train import DTYPES, TrainingDiverged, train
 
 
 def _count(minimum):

@@ -6,9 +6,10 @@ experts: *total* parameters set the memory, *active* parameters set the compute.
 the module definitions in model.py exactly (tests compare them with sum(p.numel())).
 
 FLOPs per token for training use the usual estimate (Kaplan et al. 2020, PaLM appendix B):
-6 per active weight (2 forward, 4 backward) plus 12 * n_layer * n_embd * block_size for the
-attention scores and their weighted sum. The position embedding is a lookup and costs nothing;
-the token embedding counts once, as the (tied) output projection.
+6 per active weight (2 forward, 4 backward) plus 12 * n_layer * n_head * head_dim * block_size
+for the attention scores and their weighted sum (n_head * head_dim is n_embd unless head_size is
+set). The position embedding is a lookup and costs nothing; the token embedding counts once, as
+the (tied) output projection.
 """
 
 from dataclasses import dataclass
@@ -30,10 +31,6 @@ class ModelInfo:
     active_params: int  # used by one token: routed experts count top_k times, not n_experts
     train_flops_per_token: int  # forward + backward
     memory_bytes: dict  # {dtype: {"weights", "grads", "adam", "total"}}, activations excluded
-
-    @property
-    def forward_flops_per_token(self) -> int:
-        return self.train_flops_per_token // 3
 
 
 def _linear(n_in, n_out, bias):

@@ -57,7 +57,7 @@ def einsum_dispatch(x, routing: Routing, experts: Experts):
     h = torch.einsum("ecd,edh->ech", expert_in, experts.c_fc.to(x.dtype))
     if experts.b_fc is not None:
         h = h + experts.b_fc[:, None, :]
-    y = torch.einsum("ech,ehd->ecd", experts.activation(h), experts.c_proj.to(x.dtype))
+    y = torch.einsum("ech,ehd->ecd", experts.activate(h), experts.c_proj.to(x.dtype))
     if experts.b_proj is not None:
         y = y + experts.b_proj[:, None, :]
     return torch.einsum("nec,ecd->nd", from_slots, y.float()).to(x.dtype)

@@ -165,7 +165,7 @@ def shard_experts(model, group=None):
         mine = slice(rank * n_local, (rank + 1) * n_local)
         full = layer.experts
         local = Experts(n_local, full.c_fc.size(1), full.c_proj.size(1), full.b_fc is not None, full.gelu_approximate,
-                        full.nonlinearity)
+                        full.activation)
         with torch.no_grad():
             for name, param in local.named_parameters():
                 param.copy_(getattr(full, name)[mine])
@@ -194,23 +194,41 @@ def ddp(model, device_ids=None):
 
     Buffers are not broadcast from rank 0 before each forward (DDP's default): the only buffers
     are the routers' aux-loss-free state, whose bias every rank updates identically from the load
-    all-reduced in GPT.after_optimizer_step, and whose load counts are each rank's own."""
+    all-reduced by sum_router_loads, and whose load counts are each rank's own."""
     from torch.nn.parallel import DistributedDataParallel
 
     ignored = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    model.data_parallel = True  # GPT.after_optimizer_step sums the routers' load counts over ranks
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def average_expert_grads(model, world_size: int):
+def has_sharded_experts(model) -> bool:
+    return any(is_expert_parallel(p) for p in model.parameters())
+
+
+def average_expert_grads(model, world_size: int | None = None):
     """DDP averages the replicated weights' gradients over ranks; expert gradients already hold
     every rank's tokens, summed. Dividing by world_size makes both the gradient of the mean loss
     over the global batch, as one process training on the whole batch would compute."""
+    world_size = world_size or info().world_size
     for p in model.parameters():
         if p.grad is not None and is_expert_parallel(p):
             p.grad.div_(world_size)
+
+
+@torch.no_grad()
+def sum_router_loads(model, group=None):
+    """Aux-loss-free balancing under torchrun: each rank counted the assignments of its own tokens;
+    sum the counts over ranks (one all-reduce) so that every rank moves the same bias, the one the
+    global batch asks for. Nothing to do on a single process."""
+    routers = [layer.router for layer in model.moe_layers() if layer.router.config.bias_update_rate > 0]
+    if not routers or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    loads = torch.stack([r.load_since_update for r in routers])  # (layers, E)
+    dist.all_reduce(loads, group=group)
+    for router, load in zip(routers, loads):
+        router.load_since_update.copy_(load)
 
 
 def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
@@ -229,18 +247,6 @@ def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
     for p in params:
         p.grad.mul_(scale.to(p.grad.dtype))
     return total
-
-
-def finish_gradients(model, max_norm: float):
-    """Between backward and the optimizer step: average expert-parallel gradients over ranks (if
-    any), then clip by the whole model's gradient norm (0: no clipping)."""
-    expert_parallel = any(is_expert_parallel(p) for p in model.parameters())
-    if expert_parallel:
-        average_expert_grads(model, info().world_size)
-    if max_norm > 0 and expert_parallel:
-        clip_grad_norm_(model, max_norm)  # expert grads differ per rank
-    elif max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def all_to_all_bytes(tokens: int, n_embd: int, top_k: int, world_size: int, bytes_per_element: int = 4) -> float:

@@ -278,6 +278,13 @@ def fetch(url: str, filename: str, sha256: str, progress: bool = True) -> Path:
 
 # --- files on the Hugging Face Hub: the sha256 it announces, recorded beside the download ---------------------------
 
+def hub_url(repo: str, filename: str) -> str:
+    """Where a file of a Hub repository is served: huggingface.co, or the mirror $HF_ENDPOINT names
+    (Hugging Face's own variable for one, so a learner's existing setting just works)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{repo}/resolve/main/{filename}"
+
+
 def hub_sha256(url: str, timeout: float = 30.0) -> str:
     """The sha256 the Hub publishes for a large (LFS) file, without downloading it."""
     response = requests.head(url, allow_redirects=False, timeout=timeout)  # the Hub answers 302 + headers

@@ -4,17 +4,23 @@ Evaluating on the *same* batches every time makes losses comparable across steps
 models; `fixed_batches` draws them from a generator of their own.
 """
 
+from contextlib import contextmanager
+
 import torch
 
 from .data import get_batch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-def autocast(device: str, dtype: str):
-    """torch.autocast for a device and a DTYPES name ("float32": a context that does nothing)."""
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=DTYPES[dtype], enabled=dtype != "float32")
+@contextmanager
+def evaluating(model):
+    """`model` in eval mode for the block (no dropout, eval capacity), then back in the mode it was
+    in, even if the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def fixed_batches(tokens, n, batch_size, block_size, seed):
@@ -25,14 +31,12 @@ def fixed_batches(tokens, n, batch_size, block_size, seed):
 
 @torch.no_grad()
 def estimate_loss(model, batches, cfg) -> float:
-    """Mean task loss of `model` over `batches`, in eval mode, on cfg.device under cfg.dtype."""
-    was_training = model.training
-    model.eval()
+    """Mean task loss of `model` over `batches`, in eval mode, on cfg.device under cfg's autocast
+    (a TrainConfig: the precision training uses)."""
     losses = []
-    for x, y in batches:
-        with autocast(cfg.device, cfg.dtype):
+    with evaluating(model), cfg.autocast():
+        for x, y in batches:
             losses.append(model(x.to(cfg.device), y.to(cfg.device)).loss.item())
-    model.train(was_training)
     return sum(losses) / len(losses)
 
 

@@ -140,7 +140,7 @@ class Experts(nn.Module):
     def __init__(self, n_experts, n_embd, hidden, bias=False, gelu_approximate="none", activation="gelu"):
         super().__init__()
         self.gelu_approximate = gelu_approximate  # "tanh" for GPT-2's weights
-        self.nonlinearity = activation  # "gelu" or "swiglu"
+        self.activation = activation  # "gelu" or "swiglu", as in model.MLP
         fc_width = 2 * hidden if activation == "swiglu" else hidden
         self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, fc_width))  # (E, C, H), or (E, C, 2H) for SwiGLU
         self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))  # (E, H, C)
@@ -167,7 +167,7 @@ class Experts(nn.Module):
             expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device), counts)
         if self.b_fc is not None:
             h = h + self.b_fc[expert_of_row]
-        y = grouped_matmul(self.activation(h), self.c_proj, counts)  # (M, C)
+        y = grouped_matmul(self.activate(h), self.c_proj, counts)  # (M, C)
         if self.b_proj is not None:
             y = y + self.b_proj[expert_of_row]
         return y
@@ -175,17 +175,17 @@ class Experts(nn.Module):
     def expert(self, i, x):
         """Expert i alone on x (..., C): the plain two-layer MLP, for tests and explanations."""
         h = x @ self.c_fc[i] + (self.b_fc[i] if self.b_fc is not None else 0)
-        return self.activation(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
+        return self.activate(h) @ self.c_proj[i] + (self.b_proj[i] if self.b_proj is not None else 0)
 
-    def activation(self, h):  # (..., H) -> (..., H); SwiGLU: (..., 2H) -> (..., H)
-        return ffn_activation(h, self.nonlinearity, self.gelu_approximate)
+    def activate(self, h):  # (..., H) -> (..., H); SwiGLU: (..., 2H) -> (..., H)
+        return ffn_activation(h, self.activation, self.gelu_approximate)
 
 
-def ffn_activation(h, nonlinearity: str, gelu_approximate: str = "none"):
+def ffn_activation(h, activation: str, gelu_approximate: str = "none"):
     """The feed-forward nonlinearity of the dense MLP and of every expert: GELU on h (..., H), or
     SwiGLU (Shazeer 2020) on h = [gate | up] (..., 2H) -> silu(gate) * up (..., H), the gate half
     deciding, per hidden unit, how much of the up half passes."""
-    if nonlinearity == "swiglu":
+    if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.gelu(h, approximate=gelu_approximate)

@@ -11,8 +11,8 @@ switches, each a GPTConfig / MoEConfig field here:
     qwen3_moe   per head (over head_dim)  norm_topk_prob     every decoder_sparse_step-th
     olmoe       over the whole projection norm_topk_prob     all
 
-`config_from_hf` maps a `config.json` dict onto a GPTConfig, field by field: every field is
-honoured, known to have no effect on the outputs, or refused with its name and value. The
+`llama_family_config_from_hf` maps a `config.json` dict onto a GPTConfig, field by field: every
+field is honoured, known to have no effect on the outputs, or refused with its name and value. The
 models are dropless (every token reaches its experts), so the capacity factors are set to
 n_experts / top_k, which makes an expert's capacity the whole batch. `weight_slots` and
 `load_tensors` rename and fuse the weights: q, k and v into c_attn, gate and up into c_fc ([gate | up]), and experts
@@ -21,10 +21,7 @@ files store them (`experts.N.gate_proj` for Qwen3 and OLMoE, `experts.N.w1/w2/w3
 """
 
 import json
-import os
 import re
-import resource
-import sys
 from pathlib import Path
 
 import requests
@@ -32,11 +29,11 @@ import torch
 from safetensors import safe_open
 
 from .config import GPTConfig, MoEConfig
-from .downloads import atomic_path, data_dir, ensure_writable_dir, fetch_hub_file
+from .downloads import atomic_path, data_dir, ensure_writable_dir, fetch_hub_file, hub_url
 
 ARCHITECTURES = ("llama", "mixtral", "qwen3_moe", "olmoe")
 
-# Fields read by config_from_hf for every architecture.
+# Fields read by llama_family_config_from_hf for every architecture.
 COMMON_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "head_dim", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "hidden_act",
                  "intermediate_size", "attention_bias", "mlp_bias", "pretraining_tp", "tie_word_embeddings",
@@ -75,7 +72,7 @@ def check_floating(name: str, tensor: torch.Tensor, source):
                          f"is damaged or not a checkpoint of this model, so it is refused rather than cast")
 
 
-def config_from_hf(hf: dict, block_size: int | None = None, allow_unknown_fields=()) -> GPTConfig:
+def llama_family_config_from_hf(hf: dict, block_size: int | None = None, allow_unknown_fields=()) -> GPTConfig:
     """The GPTConfig of a Hugging Face `config.json` dict. `block_size` caps the context (and
     the RoPE tables) below the checkpoint's max_position_embeddings, to save memory."""
     model_type = hf.get("model_type")
@@ -243,7 +240,7 @@ def from_transformers(hf_model, block_size: int | None = None):
     """The package's GPT with a loaded transformers model's weights (same outputs, in fp32)."""
     from .model import GPT
 
-    config = config_from_hf(hf_model.config.to_dict(), block_size)
+    config = llama_family_config_from_hf(hf_model.config.to_dict(), block_size)
     dtype = next(hf_model.parameters()).dtype
     model = GPT(config).to(dtype)
     return load_tensors(model, hf_model.state_dict().items(), source=type(hf_model).__name__)
@@ -294,7 +291,7 @@ def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: i
     or sharded) as the package's GPT in `dtype`, copied tensor by tensor from memory-mapped shards:
     the model is allocated once, and no second copy of the weights is built."""
     directory = Path(directory)
-    config = config_from_hf(read_json(directory / "config.json"), block_size, allow_unknown_fields)
+    config = llama_family_config_from_hf(read_json(directory / "config.json"), block_size, allow_unknown_fields)
     files = checkpoint_files(directory)
     model = empty_model(config, dtype)
 
@@ -305,12 +302,6 @@ def load_directory(directory, dtype: torch.dtype = torch.bfloat16, block_size: i
                     yield name, shard.get_tensor(name)
 
     return load_tensors(model, tensors(), source=str(directory)).eval()
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def read_json(path: Path) -> dict:
@@ -328,10 +319,6 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # HF's own mirror variable
-
-
 def hub_cache(repo: str) -> Path:
     return data_dir() / "hub" / repo.replace("/", "--")
 
@@ -343,27 +330,26 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
     announces for it, and only then renamed into place; the sha256 is recorded beside it and a
     cached file is checked again on every use (`downloads.fetch_hub_file`). config.json and the
     index are small git files (no sha256 announced): they are written atomically."""
-    base = f"{hub_endpoint()}/{repo}/resolve/main"
-    folder = hub_cache(repo)
+    folder, config_url = hub_cache(repo), hub_url(repo, "config.json")
     try:
-        _fetch_small(f"{base}/config.json", folder / "config.json", timeout)
+        _fetch_small(config_url, folder / "config.json", timeout)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({base}/config.json "
+        raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({config_url} "
                                 f"does not exist)") from None
     try:  # the tokenizer, for notebook 08's text (read with the `tokenizers` package); optional
-        _fetch_small(f"{base}/tokenizer.json", folder / "tokenizer.json", timeout)
+        _fetch_small(hub_url(repo, "tokenizer.json"), folder / "tokenizer.json", timeout)
     except (FileNotFoundError, ConnectionError):
         pass
     if not (folder / INDEX).exists() and (folder / SINGLE).exists():
         names = [SINGLE]  # cached single-file checkpoint: nothing to ask the server
     else:
         try:
-            _fetch_small(f"{base}/{INDEX}", folder / INDEX, timeout)
+            _fetch_small(hub_url(repo, INDEX), folder / INDEX, timeout)
             names = list(dict.fromkeys(read_json(folder / INDEX)["weight_map"].values()))
         except FileNotFoundError:
             names = [SINGLE]
     for name in names:
-        fetch_hub_file(f"{base}/{name}", folder / name, timeout, progress)
+        fetch_hub_file(hub_url(repo, name), folder / name, timeout, progress)
     return folder
 
 

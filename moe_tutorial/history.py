@@ -21,24 +21,19 @@ class History:
     tokens: int = 0
     # MoE models only, one row per step, one entry per MoE layer:
     moe_loss: list = field(default_factory=list)  # load-balancing + z-loss (already weighted)
-    expert_load: list = field(default_factory=list)  # share of tokens whose top choice is each expert
+    expert_load: list = field(default_factory=list)  # Routing.first_choice_share: the router's demand
     dropped: list = field(default_factory=list)  # fraction of tokens with every choice dropped
 
-    def record_step(self, step: int, loss: float, lr: float, tokens: int, model, aux_loss: float):
+    def record_step(self, step: int, loss: float, lr: float, tokens: int, routings: list, aux_loss: float):
+        """One optimizer step; `routings`: the MoE layers' routing of its last micro-batch (none: dense)."""
         self.step.append(step)
         self.loss.append(loss)
         self.lr.append(lr)
         self.tokens += tokens
-        self.record_routing(model, aux_loss)
-
-    def record_routing(self, model, aux_loss: float):
-        """Log what the routers did in the last micro-batch (from the layers' routing records)."""
-        routings = [layer.last_routing for layer in model.moe_layers()]
-        if not routings:
-            return
-        self.moe_loss.append(aux_loss)
-        self.expert_load.append([r.top_choice_share.tolist() for r in routings])
-        self.dropped.append([r.dropped.float().mean().item() for r in routings])
+        if routings:
+            self.moe_loss.append(aux_loss)
+            self.expert_load.append([r.first_choice_share.tolist() for r in routings])
+            self.dropped.append([r.dropped.float().mean().item() for r in routings])
 
     def routing_summary(self, last: int = 100) -> dict:
         """Over the last steps and every MoE layer: load CV and busiest expert's share of top choices

@@ -53,10 +53,12 @@ def reset_peak_rss() -> float:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB): since the last `reset_peak_rss`, else since it started."""
     try:
         return _proc_status_mib("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except OSError:  # no /proc: the lifetime peak, which Linux reports in KiB and macOS in bytes
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def attention_point(impl, seq_len, backward=False, batch=1, heads=8, head_dim=64, causal=True,

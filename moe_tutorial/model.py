@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -26,9 +25,10 @@ from .config import GPTConfig
 from .dispatch import DISPATCH
 from .experts import Experts, ffn_activation
 from .kv_cache import KVCache
-from .moe import MoE, dropless
+from .moe import FeedForwardOutput, MoE, dropless
 from .norms import RMSNorm, make_norm
 from .rope import RotaryEmbedding, apply_rope
+from .router import Routing
 from .sampling import sample_next_token
 
 
@@ -57,6 +57,7 @@ class GPTOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab)
     loss: torch.Tensor | None  # cross-entropy against the targets, if given
     aux_loss: torch.Tensor  # MoE layers' load-balancing + z-losses, weighted; 0 for a dense model
+    routing: list[Routing] | None = None  # with return_routing=True: one record per MoE layer, in order
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,9 +121,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation, self.gelu_approximate = config.activation, config.gelu_approximate
 
-    def forward(self, x):  # (B, T, C) -> (B, T, C)
+    def forward(self, x) -> FeedForwardOutput:  # (B, T, C) -> (B, T, C), as an MoE layer's output
         h = ffn_activation(self.c_fc(x), self.activation, self.gelu_approximate)  # (B, T, H)
-        return self.dropout(self.c_proj(h))
+        no_aux_loss = x.new_zeros((), dtype=torch.float32)
+        return FeedForwardOutput(self.dropout(self.c_proj(h)), no_aux_loss, None)
 
 
 def feed_forward(config: GPTConfig, layer_idx: int, kernels: Kernels) -> nn.Module:
@@ -133,9 +135,9 @@ def feed_forward(config: GPTConfig, layer_idx: int, kernels: Kernels) -> nn.Modu
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
 
-    Returns the new residual stream and the block's auxiliary loss (an MoE layer's balancing
-    losses; zero for a dense MLP), so the loss travels with the forward pass, also through
-    activation checkpointing."""
+    Returns the new residual stream, the block's auxiliary loss (an MoE layer's balancing
+    losses; zero for a dense MLP) and its routing (None for a dense MLP): they travel with the
+    forward pass, also through activation checkpointing."""
 
     def __init__(self, config: GPTConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
@@ -146,11 +148,8 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, rope=None):
         x = x + self.attn(self.ln_1(x), cache, rope)
-        if isinstance(self.mlp, MoE):
-            y, aux_loss = self.mlp(self.ln_2(x))
-        else:
-            y, aux_loss = self.mlp(self.ln_2(x)), x.new_zeros((), dtype=torch.float32)
-        return x + y, aux_loss
+        y, aux_loss, routing = self.mlp(self.ln_2(x))
+        return x + y, aux_loss, routing
 
 
 class GPT(nn.Module):
@@ -161,7 +160,6 @@ class GPT(nn.Module):
         _check_kernels(config, kernels)
         self.kernels = kernels
         self.gradient_checkpointing = False  # recompute block activations in backward
-        self.data_parallel = False  # set by distributed.ddp(): ranks share per-step statistics
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.position == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # GPT-2's position table
@@ -212,18 +210,10 @@ class GPT(nn.Module):
     def after_optimizer_step(self):
         """Per-step updates that are not gradient steps: aux-loss-free balancing's expert biases,
         from the load of every micro-batch since the last call, and the balancing losses' warm-up.
-        The training loop calls this right after optimizer.step(). In data-parallel training each
-        rank routed its own tokens: the counts are summed over ranks (one all-reduce) so that every
-        rank moves the same bias."""
-        routers = [layer.router for layer in self.moe_layers() if layer.router.config.bias_update_rate > 0]
-        if routers and self.data_parallel:
-            loads = torch.stack([r.load_since_update for r in routers])  # (layers, E)
-            dist.all_reduce(loads)
-            for router, load in zip(routers, loads):
-                router.load_since_update.copy_(load)
-        for router in routers:
-            router.update_selection_bias()
+        The training loop calls this right after optimizer.step() (under torchrun, after summing
+        the routers' load over ranks: distributed.sum_router_loads, so every rank moves the same bias)."""
         for layer in self.moe_layers():
+            layer.router.update_selection_bias()  # nothing unless aux-loss-free balancing is on
             if layer.router.config.aux_loss_warmup_steps > 0:
                 layer.router.warmup_step += 1  # the balancing losses' ramp (MoEConfig.aux_loss_warmup_steps)
 
@@ -234,8 +224,9 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None) -> GPTOutput:
-        """idx (B, T) token ids -> GPTOutput(logits (B, T, vocab), loss if targets are given, aux_loss).
+    def forward(self, idx, targets=None, cache: KVCache | None = None, return_routing: bool = False) -> GPTOutput:
+        """idx (B, T) token ids -> GPTOutput(logits (B, T, vocab), loss if targets are given, aux_loss,
+        routing: with return_routing, one Routing per MoE layer).
 
         `loss` is the task loss alone (what evaluation reports); training minimises
         loss + aux_loss, as transformers' MoE models return `aux_loss` beside `loss`.
@@ -253,20 +244,22 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         rope = self.rope(start, T) if self.rope is not None else None  # cos, sin (T, hs)
         x = self.transformer.drop(x)
-        aux_loss = x.new_zeros((), dtype=torch.float32)
+        aux_loss, routings = x.new_zeros((), dtype=torch.float32), []
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x, block_aux = checkpoint(block, x, None, rope, use_reentrant=False)
+                x, block_aux, routing = checkpoint(block, x, None, rope, use_reentrant=False)
             else:
-                x, block_aux = block(x, cache, rope)
+                x, block_aux, routing = block(x, cache, rope)
             aux_loss = aux_loss + block_aux
+            if routing is not None:
+                routings.append(routing)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return GPTOutput(logits, loss, aux_loss)
+        return GPTOutput(logits, loss, aux_loss, routings if return_routing else None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

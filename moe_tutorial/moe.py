@@ -1,14 +1,19 @@
 """The Mixture-of-Experts layer: route, group tokens by expert, run the experts, combine
 (notebook 03; shared experts: notebook 04).
 
-It replaces the dense MLP in a transformer block: (B, T, C) in; the output (B, T, C) and the
-router's weighted auxiliary losses out (the model adds them up and returns them beside the task
-loss). Each call also leaves its routing in `self.last_routing` (which expert each token chose,
-weights, drops) for logs and plots only. `override_capacity(model, factor)` routes with another
-capacity factor for a while; `dropless(model)` lifts the limit, for generation.
+It replaces the dense MLP in a transformer block: (B, T, C) in; out come the output (B, T, C),
+the router's weighted auxiliary losses (the model adds them up and returns them beside the task
+loss) and the routing itself (which expert each token chose, weights, drops: for logs, plots and
+analysis), as transformers' Mixtral block returns its router logits. The dense MLP returns the
+same triple, so a block does not care which one it holds.
+
+`override_routing(model, ...)` routes differently for a while, at inference: another capacity
+factor, another top-k, experts pruned; `dropless(model)` lifts the capacity limit, for generation.
 """
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,9 +21,25 @@ import torch.nn as nn
 from .config import GPTConfig
 from .dispatch import DISPATCH
 from .experts import Experts
-from .router import Router
+from .router import Router, Routing
 
 DROPLESS = "dropless"  # a capacity override: every token fits, whatever the others do
+
+
+class FeedForwardOutput(NamedTuple):
+    out: torch.Tensor  # (B, T, C)
+    aux_loss: torch.Tensor  # () the router's weighted auxiliary losses; 0 for a dense MLP
+    routing: Routing | None  # this call's routing of its B * T tokens; None for a dense MLP
+
+
+@dataclass
+class RoutingOverride:
+    """Inference-time changes to how an MoE layer routes; None / empty: as trained. The router's
+    own settings (top_k, selection_bias) are never modified: these travel as arguments."""
+
+    capacity_factor: float | str | None = None  # a factor, or DROPLESS
+    top_k: int | None = None  # experts per token
+    excluded: tuple = field(default_factory=tuple)  # experts no token may choose (pruned)
 
 
 class MoE(nn.Module):
@@ -36,45 +57,52 @@ class MoE(nn.Module):
         self.dispatch = DISPATCH[dispatch]  # a Kernels.dispatch name: how, not what
         self.capacity_factor_train = moe.capacity_factor_train
         self.capacity_factor_eval = moe.capacity_factor_eval
-        self.capacity_override = None  # see override_capacity(): a factor, DROPLESS, or None
-        self.last_routing = None  # the last forward's routing, for inspection and plots
+        self.override = RoutingOverride()  # set for a while by override_routing()
 
     @property
     def capacity_factor(self):
-        if self.capacity_override == DROPLESS and not self.router.expert_choice:
+        override = self.override.capacity_factor
+        if override == DROPLESS and not self.router.expert_choice:
             # capacity = ceil(cf * k * N / E) = N: even if every token picks one expert, all fit.
-            return self.router.n_experts / self.router.top_k
-        if self.capacity_override not in (None, DROPLESS):
-            return self.capacity_override
+            return self.router.n_experts / (self.override.top_k or self.router.top_k)
+        if override not in (None, DROPLESS):
+            return override
         return self.capacity_factor_train if self.training else self.capacity_factor_eval
 
-    def forward(self, x):
-        """x (B, T, C) -> (output (B, T, C), auxiliary loss: the router's weighted balancing losses)."""
+    def forward(self, x) -> FeedForwardOutput:
+        """x (B, T, C) -> (output (B, T, C), the router's weighted auxiliary losses, the routing)."""
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # routing sees every token of the batch at once
-        routing = self.router(flat, self.capacity_factor, seq_len=T, bounded=self.capacity_override is None)
-        self.last_routing = routing
+        routing = self.router(flat, self.capacity_factor, seq_len=T, bounded=self.override.capacity_factor is None,
+                              top_k=self.override.top_k, excluded=self.override.excluded)
         out = self.dispatch(flat, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat, torch.tensor([flat.size(0)], device=flat.device))
         aux_loss = routing.aux_loss + routing.z_loss
         if routing.seq_aux_loss is not None:
             aux_loss = aux_loss + routing.seq_aux_loss
-        return out.view(B, T, C), aux_loss
+        return FeedForwardOutput(out.view(B, T, C), aux_loss, routing)
 
 
 @contextmanager
-def override_capacity(module: nn.Module, capacity_factor):
-    """Route every MoE layer in `module` with this capacity factor (or DROPLESS), then restore."""
-    layers = [m for m in module.modules() if isinstance(m, MoE)]
-    saved = [m.capacity_override for m in layers]
-    for m in layers:
-        m.capacity_override = capacity_factor
+def override_routing(layers, **changes):
+    """Route each MoE layer of `layers` (a model, a module, or a list of MoE layers) with the
+    RoutingOverride fields in `changes` (capacity_factor, top_k, excluded), then restore."""
+    if isinstance(layers, nn.Module):
+        layers = [m for m in layers.modules() if isinstance(m, MoE)]
+    saved = [layer.override for layer in layers]
+    for layer in layers:
+        layer.override = RoutingOverride(**{**vars(layer.override), **changes})
     try:
         yield
     finally:
-        for m, value in zip(layers, saved):
-            m.capacity_override = value
+        for layer, override in zip(layers, saved):
+            layer.override = override
+
+
+def override_capacity(module: nn.Module, capacity_factor):
+    """Route every MoE layer in `module` with this capacity factor (or DROPLESS), then restore."""
+    return override_routing(module, capacity_factor=capacity_factor)
 
 
 def dropless(model: nn.Module):

@@ -5,9 +5,10 @@ Mixture-of-Experts models built on them (notebook 05)."""
 from dataclasses import replace
 
 from .config import GPTConfig, MoEConfig
+from .sweep import AUX_FREE, moe_config
 from .train import TrainConfig
 
-MODERN_STEPS = 1150  # fits nanoGPT's CPU recipe's wall time (benchmarks/char_gpt.py measures both; 1400 took 1.17x)
+MODERN_STEPS = 1150  # chosen to fit nanoGPT's CPU recipe's wall time: benchmarks/char_gpt.py times both
 
 # The modern block of notebook 07 (Llama / Qwen3 style): RMSNorm, rotary positions, SwiGLU, QK-norm.
 MODERN_BLOCK = dict(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")
@@ -44,21 +45,23 @@ PRESETS = {
 }
 
 
-# The MoE variants of the "char" model (the CLI's --variant, notebook 06, benchmarks/
-# expert_parallel_stats.py): settings that won benchmarks/moe_scaling.py's experts sweep (notebook 04
-# reads its results). MoE in every block, compute per token held at the dense model's: a token's
-# routed and shared experts add up to the dense MLP's 4C hidden units (C = 128).
-MOE_VARIANTS = {
-    "dense": None,
-    # The best top-1 setting: 8 full-width experts (4 tie it; 16 and 32 see too few tokens a step).
-    "Switch top-1": MoEConfig(n_experts=8, top_k=1),
-    # The best variant: 32 experts of width C, 3 routed + 1 shared (DeepSeekMoE's fine-grained
-    # experts), balanced by DeepSeek-V3's selection bias instead of a balancing loss.
-    "fine-grained + shared": MoEConfig(n_experts=32, top_k=3, expert_hidden=128, n_shared_experts=1,
-                                       aux_loss_coef=0.0, bias_update_rate=1e-3),
-    "top-2": MoEConfig(n_experts=16, top_k=2, expert_hidden=256),  # 16 experts of width 2C
-    "aux-loss-free top-1": MoEConfig(n_experts=8, top_k=1, aux_loss_coef=0.0, bias_update_rate=1e-3),
+# The MoE variants of the "char" model (the CLI's --variant, notebook 03, notebook 06, benchmarks/
+# expert_parallel_stats.py): variants of benchmarks/moe_scaling.py's experts sweep (moe_tutorial.sweep),
+# each under a name that says what it is. MoE in every block, compute per token held at the dense
+# model's: a token's routed and shared experts add up to the dense MLP's 4C hidden units (C = 128).
+# Which variants won is in the sweep's results, benchmarks/results/moe_scaling.json (its table is
+# printed by `python benchmarks/moe_scaling.py --report`, and shown in notebook 04).
+SWEEP_VARIANT_OF = {
+    "dense": "dense",
+    # Switch Transformer's routing: one of 8 full-width experts, the sweep's top-1 pick.
+    "Switch top-1": "top-1 E=8",
+    # 32 experts of width C, 3 routed + 1 shared (DeepSeekMoE's fine-grained experts), balanced by
+    # DeepSeek-V3's selection bias instead of a balancing loss: the sweep's best variant.
+    "fine-grained + shared": "E=32 k=3 (C) + shared" + AUX_FREE,
+    "top-2": "E=16 k=2 (2C)",  # 16 experts of width 2C
+    "aux-loss-free top-1": "top-1 E=8" + AUX_FREE,
 }
+MOE_VARIANTS = {name: moe_config(sweep_name) for name, sweep_name in SWEEP_VARIANT_OF.items()}
 
 
 def preset(name: str, vocab_size: int, variant: str | None = None, **train_overrides):

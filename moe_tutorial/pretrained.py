@@ -12,7 +12,6 @@ X-Linked-Etag header; the download is checked against it before it is moved into
 """
 
 import json
-import os
 from pathlib import Path
 
 import requests
@@ -21,7 +20,16 @@ from safetensors.torch import load_file, save_model
 
 from . import hf_models
 from .config import CONFIG_VERSION, GPTConfig
-from .downloads import atomic_path, check_sha256, data_dir, fetch_hub_file, record_sha256, sha256_of, sha256_record
+from .downloads import (
+    atomic_path,
+    check_sha256,
+    data_dir,
+    fetch_hub_file,
+    hub_url,
+    record_sha256,
+    sha256_of,
+    sha256_record,
+)
 from .hf_models import check_floating, read_json, refuse_unknown_fields
 from .model import GPT
 from .presets import gpt2_config
@@ -36,11 +44,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
 
 
-def hub_url(name: str) -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # HF's own mirror variable
-    return f"{endpoint}/{HUB_REPOS[name]}/resolve/main/model.safetensors"
-
-
 def cache_path(name: str) -> Path:
     return data_dir() / "gpt2" / f"{name}.safetensors"
 
@@ -52,7 +55,7 @@ def download_checkpoint(name: str, progress: bool = True, timeout: float = 30.0)
     against it every time it is used: a file that was swapped or damaged in the cache is refused.
     """
     path = cache_path(name)
-    url = hub_url(name)
+    url = hub_url(HUB_REPOS[name], "model.safetensors")
     try:
         return fetch_hub_file(url, path, timeout, progress)
     except requests.RequestException as err:  # only asking the Hub for the sha256 raises these
@@ -89,7 +92,7 @@ HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": 
 HF_LM_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model", "GPT2DoubleHeadsModel"}  # same language model
 
 
-def config_from_hf(hf: dict, allow_unknown_fields=()) -> GPTConfig:
+def gpt2_config_from_hf(hf: dict, allow_unknown_fields=()) -> GPTConfig:
     """Our GPTConfig from a transformers GPT2Config's config.json: every option is either
     honoured exactly or refused with its name and value; a field no rule knows is refused unless
     named in `allow_unknown_fields`."""
@@ -222,7 +225,7 @@ def _from_directory(path: Path, allow_unknown_fields=()) -> GPT:
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{config_file} is neither a moe_tutorial nor a GPT-2 config "
                          f"(model_type={config.get('model_type')!r})")
-    return load_hf_weights(GPT(config_from_hf(config, allow_unknown_fields)), state, source=str(weights))
+    return load_hf_weights(GPT(gpt2_config_from_hf(config, allow_unknown_fields)), state, source=str(weights))
 
 
 def save_pretrained(model: GPT, directory) -> Path:

@@ -50,23 +50,26 @@ class Routing:
     expert_choice: bool = False  # columns are experts (k = E), not a token's ranked choices
     seq_aux_loss: torch.Tensor | None = None  # DeepSeek-V3's sequence-wise balance loss, scaled; None: off
 
+    # Three different "loads", named apart: what the router asked for (first_choice_share), what
+    # each expert actually computed (tokens_processed), and every choice (analysis.assignment_share).
+
     @property
     def dropped(self) -> torch.Tensor:
         """(N,) bool: no expert processes the token; it skips the layer on the residual."""
         return ~self.kept.any(dim=1)
 
     @property
-    def top_choice_share(self) -> torch.Tensor:
+    def first_choice_share(self) -> torch.Tensor:
         """(E,) fraction of tokens whose first choice is each expert: the router's demand,
         before capacity cuts it (f_i of the load-balancing loss). For expert choice, the
         share of processed assignments."""
         if self.expert_choice:
-            return self.counts.float() / self.counts.sum().clamp(min=1)
+            return self.tokens_processed.float() / self.tokens_processed.sum().clamp(min=1)
         return torch.bincount(self.expert[:, 0], minlength=self.probs.size(1)).float() / self.expert.size(0)
 
     @property
-    def counts(self) -> torch.Tensor:
-        """(E,) tokens each expert processes (kept assignments only)."""
+    def tokens_processed(self) -> torch.Tensor:
+        """(E,) tokens each expert processes: its kept assignments, after capacity."""
         return torch.bincount(self.expert[self.kept], minlength=self.probs.size(1))
 
 
@@ -160,7 +163,7 @@ def load_cv(share: torch.Tensor) -> torch.Tensor:
 
 def balance_metrics(routing: Routing) -> dict:
     """How evenly the router spreads work: load CV, max/mean load, dropped %, router entropy."""
-    load = routing.top_choice_share  # (E,)
+    load = routing.first_choice_share  # (E,)
     probs = routing.probs / routing.probs.sum(dim=-1, keepdim=True)  # sigmoid scores: as a distribution
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
     return {
@@ -223,63 +226,92 @@ class Router(nn.Module):
             logits = logits + torch.randn_like(logits) * noise_scale  # train only
         return logits
 
-    def forward(self, x, capacity_factor, seq_len: int | None = None, bounded: bool = True):
-        """Route x (N, C). `seq_len`: tokens per sequence (for the sequence-wise loss);
-        `bounded`: apply min/max_capacity (capacity overrides such as dropless do not)."""
-        cfg = self.config
+    def forward(self, x, capacity_factor, seq_len: int | None = None, bounded: bool = True, top_k: int | None = None,
+                excluded=()) -> Routing:
+        """Route x (N, C): the token-choice core of notebook 03, each option a method below.
+        `seq_len`: tokens per sequence (for the sequence-wise loss); `bounded`: apply
+        min/max_capacity (capacity overrides such as dropless do not); `top_k` and `excluded`
+        (experts no token may choose): inference-time changes (moe.RoutingOverride), which leave
+        the router's own settings as they are."""
+        k = top_k or self.top_k
         logits = self.logits(x)  # (N, E)
-        probs = torch.sigmoid(logits) if cfg.scoring == "sigmoid" else F.softmax(logits, dim=-1)
+        probs = self.affinity(logits)  # (N, E)
         if self.expert_choice:
-            return self._expert_choice(logits, probs, capacity_factor)
-        # The aux-loss-free bias (zero unless trained or loaded) shifts which experts are chosen;
-        # weights always come from the unbiased scores.
+            return self._expert_choice(logits, probs, capacity_factor, k)
+        expert = self.select(probs, k, excluded)  # (N, k) chosen experts, best first
+        gate = self._weights(probs.gather(1, expert), k)  # (N, k)
+        active = self.random_second_expert(gate) if self.config.second_expert == "random" else None
+        if self.training:
+            self.count_load(expert)
+        cap = self.expert_capacity(x.size(0), capacity_factor, k, bounded)
+        position = positions_in_expert(expert, self.n_experts, active)  # (N, k) arrival order per expert
+        kept = position < cap if active is None else (position < cap) & active
+        aux, z, seq_aux = self.losses(logits, probs, expert, seq_len)
+        return Routing(logits=logits, probs=probs, expert=expert, weights=gate, kept=kept, position=position,
+                       capacity=cap, aux_loss=aux, z_loss=z, seq_aux_loss=seq_aux)
+
+    def affinity(self, logits):
+        """How much each token wants each expert (N, E): a softmax over experts (Switch, Mixtral),
+        or an independent sigmoid per expert (DeepSeek-V3)."""
+        return torch.sigmoid(logits) if self.config.scoring == "sigmoid" else F.softmax(logits, dim=-1)
+
+    def select(self, probs, k: int, excluded=()):
+        """The k experts each token goes to (N, k), best first. The aux-loss-free bias (zero unless
+        trained or loaded) shifts which experts are chosen, never their weights; group-limited routing
+        keeps a token within its best groups; `excluded` experts (pruned at inference) are never chosen."""
         scores = probs + self.selection_bias
-        if cfg.n_group > 1:
-            scores = limit_to_groups(scores, cfg.n_group, cfg.topk_group)
-        if self.top_k == 1:
-            expert = scores.argmax(dim=-1, keepdim=True)  # (N, 1); cheaper than topk
-        else:
-            expert = torch.topk(scores, self.top_k, dim=-1).indices  # (N, k)
-        gate = self._weights(probs.gather(1, expert))  # (N, k)
-        active = None
-        if cfg.second_expert == "random" and self.training and self.top_k > 1:
-            # GShard: send a token to its second expert only with probability 2 * gate_2, so
-            # weak second choices do not use up capacity.
-            active = torch.ones_like(expert, dtype=torch.bool)
+        if self.config.n_group > 1:
+            scores = limit_to_groups(scores, self.config.n_group, self.config.topk_group)
+        if len(excluded):
+            scores = scores.index_fill(1, torch.as_tensor(list(excluded), device=scores.device), float("-inf"))
+        if k == 1:
+            return scores.argmax(dim=-1, keepdim=True)  # (N, 1); cheaper than topk
+        return torch.topk(scores, k, dim=-1).indices  # (N, k)
+
+    def random_second_expert(self, gate):
+        """GShard: in training, send a token to its second expert only with probability 2 * gate_2, so
+        weak second choices do not use up capacity. Returns (N, k) bool, the assignments that count."""
+        active = torch.ones_like(gate, dtype=torch.bool)
+        if self.training and gate.size(1) > 1:
             active[:, 1] = torch.rand_like(gate[:, 1]) < 2 * gate[:, 1].detach()
-        if self.training and cfg.bias_update_rate > 0:
+        return active
+
+    def count_load(self, expert):
+        """Aux-loss-free balancing: count this micro-batch's assignments toward the next bias update."""
+        if self.config.bias_update_rate > 0:
             self.load_since_update += torch.bincount(expert.reshape(-1), minlength=self.n_experts)
-        cap = capacity(x.size(0), self.n_experts, capacity_factor, self.top_k)
+
+    def expert_capacity(self, n_tokens: int, capacity_factor, k: int, bounded: bool) -> int:
+        """Slots per expert, ceil(cf * k * N / E), within MoEConfig's min/max_capacity if `bounded`."""
+        cap = capacity(n_tokens, self.n_experts, capacity_factor, k)
         if bounded:
-            cap = max(cap, cfg.min_capacity)
-            cap = min(cap, cfg.max_capacity) if cfg.max_capacity is not None else cap
-        position = positions_in_expert(expert, self.n_experts, active)
-        kept = position < cap
-        if active is not None:
-            kept = kept & active
+            cap = max(cap, self.config.min_capacity)
+            cap = min(cap, self.config.max_capacity) if self.config.max_capacity is not None else cap
+        return cap
+
+    def losses(self, logits, probs, expert, seq_len):
+        """The weighted auxiliary losses: Switch's load balancing, ST-MoE's z-loss and DeepSeek-V3's
+        sequence-wise balance (None when off), each scaled by its coefficient and the warm-up ramp."""
+        cfg, ramp = self.config, self.warmup_ramp()
         # Sigmoid scores are not a distribution: the Switch loss reads them normalised.
         balance_probs = probs / probs.sum(dim=-1, keepdim=True) if cfg.scoring == "sigmoid" else probs
-        ramp = self.warmup_ramp()
+        aux = ramp * cfg.aux_loss_coef * load_balancing_loss(balance_probs, expert[:, 0])
+        z = ramp * cfg.z_loss_coef * z_loss(logits)
         seq_aux = None
         if cfg.seq_aux_loss_coef > 0 and seq_len:
             seq_aux = ramp * cfg.seq_aux_loss_coef * sequence_balance_loss(probs, expert, seq_len)
-        return Routing(
-            logits=logits, probs=probs, expert=expert, weights=gate, kept=kept, position=position, capacity=cap,
-            aux_loss=ramp * cfg.aux_loss_coef * load_balancing_loss(balance_probs, expert[:, 0]),
-            z_loss=ramp * cfg.z_loss_coef * z_loss(logits), seq_aux_loss=seq_aux,
-        )
+        return aux, z, seq_aux
 
-    def _weights(self, chosen):
+    def _weights(self, chosen, k: int):
         """How much each chosen expert's output counts, from its unbiased score (N, k)."""
         cfg = self.config
-        if cfg.normalize_weights and (self.top_k > 1 or self.top_k < cfg.top_k):
-            # Renormalise over the chosen experts (also when top-k is lowered to one at inference,
-            # analysis.top_k_override: the lone expert then gets weight 1, as in transformers). For
-            # softmax scores this equals Mixtral's softmax over the top-k logits: exp(l_i) /
-            # sum_chosen exp(l_j) either way.
+        if cfg.normalize_weights and (k > 1 or k < cfg.top_k):
+            # Renormalise over the chosen experts (also when top-k is lowered to one at inference:
+            # the lone expert then gets weight 1, as in transformers). For softmax scores this equals
+            # Mixtral's softmax over the top-k logits: exp(l_i) / sum_chosen exp(l_j) either way.
             total = chosen.sum(dim=-1, keepdim=True)
             chosen = chosen / (total + 1e-20 if cfg.scoring == "sigmoid" else total)
-        elif self.top_k == 1 and cfg.straight_through_gate:
+        elif k == 1 and cfg.straight_through_gate:
             # Value 1, gradient of p: the expert's output passes unscaled (an upcycled MoE then
             # computes exactly its dense parent) while the router still learns from the task loss.
             chosen = chosen / chosen.detach()
@@ -293,14 +325,14 @@ class Router(nn.Module):
             return 1.0
         return ((self.warmup_step + 1).float() / self.config.aux_loss_warmup_steps).clamp(max=1.0)
 
-    def _expert_choice(self, logits, probs, capacity_factor):
+    def _expert_choice(self, logits, probs, capacity_factor, k: int):
         """Each expert takes the C tokens that score it highest; C = ceil(cf * k * N / E).
 
         Perfectly balanced by construction (no aux loss), but a token may get several experts
         or none, and the choice depends on every token in the batch, later ones included.
         """
         N, E = probs.shape
-        cap = min(capacity(N, E, capacity_factor, self.top_k), N)
+        cap = min(capacity(N, E, capacity_factor, k), N)
         chosen = torch.topk(probs, cap, dim=0).indices  # (C, E): each expert's tokens
         kept = torch.zeros(N, E, dtype=torch.bool, device=probs.device)
         kept[chosen, torch.arange(E, device=probs.device)] = True
@@ -316,9 +348,9 @@ class Router(nn.Module):
         """Aux-loss-free balancing, once per optimizer step: raise the bias of the experts that
         got fewer assignments than average since the last update, lower the busier ones.
 
-        In data-parallel training the model sums the counts over ranks first
-        (GPT.after_optimizer_step), so the bias follows the global batch's load and is the same on
-        every rank. Only the sign of (mean - load) matters, so a forward pass counted twice
+        In data-parallel training the training step sums the counts over ranks first
+        (distributed.sum_router_loads), so the bias follows the global batch's load and is the same
+        on every rank. Only the sign of (mean - load) matters, so a forward pass counted twice
         (activation checkpointing reruns it in backward, with the same routing) changes nothing.
         """
         if self.config.bias_update_rate <= 0:

@@ -1,6 +1,8 @@
 """Training: AdamW or Muon (optimizers), warmup + cosine schedule, clipping, gradient accumulation (notebook 01).
 
-`train()` is deterministic for a seed (batches have their own generator; checkpoints store every
+`train_step` is one optimizer step, readable on its own: forward and backward under the run's
+autocast, gradients clipped, the optimizer step, the routers' per-step updates. `train()` is the
+loop around it, deterministic for a seed (batches have their own generator; checkpoints store every
 random state, so a resume continues exactly). Under torchrun (notebook 06) every rank draws the
 same global batch and keeps its slice; rank 0 logs and saves. Command line: `moe_tutorial.cli`."""
 
@@ -17,10 +19,12 @@ from . import distributed
 from .checkpoint import load_checkpoint, refuse_expert_parallel, restore, save_checkpoint
 from .data import get_batch
 from .downloads import directory_lock
-from .evaluate import DTYPES, autocast, estimate_loss, fixed_batches
+from .evaluate import estimate_loss, fixed_batches
 from .history import History
 from .model import GPT
-from .optimizers import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: train()'s, and tests')
+from .optimizers import OPTIMIZERS, make_optimizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -66,6 +70,11 @@ class TrainConfig:
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.max_iters
 
+    def autocast(self):
+        """torch.autocast for this run's device and dtype (float32: a context that does nothing)."""
+        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=DTYPES[self.dtype], enabled=self.dtype != "float32")
+
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_lr at decay_iters."""
@@ -77,23 +86,37 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(net, model: GPT, optimizer, batches, cfg: TrainConfig, lr: float) -> tuple[float, float]:
+def train_step(net, model: GPT, optimizer, batches, cfg: TrainConfig, lr: float):
     """One optimizer step at learning rate `lr` over `batches` (cfg.grad_accum_steps micro-batches
     of (x, y)); `net` runs forward and backward (DDP's wrapper under torchrun, else the model).
-    Returns the mean task loss and the mean auxiliary loss of the micro-batches."""
+    Returns the mean task loss and the mean auxiliary loss of the micro-batches, and the MoE
+    layers' routing of the last micro-batch (for the history's logs; empty for a dense model)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = aux_sum = 0.0
     for x, y in batches:
-        with autocast(cfg.device, cfg.dtype):
-            _, loss, aux_loss = net(x.to(cfg.device), y.to(cfg.device))
+        with cfg.autocast():
+            _, loss, aux_loss, routing = net(x.to(cfg.device), y.to(cfg.device), return_routing=True)
         ((loss + aux_loss) / cfg.grad_accum_steps).backward()
         loss_sum, aux_sum = loss_sum + loss.item(), aux_sum + aux_loss.item()
-    distributed.finish_gradients(model, cfg.grad_clip)  # expert-parallel averaging, clipping
+    if distributed.has_sharded_experts(model):
+        distributed.average_expert_grads(model)  # each rank's experts saw every rank's tokens: summed
+    if cfg.grad_clip > 0:
+        clip_gradients(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    distributed.sum_router_loads(model)  # under torchrun: every rank moves the same aux-loss-free bias
     model.after_optimizer_step()  # aux-loss-free balancing, from the whole step's load
-    return loss_sum / cfg.grad_accum_steps, aux_sum / cfg.grad_accum_steps
+    return loss_sum / cfg.grad_accum_steps, aux_sum / cfg.grad_accum_steps, routing
+
+
+def clip_gradients(model: GPT, max_norm: float):
+    """Scale all gradients down together when their global norm exceeds `max_norm`. With experts
+    sharded over ranks (notebook 06) the norm must count every rank's experts: one all-reduce."""
+    if distributed.has_sharded_experts(model):
+        distributed.clip_grad_norm_(model, max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -149,9 +172,9 @@ def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
                disable=not cfg.progress or not ranks.is_main, desc="train")
     for step in bar:
         lr = learning_rate_at(step, cfg)
-        loss, aux_loss = train_step(net, model, optimizer, micro_batches(), cfg, lr)
+        loss, aux_loss, routing = train_step(net, model, optimizer, micro_batches(), cfg, lr)
         check_finite(loss + aux_loss, "training loss", step, checkpoint_path)
-        history.record_step(step, loss, lr, cfg.batch_size * T * cfg.grad_accum_steps, model, aux_loss)
+        history.record_step(step, loss, lr, cfg.batch_size * T * cfg.grad_accum_steps, routing, aux_loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (done := step + 1) % cfg.eval_interval == 0 or done == cfg.max_iters:
             history.eval_step.append(done)
@@ -168,7 +191,7 @@ def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
     return history
 
 
-if __name__ == "__main__":  # python -m moe_tutorial.train: the command line
-    from .cli import main
+if __name__ == "__main__":  # python -m moe_tutorial.train: run the command line (moe_tutorial.cli)
+    import runpy
 
-    main()
+    runpy.run_module("moe_tutorial.cli", run_name="__main__")

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import to_hex
 
+from .evaluate import evaluating
 from .moe import override_capacity
 
 
@@ -63,12 +64,8 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     T = min(model.config.block_size, len(ids))  # a short text is one window, unpadded
     pad = (-len(ids)) % T
     windows = torch.cat([ids, ids.new_zeros(pad)]).view(-1, T)  # (B, T); padding routed too
-    was_training = model.training
-    model.eval()
-    with override_capacity(moe_layers[layer], capacity_factor):
-        model(windows)
-    model.train(was_training)
-    routing = moe_layers[layer].last_routing
+    with evaluating(model), override_capacity(moe_layers[layer], capacity_factor):
+        routing = model(windows, return_routing=True).routing[layer]
     n = len(ids)
     expert, kept = routing.expert[:n, 0], routing.kept[:n, 0]
     counts = torch.bincount(expert[kept], minlength=routing.probs.size(1))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from moe_tutorial.analysis import (
+    assignment_share,
     category_shares,
     collect_routing,
-    expert_load,
     layer_agreement,
     pruned_experts,
     random_routers,
@@ -32,7 +32,7 @@ def test_collect_routing_drops_nothing_and_restores_the_mode():
     routings = collect_routing(model, torch.randint(0, 40, (4, 32)))
     assert model.training and len(routings) == 3
     assert all(r.kept.all() for r in routings)  # capacity_factor_eval=0.5 would drop: generation never does
-    assert all(torch.allclose(expert_load(r).sum(), torch.tensor(1.0)) for r in routings)
+    assert all(torch.allclose(assignment_share(r).sum(), torch.tensor(1.0)) for r in routings)
 
 
 def test_mutual_information_bounds():
@@ -70,6 +70,7 @@ def test_top_k_override_routes_with_fewer_experts_and_restores(normalize):
     with top_k_override(model, 1):
         routing = collect_routing(model, idx)[0]
         assert routing.expert.shape[1] == 1
+        assert all(layer.router.top_k == 4 for layer in model.moe_layers())  # an argument, not a change
         if normalize:  # a renormalising model gives its lone expert weight 1
             assert torch.allclose(routing.weights, torch.ones_like(routing.weights))
         else:
@@ -88,6 +89,7 @@ def test_pruned_experts_are_never_chosen_and_come_back():
         routings = collect_routing(model, idx)
         assert not torch.isin(routings[0].expert, torch.tensor([0, 1, 2])).any()
         assert not (routings[1].expert == 7).any()
+        assert all(not layer.router.selection_bias.any() for layer in model.moe_layers())  # left as trained
     assert torch.equal(model(idx).logits, before)
     with pytest.raises(ValueError, match="leaves fewer than top_k=4"):
         with pruned_experts(model, [list(range(5)), [], []]):

@@ -82,7 +82,7 @@ def test_gpt2_options_that_would_change_outputs_are_refused(tmp_path, options, n
     config = json.loads(gpt2_config().to_json_string())
     config.update(options)
     with pytest.raises(ValueError, match="does not implement") as err:
-        pretrained.config_from_hf(config)
+        pretrained.gpt2_config_from_hf(config)
     assert named in str(err.value)
 
 
@@ -139,7 +139,7 @@ def tiny_hub(monkeypatch, data_cache, tmp_path):
     weights = (tmp_path / "saved" / "model.safetensors").read_bytes()
     (served / "model.safetensors").write_bytes(weights)
     monkeypatch.setitem(pretrained.HUB_REPOS, "tiny-gpt2", "test/tiny-gpt2")
-    config = pretrained.config_from_hf(hf.config.to_dict())
+    config = pretrained.gpt2_config_from_hf(hf.config.to_dict())
     monkeypatch.setattr(pretrained, "gpt2_config", lambda name: config)
     sha = hashlib.sha256(weights).hexdigest()
     return LocalServer(tmp_path / "hub", headers={"X-Linked-Etag": f'"{sha}"'}), sha
@@ -325,12 +325,12 @@ def test_moe_layer_runs_in_every_float_dtype(dtype):
     config = GPTConfig(n_embd=16, n_head=2, bias=True, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=24))
     layer = MoE(config).to(dtype)
     x = torch.randn(2, 8, 16, dtype=dtype, requires_grad=True)
-    y, _ = layer(x)
+    y, _, _ = layer(x)
     y.float().sum().backward()
     assert y.dtype == dtype and x.grad is not None and torch.isfinite(x.grad.float()).all()
     reference = MoE(config).double()
     reference.load_state_dict(layer.state_dict())
-    expected, _ = reference(x.detach().double())
+    expected, _, _ = reference(x.detach().double())
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 5e-2)
     torch.testing.assert_close(y.double(), expected, atol=tolerance, rtol=tolerance)
 
@@ -664,9 +664,9 @@ def test_a_run_that_diverges_stops_without_writing_a_checkpoint(cli, tmp_path):
     real_step, calls = train_module.train_step, []
 
     def step_that_goes_nan(*args):  # steps 20 and 21 as usual, then a nan loss
-        loss, aux = real_step(*args)
+        loss, aux, routing = real_step(*args)
         calls.append(loss)
-        return (float("nan") if len(calls) > 2 else loss), aux
+        return (float("nan") if len(calls) > 2 else loss), aux, routing
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "train_step", step_that_goes_nan)

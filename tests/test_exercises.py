@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe_tutorial.exercises.ch01  # noqa: F401  (registers the checks)
-import moe_tutorial.exercises.ch02  # noqa: F401
-import moe_tutorial.exercises.ch03  # noqa: F401
-import moe_tutorial.exercises.ch04  # noqa: F401
-import moe_tutorial.exercises.ch05  # noqa: F401
-import moe_tutorial.exercises.ch06  # noqa: F401
-import moe_tutorial.exercises.ch07  # noqa: F401
+# importing each chapter registers its checks in CHECKS
+import moe_tutorial.exercises.ch01
+import moe_tutorial.exercises.ch02
+import moe_tutorial.exercises.ch03
+import moe_tutorial.exercises.ch04
+import moe_tutorial.exercises.ch05
+import moe_tutorial.exercises.ch06
+import moe_tutorial.exercises.ch07
 import moe_tutorial.exercises.ch08  # noqa: F401
 from moe_tutorial.exercises import CHECKS
 

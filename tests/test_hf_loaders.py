@@ -85,7 +85,7 @@ def test_wrong_or_missing_tensors_are_refused(tmp_path):
 
 def test_loading_keeps_one_copy_of_the_weights(tmp_path):
     _, folder = saved(tmp_path, "mixtral")
-    config = hf_models.config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = hf_models.llama_family_config_from_hf(json.loads((folder / "config.json").read_text()))
     model = hf_models.empty_model(config, torch.bfloat16)
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.rope.cos.dtype == torch.bfloat16 and torch.isfinite(model.rope.cos).all()

@@ -84,3 +84,21 @@ def test_low_level_modules_import_nothing_above_them():
     assert edges["moe_tutorial.config"] == set()
     assert edges["moe_tutorial.downloads"] == set()
     assert "moe_tutorial.train" not in edges["moe_tutorial.pretrained"]  # checkpoint I/O only
+
+
+def test_the_package_map_names_what_exists():
+    """The package docstring's map ("read first" column) names real modules, classes and methods."""
+    import importlib
+    import re
+
+    import moe_tutorial
+
+    first = re.findall(r"^\d\d [^\n]*?  ((?:\w+\.\w+(?:\.\w+)?)(?:, then \w+\.\w+(?:\.\w+)?)?)$", moe_tutorial.__doc__,
+                       re.M)
+    names = [name for entry in first for name in entry.split(", then ")]
+    assert len(names) >= 8, names  # every chapter's row
+    for name in names:
+        module, *attributes = name.split(".")
+        obj = importlib.import_module(f"moe_tutorial.{module}")
+        for attribute in attributes:
+            obj = getattr(obj, attribute)  # AttributeError names what the map gets wrong

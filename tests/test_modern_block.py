@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek  # noqa: E402
 from transformers.models.llama import modeling_llama as hf_llama  # noqa: E402
 
-from moe_tutorial.hf_models import config_from_hf, from_transformers  # noqa: E402
+from moe_tutorial.hf_models import from_transformers, llama_family_config_from_hf  # noqa: E402
 
 MODERN = dict(norm="rmsnorm", position="rope", activation="swiglu", vocab_size=50, block_size=32,
               n_layer=2, n_head=4, n_embd=32)
@@ -94,7 +94,7 @@ def test_swiglu_mlp_matches_llama_mlp():
         theirs.up_proj.weight.copy_(up)
         theirs.down_proj.weight.copy_(ours.c_proj.weight)
     x = torch.randn(3, 5, 32)
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours(x).out, theirs(x), atol=1e-6, rtol=0)
 
 
 def test_swiglu_default_width_keeps_gelu_parameter_count():
@@ -149,18 +149,18 @@ def test_whole_model_matches_transformers(name):
 def test_loader_refuses_what_it_would_compute_differently():
     hf = HF_MODELS["mixtral"]().to_dict()
     with pytest.raises(ValueError, match="sliding_window=4096"):
-        config_from_hf({**hf, "sliding_window": 4096})
+        llama_family_config_from_hf({**hf, "sliding_window": 4096})
     with pytest.raises(ValueError, match="rope_type='yarn'"):
-        config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+        llama_family_config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        config_from_hf({**hf, "hidden_act": "gelu"})
+        llama_family_config_from_hf({**hf, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="'some_new_option'"):
-        config_from_hf({**hf, "some_new_option": 1})
+        llama_family_config_from_hf({**hf, "some_new_option": 1})
     with pytest.raises(ValueError, match="model_type 'gpt_oss'"):
-        config_from_hf({**hf, "model_type": "gpt_oss"})
+        llama_family_config_from_hf({**hf, "model_type": "gpt_oss"})
     olmoe = HF_MODELS["olmoe"]().to_dict()
     with pytest.raises(ValueError, match="clip_qkv=8.0"):
-        config_from_hf({**olmoe, "clip_qkv": 8.0})
+        llama_family_config_from_hf({**olmoe, "clip_qkv": 8.0})
 
 
 # --- the DeepSeek-V3 MoE block: sigmoid scores, bias, groups, scaling, shared experts ------------------------------
@@ -248,9 +248,9 @@ def test_sequence_loss_is_added_to_the_aux_loss():
                                                      z_loss_coef=0.0, seq_aux_loss_coef=1e-2)})
     x = torch.randn(2, 8, 32)
     layer = MoE(config)
-    _, aux = layer(x)
+    _, aux, routing = layer(x)
     assert aux.item() > 0
-    torch.testing.assert_close(aux, layer.last_routing.seq_aux_loss)
+    torch.testing.assert_close(aux, routing.seq_aux_loss)
 
 
 def test_aux_loss_warmup_ramps_over_optimizer_steps():

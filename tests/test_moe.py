@@ -44,9 +44,9 @@ def test_aux_loss_through_the_layer(split, expected):
     x[..., 0] = 1.0
     if split:
         x[1, :, 0] = -1.0  # the second sequence prefers expert 1
-    _, aux = layer(x)
-    assert layer.last_routing.aux_loss.item() == pytest.approx(0.01 * expected, rel=1e-4)
-    assert aux.item() == pytest.approx((layer.last_routing.aux_loss + layer.last_routing.z_loss).item())
+    _, aux, routing = layer(x)
+    assert routing.aux_loss.item() == pytest.approx(0.01 * expected, rel=1e-4)
+    assert aux.item() == pytest.approx((routing.aux_loss + routing.z_loss).item())
 
 
 def test_z_loss_value():
@@ -75,22 +75,14 @@ def test_capacity_respected_and_late_tokens_dropped():
         layer.router.gate.weight[2, 0] = 10.0  # every token with x[..., 0] > 0 prefers expert 2
     x = torch.randn(1, 16, 16)
     x[0, :, 0] = 1.0  # all 16 tokens choose expert 2
-    out, _ = layer(x)
-    r = layer.last_routing
+    out, _, r = layer(x)
     assert r.capacity == 4  # ceil(1.0 * 16 / 4)
     assert (r.expert[:, 0] == 2).all()
-    assert r.counts.tolist() == [0, 0, 4, 0]
+    assert r.tokens_processed.tolist() == [0, 0, 4, 0]
+    assert r.first_choice_share.tolist() == [0.0, 0.0, 1.0, 0.0]  # demand, before capacity
     assert r.kept[:, 0].tolist() == [True] * 4 + [False] * 12  # the first four arrive first
     assert torch.equal(out[0, 4:], torch.zeros(12, 16))  # dropped tokens: exactly zero
     assert out[0, :4].abs().sum() > 0
-
-
-def test_zero_capacity_gives_exactly_zero():
-    layer = moe_layer().eval()
-    layer.capacity_factor_eval = 0.0
-    out, _ = layer(torch.randn(2, 8, 16))
-    assert torch.equal(out, torch.zeros_like(out))
-    assert layer.last_routing.dropped.all()
 
 
 def test_one_expert_with_ample_capacity_equals_dense_mlp():
@@ -101,15 +93,15 @@ def test_one_expert_with_ample_capacity_equals_dense_mlp():
         dense.c_proj.weight.copy_(layer.experts.c_proj[0].t())
     x = torch.randn(3, 10, 16)
     # with one expert the softmax gate is exactly 1.0
-    torch.testing.assert_close(layer(x)[0], dense(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer(x).out, dense(x).out, atol=1e-6, rtol=1e-5)
+    assert dense(x).aux_loss.item() == 0.0 and dense(x).routing is None  # the same triple as an MoE layer
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_layer_matches_a_token_by_token_reference(top_k):
     layer = moe_layer(n_experts=4, top_k=top_k, capacity_factor_eval=0.6).eval()
     x = torch.randn(2, 8, 16)
-    out, _ = layer(x)
-    r = layer.last_routing
+    out, _, r = layer(x)
     flat = x.reshape(-1, 16)
     expected = torch.zeros_like(flat)
     for t in range(flat.size(0)):
@@ -122,7 +114,7 @@ def test_layer_matches_a_token_by_token_reference(top_k):
 
 def test_router_gets_gradient_through_the_gates():
     layer = moe_layer().train()
-    out, _ = layer(torch.randn(2, 8, 16))
+    out, _, _ = layer(torch.randn(2, 8, 16))
     out.square().sum().backward()  # the task loss alone, no auxiliary loss
     assert layer.router.gate.weight.grad.abs().sum() > 0
     assert layer.experts.c_fc.grad.abs().sum() > 0
@@ -131,9 +123,9 @@ def test_router_gets_gradient_through_the_gates():
 def test_router_logits_are_fp32_under_bf16_autocast():
     layer = moe_layer()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = layer(torch.randn(2, 8, 16))
-    assert layer.last_routing.logits.dtype == torch.float32
-    assert layer.last_routing.probs.dtype == torch.float32
+        out, _, routing = layer(torch.randn(2, 8, 16))
+    assert routing.logits.dtype == torch.float32
+    assert routing.probs.dtype == torch.float32
     assert out.shape == (2, 8, 16)
 
 
@@ -197,8 +189,9 @@ def test_moe_gpt_trains_and_stays_balanced(tiny_dataset):
     history = train(model, tiny_dataset, train_cfg)
     assert history.val_loss[-1] < history.val_loss[0]
     assert history.loss[-1] < 0.6 * history.loss[0]
-    aux_per_layer = [r.aux_loss.item() / model_cfg.moe.aux_loss_coef for r in
-                     (m.last_routing for m in model.moe_layers())]
+    x = tiny_dataset.train[:4 * 32].view(4, 32)  # four sequences of block_size tokens
+    routings = model(x, return_routing=True).routing
+    aux_per_layer = [r.aux_loss.item() / model_cfg.moe.aux_loss_coef for r in routings]
     assert all(1.0 <= a < 1.5 for a in aux_per_layer), aux_per_layer  # near alpha: near uniform
     assert len(history.expert_load) == 60 and len(history.expert_load[0]) == 2
     assert sum(history.expert_load[-1][0]) == pytest.approx(1.0, abs=1e-6)  # demand, before capacity
@@ -217,9 +210,9 @@ def test_routing_and_aux_loss_are_right_under_activation_checkpointing():
         model = GPT(config).train()
         model.gradient_checkpointing = checkpointing
         torch.manual_seed(1)
-        out = model(idx, idx)
+        out = model(idx, idx, return_routing=True)
         (out.loss + out.aux_loss).backward()
-        routing = model.moe_layers()[0].last_routing
+        routing = out.routing[0]
         results.append((out.aux_loss.item(), routing.expert.clone(), routing.kept.clone(),
                         model.moe_layers()[0].router.gate.weight.grad.clone()))
     (aux_a, expert_a, kept_a, grad_a), (aux_b, expert_b, kept_b, grad_b) = results

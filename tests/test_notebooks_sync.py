@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,27 +18,92 @@ def sources_of(nb):
     return [(c.cell_type, c.source) for c in nb.cells]
 
 
+def committed_sources(path):
+    """[(kind, text)] of the notebook file at `path`: what must equal sources_of(a fresh build)."""
+    return [(c["cell_type"], "".join(c["source"])) for c in json.loads(path.read_text())["cells"]]
+
+
+def execution_problem(path):
+    """Why the notebook at `path` does not read as one run top to bottom, or None."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    counts = [c.get("execution_count") for c in cells]
+    if None in counts or counts != sorted(counts):
+        return f"{path.name} is not fully executed in order"
+    if any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", [])):
+        return f"{path.name} was saved with an error output"
+    return None
+
+
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebooks_match_their_source(source):
-    walkthrough, solutions = build_notebooks.build(source)
-    for expected, path in ((walkthrough, ROOT / "notebooks" / f"{source.stem}.ipynb"),
-                           (solutions, ROOT / "solutions" / f"{source.stem}_solutions.ipynb")):
-        committed = json.loads(path.read_text())
-        actual = [(c["cell_type"], "".join(c["source"])) for c in committed["cells"]]
-        assert actual == sources_of(expected), (
+    for expected, path in zip(build_notebooks.build(source), build_notebooks.targets(source)):
+        assert committed_sources(path) == sources_of(expected), (
             f"{path.name} differs from {source.relative_to(ROOT)}: run python tools/build_notebooks.py "
-            f"{source.stem[:2]}"
+            f"{source.stem[:2]} (--markdown-only if only Markdown changed)"
         )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")) +
                          sorted((ROOT / "solutions").glob("*.ipynb")), ids=lambda p: p.name)
 def test_committed_executed_top_to_bottom(path):
-    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-    counts = [c.get("execution_count") for c in cells]
-    assert None not in counts and counts == sorted(counts), f"{path.name} is not fully executed in order"
-    errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors, f"{path.name} was saved with an error output"
+    problem = execution_problem(path)
+    assert problem is None, problem
+
+
+TINY = "# %% [markdown]\n# # 09 · Tiny\n#\n# One sentence.\n\n# %% solutions\nx = 1\nprint(x)\n"
+
+
+def tiny_executed_course(tmp_path):
+    """A one-exercise course source in tmp_path/course and its two notebooks, as if executed: each code
+    cell has an execution count and an output (no kernel needed)."""
+    source = tmp_path / "course" / "09_tiny.py"
+    source.parent.mkdir()
+    source.write_text(TINY)
+    for nb, path in zip(build_notebooks.build(source), build_notebooks.targets(source, tmp_path)):
+        for count, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), start=1):
+            cell.execution_count = count
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+        path.parent.mkdir()
+        nbformat.write(nb, path)
+    return source
+
+
+def test_markdown_only_edit_keeps_the_executed_code_cells(tmp_path):
+    source = tiny_executed_course(tmp_path)
+    paths = build_notebooks.targets(source, tmp_path)
+    before = [nbformat.read(path, as_version=4) for path in paths]
+    source.write_text(TINY.replace("One sentence.", "One better sentence.\n#\n# And a second paragraph."))
+    built = build_notebooks.build(source)
+    for nb, path in build_notebooks.update_markdown_in_place(built, paths):
+        nbformat.write(nb, path)
+    after = [nbformat.read(path, as_version=4) for path in paths]
+    for old, new, expected, path in zip(before, after, built, paths):
+        assert committed_sources(path) == sources_of(expected)  # what the checks above accept
+        assert execution_problem(path) is None
+        code = [[c for c in nb.cells if c.cell_type == "code"] for nb in (old, new)]
+        assert code[0] == code[1]  # source, outputs, execution count and id: untouched
+    assert "One better sentence." in after[0].cells[0].source
+    assert after[1].cells[0] == before[1].cells[0]  # an unchanged Markdown cell is kept as it was, id too
+
+
+def test_markdown_only_refuses_a_changed_code_cell(tmp_path):
+    source = tiny_executed_course(tmp_path)
+    paths = build_notebooks.targets(source, tmp_path)
+    source.write_text(TINY.replace("One sentence.", "Edited.").replace("x = 1", "x = 2"))
+    built = build_notebooks.build(source)
+    with pytest.raises(build_notebooks.NeedsExecution, match="09_tiny.ipynb: the source code cell 1 differs.*"
+                                                             "python tools/build_notebooks.py 09"):
+        build_notebooks.update_markdown_in_place(built, paths)
+    assert committed_sources(paths[0]) != sources_of(built[0])  # the sync check fails until it is rebuilt
+
+
+def test_sync_checks_refuse_an_unexecuted_notebook(tmp_path):
+    source = tiny_executed_course(tmp_path)
+    walkthrough, _ = build_notebooks.build(source)  # built with --no-execute: no execution counts
+    path = build_notebooks.targets(source, tmp_path)[0]
+    nbformat.write(walkthrough, path)
+    assert committed_sources(path) == sources_of(walkthrough)
+    assert execution_problem(path) == "09_tiny.ipynb is not fully executed in order"
 
 
 def test_builder_strips_solutions():

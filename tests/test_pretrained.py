@@ -157,8 +157,8 @@ def tiny_hub_name(monkeypatch):
     import transformers
 
     monkeypatch.setitem(pretrained.HUB_REPOS, "tiny-gpt2", "test/tiny-gpt2")
-    config = pretrained.config_from_hf(transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=3,
-                                                         n_head=4).to_dict())
+    config = pretrained.gpt2_config_from_hf(transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=48,
+                                                                    n_layer=3, n_head=4).to_dict())
     monkeypatch.setattr(pretrained, "gpt2_config", lambda name: config)
     return "tiny-gpt2"
 

@@ -7,7 +7,7 @@ from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.evaluate import max_logit_difference
 from moe_tutorial.kv_cache import KVCache
 from moe_tutorial.model import GPT
-from moe_tutorial.moe import dropless
+from moe_tutorial.moe import RoutingOverride, dropless
 from moe_tutorial.upcycle import upcycle
 
 
@@ -29,7 +29,7 @@ def test_upcycled_logits_equal_dense(dense, top_k):
     idx = torch.randint(0, 65, (4, 32))
     with dropless(moe):  # a dropped token would skip its MLP: equality holds when none is
         assert max_logit_difference(dense, moe, idx) < 1e-5
-        assert not any(layer.last_routing.dropped.any() for layer in moe.moe_layers())
+        assert not any(r.dropped.any() for r in moe(idx, return_routing=True).routing)
     assert dense.config.moe is None  # the dense model is left as it was
 
 
@@ -65,7 +65,7 @@ def test_kv_cache_generates_the_same_tokens(extra):
         with_cache = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), **kwargs)
         without = model.generate(prompt, 30, generator=torch.Generator().manual_seed(1), use_cache=False, **kwargs)
         assert torch.equal(with_cache, without)  # 36 > block_size 24: the sliding window is covered too
-    assert all(layer.capacity_override is None for layer in model.moe_layers())  # capacity restored afterwards
+    assert all(layer.override == RoutingOverride() for layer in model.moe_layers())  # capacity restored afterwards
 
 
 def test_kv_cache_with_activation_checkpointing_left_on():

@@ -3,6 +3,14 @@
     python tools/build_notebooks.py            # every notebook, executed
     python tools/build_notebooks.py 01 03      # only those whose name starts so
     python tools/build_notebooks.py --no-execute
+    python tools/build_notebooks.py --markdown-only 03   # prose edits only: seconds, nothing runs
+
+`--markdown-only` is the cheap path for an edit that touches only Markdown cells: it puts the new
+Markdown into the committed, executed notebooks (both notebooks/ and solutions/) and keeps every code
+cell as it is: source, outputs, execution count. A Markdown cell whose text did not change is kept
+as it is too, so the diff shows only the edited cells. It refuses, and writes nothing, when any code
+cell of the source differs from the executed notebook (the outputs would then belong to other code):
+such a notebook needs the full build above, with execution.
 
 A source is a Python file in "percent" format: `# %%` starts a code cell, `# %% [markdown]`
 a markdown cell (its lines start with "# "). A cell header may carry the word `solutions`:
@@ -37,6 +45,10 @@ MARKERS = re.compile(r"# (BEGIN|END) SOLUTION\b|" + re.escape(SOLUTIONS_ONLY))
 
 class SourceError(ValueError):
     """A course source the builder would turn into a wrong notebook; names the file and line."""
+
+
+class NeedsExecution(ValueError):
+    """A notebook the cheap --markdown-only path cannot update: its code changed, or it was never built."""
 
 
 def parse_cells(text, path="<source>"):
@@ -125,6 +137,51 @@ def build(source_path):
     return walkthrough, solutions
 
 
+def targets(source_path, root=ROOT):
+    """(walkthrough, solutions) paths of the notebooks built from one course source file."""
+    return (root / "notebooks" / f"{source_path.stem}.ipynb",
+            root / "solutions" / f"{source_path.stem}_solutions.ipynb")
+
+
+def update_markdown(executed, built, name):
+    """`executed` (a notebook as committed, executed) with the Markdown of `built` (a fresh build of its
+    source). Its code cells keep their outputs and execution counts; they must be the source's code
+    cells exactly, or the outputs would belong to other code: NeedsExecution."""
+    old_code = [c for c in executed.cells if c.cell_type == "code"]
+    new_code = [c for c in built.cells if c.cell_type == "code"]
+    changed = [n for n, (old, new) in enumerate(zip(old_code, new_code), start=1) if old.source != new.source]
+    if changed or len(old_code) != len(new_code):
+        what = f"code cell {changed[0]} differs" if changed else f"has {len(new_code)} code cells, not {len(old_code)}"
+        raise NeedsExecution(f"{name}: the source {what}: its outputs would be stale; rebuild it with execution: "
+                             f"python tools/build_notebooks.py {name[:2]}")
+    unchanged = {}  # Markdown text -> the committed cells with it: kept, ids too, so the diff stays small
+    for cell in executed.cells:
+        if cell.cell_type == "markdown":
+            unchanged.setdefault(cell.source, []).append(cell)
+    code, cells = iter(old_code), []
+    for cell in built.cells:
+        if cell.cell_type == "code":
+            cells.append(next(code))
+        elif unchanged.get(cell.source):
+            cells.append(unchanged[cell.source].pop(0))
+        else:
+            cells.append(cell)
+    executed.cells = cells
+    return executed
+
+
+def update_markdown_in_place(built, paths):
+    """[(notebook, path)]: the executed notebooks at `paths` with the Markdown of `built`, their fresh
+    build, ready to write. Raises NeedsExecution when one of them needs a full build."""
+    updated = []
+    for nb, path in zip(built, paths):
+        if not path.exists():
+            raise NeedsExecution(f"{path.name} has not been built yet: python tools/build_notebooks.py "
+                                 f"{path.name[:2]}")
+        updated.append((update_markdown(nbformat.read(path, as_version=4), nb, path.name), path))
+    return updated
+
+
 def execute(nb, cwd):
     env_dir = tempfile.mkdtemp(prefix="moe-nb-")
     for var in ("MPLCONFIGDIR", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR"):
@@ -135,7 +192,10 @@ def execute(nb, cwd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", help="name prefixes, e.g. 01")
-    parser.add_argument("--no-execute", action="store_true")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--no-execute", action="store_true")
+    how.add_argument("--markdown-only", action="store_true",
+                     help="update the Markdown of the executed notebooks; refused if any code cell changed")
     args = parser.parse_args()
     sources = sorted(p for p in SOURCES.glob("[0-9]*.py") if not args.only or p.stem.startswith(tuple(args.only)))
     if not sources:
@@ -144,9 +204,17 @@ def main():
         built = {src: build(src) for src in sources}  # every source is checked before anything runs
     except SourceError as err:
         sys.exit(f"error: {err}")
+    if args.markdown_only:
+        try:  # every notebook is checked before any is written: a refusal leaves them all as they were
+            updated = [pair for src in sources for pair in update_markdown_in_place(built[src], targets(src))]
+        except NeedsExecution as err:
+            sys.exit(f"error: {err}\nnothing was written")
+        for nb, path in updated:
+            nbformat.write(nb, path)
+            print(f"updated the markdown of {path.relative_to(ROOT)}")
+        return
     for src in sources:
-        for nb, path in zip(built[src], (ROOT / "notebooks" / f"{src.stem}.ipynb",
-                                         ROOT / "solutions" / f"{src.stem}_solutions.ipynb")):
+        for nb, path in zip(built[src], targets(src)):
             if not args.no_execute:
                 print(f"executing {path.relative_to(ROOT)} ...", flush=True)
                 execute(nb, path.parent)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..analysis import expert_load, token_consistency
+from ..analysis import assignment_share, token_consistency
 from ..router import Routing
 from . import CheckFailed, check, expect, expect_close, expect_shape
 
@@ -27,9 +27,9 @@ def check_expert_load(load_of):
     if torch.allclose(got.float(), torch.tensor([4.0, 2, 1, 1, 0])):
         raise CheckFailed("return shares (summing to 1), not counts")
     expect(abs(float(got.sum()) - 1.0) < 1e-5, "the shares must sum to 1 over the experts")
-    expect_close(got.float(), expert_load(_routing(expert, 5)), "load")
+    expect_close(got.float(), assignment_share(_routing(expert, 5)), "load")
     random = torch.randint(0, 7, (50, 3), generator=torch.Generator().manual_seed(0))
-    expect_close(load_of(random.clone(), 7).float(), expert_load(_routing(random, 7)), "load on random choices")
+    expect_close(load_of(random.clone(), 7).float(), assignment_share(_routing(random, 7)), "load on random choices")
 
 
 @check("token_consistency")

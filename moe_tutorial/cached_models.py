@@ -1,7 +1,7 @@
-"""Models the notebooks share: notebook 01's trained character model, which notebook 05
-upcycles and later chapters analyse (loaded from the data cache when notebook 01 saved it,
-otherwise trained exactly as there, same seed, ~100 s on 2 cores, and saved); and notebook 08's
-offline stand-in for a real MoE, a modern MoE trained on Shakespeare."""
+"""Models the notebooks share, cached in the data folder: notebook 01's trained character model,
+which notebook 05 upcycles and later chapters analyse (loaded from the data cache when notebook 01
+saved it, otherwise trained exactly as there, same seed, and saved); and notebook 08's offline
+stand-in for a real MoE, a modern MoE trained on Shakespeare."""
 
 import dataclasses
 from pathlib import Path
@@ -22,7 +22,8 @@ def char_model_dir() -> Path:
 
 def pretrained_char_model(dataset, progress: bool = False) -> GPT:
     """Notebook 01's character-level GPT ("char" preset): loaded from the data cache where
-    notebook 01 saved it, else trained here exactly as there (same seed; ~100 s on 2 cores) and saved."""
+    notebook 01 saved it, else trained here exactly as there (same seed) and saved. Training takes
+    as long as in notebook 01, which prints its time (benchmarks/char_gpt.py times the recipe)."""
     model_config, train_config = preset("char", vocab_size=dataset.tokenizer.vocab_size, progress=progress)
     return _cached_or_trained(char_model_dir(), model_config, train_config, dataset, "the 'char' preset")
 
@@ -40,7 +41,8 @@ def modern_moe_dir() -> Path:
 
 def pretrained_modern_moe(dataset, progress: bool = False) -> GPT:
     """Notebook 08's offline model (COURSE_MOE in the char-modern recipe, COURSE_MOE_STEPS steps):
-    loaded from the data cache, else trained (seed 1337, ~2 min on 2 cores) and saved there."""
+    loaded from the data cache, else trained (seed 1337) and saved there: the first call trains for
+    minutes on a CPU, later ones load."""
     model_config, train_config = preset("char-modern", vocab_size=dataset.tokenizer.vocab_size, progress=progress,
                                         max_iters=COURSE_MOE_STEPS)
     model_config = dataclasses.replace(model_config, moe=dataclasses.replace(COURSE_MOE))
