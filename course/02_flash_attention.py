@@ -58,7 +58,8 @@ from moe_tutorial.measure import measure_in_subprocess
 
 HEADS, HEAD_DIM = 8, 64
 seq_lens = [512, 1024, 2048]
-points = {impl: [measure_in_subprocess("attention", impl=impl, seq_len=T, heads=HEADS, head_dim=HEAD_DIM, repeats=3)
+points = {impl: [measure_in_subprocess("attention", impl=impl, seq_len=T, heads=HEADS, head_dim=HEAD_DIM, repeats=3,
+                                       runs=3)  # each in 3 fresh processes: the median's memory
                  for T in seq_lens]
           for impl in ("naive", "flash", "sdpa")}
 for impl, pts in points.items():

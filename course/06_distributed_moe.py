@@ -356,6 +356,7 @@ everyone = [None] * W
 dist.all_gather_object(everyone, result)
 if ranks.is_main:
     print(json.dumps(everyone))
+dist.barrier()  # no rank tears down its process group while another still talks to it
 distributed.cleanup()
 '''
 script = Path(tempfile.mkdtemp()) / "optimizer_step.py"

@@ -192,3 +192,11 @@ def test_peak_memory_measurement_sees_an_allocation():
     extra = peak_rss_mib() - baseline
     del block
     assert 200 < extra < 1024, extra
+
+
+def test_a_measurement_over_several_processes_returns_the_median_memory(monkeypatch):
+    from moe_tutorial import measure
+
+    readings = iter([30.0, 10.0, 11.0])  # one process whose one-time allocations landed in the peak
+    monkeypatch.setattr(measure, "_run_measurement", lambda cmd, timeout: {"extra_mib": next(readings)})
+    assert measure.measure_in_subprocess("attention", runs=3, impl="flash")["extra_mib"] == 11.0
