@@ -16,18 +16,10 @@ import time
 import torch
 
 from moe_tutorial.config import GPTConfig, MoEConfig
-from moe_tutorial.costs import model_info
+from moe_tutorial.costs import model_info, peak_tflops
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import gpt2_config
 from moe_tutorial.train import TrainConfig, make_optimizer, train_step
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense, no sparsity
-
-
-def peak_tflops(device_name: str, override: float | None):
-    if override:
-        return override
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def throughput(config: GPTConfig, batch_size, steps, device, compile_model):
@@ -78,7 +70,7 @@ def main():
         device, name = "cuda", torch.cuda.get_device_name()
         configs = {m: gpt2_config(m) for m in args.models}
         torch.backends.cuda.matmul.allow_tf32 = True
-    peak = peak_tflops(name, args.peak_tflops)
+    peak = args.peak_tflops or peak_tflops(name)
     print(f"{name}; batch {args.batch_size} x block; bf16 autocast; compile={not args.no_compile}")
     print(f"{'model':<22}{'total M':>9}{'active M':>10}{'GFLOP/tok':>11}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}")
     for model_name, config in configs.items():

@@ -6,14 +6,15 @@ chapter too), and the one thing to read first.
 chapter              modules                                            read first
 01 char GPT          config, model, data, tokenizers, sampling, train,  model.GPT, then train.train_step
                      evaluate, history, checkpoint, downloads, cli,
-                     presets
+                     sample, presets
 02 flash attention   attention, triton_attention, measure               attention.flash_attention
 03 Switch MoE        router, experts, dispatch, moe, viz, diagrams      moe.MoE.forward, then router.Router.forward
 04 top-2 and beyond  router (variants), moe (shared experts),           router.Router.select
                      dispatch (einsum, loop), seeds, sweep
 05 GPT-2 MoE         costs, pretrained, upcycle, kv_cache,              upcycle.upcycle
                      cached_models, tokenizers (GPT-2 BPE)
-06 distributed MoE   distributed (DDP, expert parallelism, all-to-all)  distributed.ExpertParallelDispatch
+06 distributed MoE   distributed (DDP, expert parallelism, all-to-all), distributed.ExpertParallelDispatch
+                     sharded_checkpoint
 07 modern MoE        norms, rope, optimizers (Muon), router (sigmoid,   model.Block, then router.Router.affinity
                      groups, sequence-wise loss)
 08 a real MoE        hf_models, analysis                                analysis.collect_routing
@@ -23,9 +24,9 @@ Routing travels in outputs: an MoE layer returns (out, aux_loss, routing), the d
 with no routing, and GPT.forward(idx, return_routing=True) returns one router.Routing per MoE layer.
 
 Import direction, bottom to top: config, downloads -> tokenizers -> data; attention, norms, rope,
-router, experts -> dispatch -> moe -> model; distributed; then evaluate, history, checkpoint, train,
-sweep, presets, cli, hf_models, pretrained, upcycle, cached_models, analysis. Nothing imports upward
-(tests/test_imports.py walks the graph).
+router, experts -> dispatch -> moe -> model; distributed; then evaluate, history, checkpoint,
+sharded_checkpoint, train, sweep, presets, cli, hf_models, pretrained, sample, upcycle, cached_models,
+analysis. Nothing imports upward (tests/test_imports.py walks the graph).
 """
 
 __version__ = "0.1.0"

@@ -18,18 +18,11 @@ from pathlib import Path
 import torch
 
 from .config import CONFIG_VERSION, GPTConfig, config_diff
-from .distributed import is_expert_parallel
 from .downloads import atomic_path
 from .history import History
 from .model import GPT
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "history", "rng")
-
-
-def refuse_expert_parallel(model):
-    if any(is_expert_parallel(p) for p in model.parameters()):
-        raise ValueError("Checkpoints of expert-parallel runs are not implemented (each rank holds a different "
-                         "slice of the experts); train without checkpoint_path or without --expert-parallel")
 
 
 def state_sha256(state) -> str:
@@ -125,7 +118,18 @@ def check_compatible(model, state, path="checkpoint"):
 
 
 # Training options a resume may change: how long to train, where, and how often to evaluate.
-RESUMABLE_CHANGES = ("max_iters", "lr_decay_iters", "device", "progress", "eval_interval", "eval_iters")
+RESUMABLE_CHANGES = ("max_iters", "lr_decay_iters", "device", "progress", "eval_interval", "eval_iters", "compile")
+
+
+def check_same_tokenizer(saved: dict, now: dict, path):
+    """A resumed run must turn text into the same token ids as the saved one: the `extra` of both
+    (as the CLI writes it) must name the same tokenizer and, for characters, the same vocabulary."""
+    for key in ("tokenizer", "chars"):
+        if key in saved and key in now and saved[key] != now[key]:
+            what = "vocabulary of characters" if key == "chars" else f"tokenizer ({saved[key]!r} vs now {now[key]!r})"
+            raise ValueError(f"{path} was trained with another {what}: token ids would change meaning; resume "
+                             f"with the data and --tokenizer it was trained on, or start a fresh run in another "
+                             f"--out-dir")
 
 
 def restore(state: dict, model, optimizer, batch_rng, path, cfg) -> tuple[int, History]:

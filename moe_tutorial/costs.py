@@ -25,6 +25,15 @@ BYTES = {
 }
 
 
+# Peak dense bf16 tensor-core TFLOP/s (no sparsity) of common GPUs, for model-FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """A GPU's peak bf16 TFLOP/s from its name (torch.cuda.get_device_name()), or None if unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
 @dataclass
 class ModelInfo:
     total_params: int

@@ -10,7 +10,8 @@ gradients are averaged (all-reduce) before each optimizer step. Expert parallel:
 only n_experts / world_size experts of every MoE layer. Tokens are routed where they are, sent to
 the rank that owns their expert (all-to-all), processed, and sent back (all-to-all again).
 Everything except the experts stays data parallel; expert weights are never all-reduced: each
-rank's experts already saw every rank's tokens.
+rank's experts already saw every rank's tokens. Fully sharded data parallel (FSDP2, --fsdp): every
+rank trains on its slice of the batch as with DDP, but holds only a shard of every parameter.
 """
 
 import os
@@ -180,10 +181,32 @@ def is_expert_parallel(param) -> bool:
     return getattr(param, "expert_parallel", False)
 
 
+def shard_parameters(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard), for a model too big to hold whole on every rank:
+    each rank keeps 1/world_size of every parameter, gradient and optimizer state. A block's
+    parameters are gathered just before it runs and freed after; gradients are reduce-scattered
+    (averaged, each rank keeping its shard). Each block is one unit, and the root takes the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    if has_sharded_experts(model):
+        raise ValueError("--fsdp and --expert-parallel together are not supported: choose one")
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_fully_sharded(model) -> bool:
+    """Its parameters are DTensors sharded over the ranks: FSDP2's fully_shard (shard_parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def wrap_for_training(model, device: str):
     """What runs forward and backward: DDP's wrapper when several ranks train, else the model."""
     ranks = info()
-    if ranks.world_size == 1:
+    if ranks.world_size == 1 or is_fully_sharded(model):  # FSDP2 (fully_shard) syncs gradients itself
         return model
     check_same_config(model.config)  # before any collective depends on it
     return ddp(model, [ranks.local_rank] if str(device).startswith("cuda") else None)

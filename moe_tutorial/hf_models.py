@@ -336,10 +336,11 @@ def download_repo(repo: str, progress: bool = True, timeout: float = 30.0) -> Pa
     except FileNotFoundError:
         raise FileNotFoundError(f"{repo!r} is neither a local folder nor a Hub repository ({config_url} "
                                 f"does not exist)") from None
-    try:  # the tokenizer, for notebook 08's text (read with the `tokenizers` package); optional
-        _fetch_small(hub_url(repo, "tokenizer.json"), folder / "tokenizer.json", timeout)
-    except (FileNotFoundError, ConnectionError):
-        pass
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer and its chat template; optional
+        try:
+            _fetch_small(hub_url(repo, name), folder / name, timeout)
+        except (FileNotFoundError, ConnectionError):
+            pass
     if not (folder / INDEX).exists() and (folder / SINGLE).exists():
         names = [SINGLE]  # cached single-file checkpoint: nothing to ask the server
     else:

@@ -53,6 +53,11 @@ def residual_std(n_layer):
     return 0.02 / math.sqrt(2 * n_layer)
 
 
+class GenerationStep(NamedTuple):
+    token: torch.Tensor  # (B, 1) the sampled token of each row
+    routing: list[Routing] | None  # per MoE layer, the routing of the B tokens read to predict it
+
+
 class GPTOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab)
     loss: torch.Tensor | None  # cross-entropy against the targets, if given
@@ -271,6 +276,16 @@ class GPT(nn.Module):
         position embedding shifts, and cached keys are stale: from there on each step reruns the
         last block_size tokens, exactly as without a cache. MoE layers never drop tokens here.
         """
+        steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+        return torch.cat([idx, *(step.token for step in steps)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+               use_cache=True, return_routing=False):
+        """generate(), one token at a time: yields a GenerationStep per new token, as soon as it is
+        sampled (for printing text as it is written). With `return_routing`, each step also carries
+        every MoE layer's routing of the token that was read to predict it (the last input position
+        of each row, B tokens per layer)."""
         self._check_prompt(idx, max_new_tokens)
         cache = None
         with dropless(self):
@@ -278,14 +293,15 @@ class GPT(nn.Module):
                 if use_cache and idx.size(1) <= self.config.block_size:
                     if cache is None:  # prefill: the whole prompt at once
                         cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                        logits = self(idx, cache=cache).logits
+                        out = self(idx, cache=cache, return_routing=return_routing)
                     else:  # decode: only the newest token
-                        logits = self(idx[:, -1:], cache=cache).logits
-                else:
-                    logits = self(idx[:, -self.config.block_size:]).logits  # at most block_size tokens
-                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+                        out = self(idx[:, -1:], cache=cache, return_routing=return_routing)
+                else:  # at most block_size tokens
+                    out = self(idx[:, -self.config.block_size:], return_routing=return_routing)
+                next_token = sample_next_token(out.logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, next_token], dim=1)
-        return idx
+                routing = [r.last_positions(idx.size(0)) for r in out.routing] if return_routing else None
+                yield GenerationStep(next_token, routing)
 
     def _check_prompt(self, idx, max_new_tokens):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:

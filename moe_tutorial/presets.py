@@ -42,7 +42,24 @@ PRESETS = {
         dict(batch_size=8, max_iters=50, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5,
              eval_interval=25, eval_iters=4),
     ),
+    # GPT-2 124M and its MoE (notebook 05) with nanoGPT's train_gpt2 recipe: ~0.5M tokens per step
+    # (12 x 1024 x 40 micro-batches), lr 6e-4 with 2000 warmup steps, beta2 0.95, bf16. A GPU's job.
+    "gpt2": ({}, GPT2_RECIPE := dict(
+        batch_size=12, grad_accum_steps=40, max_iters=600_000, learning_rate=6e-4, min_lr=6e-5,
+        warmup_iters=2000, beta2=0.95, eval_interval=1000, eval_iters=200, dtype="bfloat16")),
+    "gpt2-moe-16x": ({}, GPT2_RECIPE),
+    # GPT-2's shape and BPE vocabulary at a size 2 CPU cores train in minutes: 4 layers of 128 (the
+    # 50257 x 128 embedding, tied with the output layer, is most of its parameters), block 128.
+    "gpt2-mini": (
+        GPT2_MINI := dict(block_size=128, n_layer=4, n_head=4, n_embd=128, bias=True, gelu_approximate="tanh"),
+        GPT2_MINI_RECIPE := dict(batch_size=8, max_iters=600, learning_rate=3e-3, min_lr=3e-4, warmup_iters=50,
+                                 eval_interval=200, eval_iters=10),
+    ),
+    # The same with Switch top-1 MoE layers (8 experts of the dense MLP's width) in every block.
+    "gpt2-mini-moe": (dict(**GPT2_MINI, moe=MoEConfig(n_experts=8, top_k=1)), GPT2_MINI_RECIPE),
 }
+# Presets trained on GPT-2's BPE tokens (tiktoken's r50k_base); the others on characters.
+BPE_PRESETS = ("gpt2", "gpt2-moe-16x", "gpt2-mini", "gpt2-mini-moe")
 
 
 # The MoE variants of the "char" model (the CLI's --variant, notebook 03, notebook 06, benchmarks/
@@ -66,15 +83,17 @@ MOE_VARIANTS = {name: moe_config(sweep_name) for name, sweep_name in SWEEP_VARIA
 
 def preset(name: str, vocab_size: int, variant: str | None = None, **train_overrides):
     """(GPTConfig, TrainConfig) for a named preset, its MoE layers from MOE_VARIANTS[variant] if
-    given; keyword arguments override the training recipe."""
+    given ("dense": none); keyword arguments override the training recipe."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     if variant is not None and variant not in MOE_VARIANTS:
         raise ValueError(f"Unknown MoE variant {variant!r}; choose one of {sorted(MOE_VARIANTS)}")
     model_kwargs, train_kwargs = PRESETS[name]
-    moe = replace(MOE_VARIANTS[variant]) if variant and MOE_VARIANTS[variant] else None  # a copy of our own
-    return (GPTConfig(vocab_size=vocab_size, **model_kwargs, moe=moe),
-            TrainConfig(**{**train_kwargs, **train_overrides}))
+    is_gpt2 = name in GPT2_SHAPES or name in GPT2_MOE_SHAPES  # the GPT-2 sizes, defined below
+    base = gpt2_config(name) if is_gpt2 else GPTConfig(vocab_size=vocab_size, **model_kwargs)
+    moe = MOE_VARIANTS[variant] if variant is not None else base.moe  # a variant replaces the preset's layers
+    config = replace(base, vocab_size=vocab_size, moe=replace(moe) if moe else None)  # a copy of our own
+    return config, TrainConfig(**{**train_kwargs, **train_overrides})
 
 
 # OpenAI's GPT-2 family (Radford et al. 2019): BPE vocabulary of 50257, context 1024, biases,

@@ -24,7 +24,7 @@ Qwen3-MoE per its norm_topk_prob, true in the released checkpoints); group-limit
 balancing losses; and bounds on expert capacity.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -57,6 +57,13 @@ class Routing:
     def dropped(self) -> torch.Tensor:
         """(N,) bool: no expert processes the token; it skips the layer on the residual."""
         return ~self.kept.any(dim=1)
+
+    def last_positions(self, batch_size: int) -> "Routing":
+        """The routing of the last token of each of `batch_size` sequences (tokens are numbered
+        row by row, N = batch_size * T): what generation reads after each step."""
+        rows = torch.arange(1, batch_size + 1, device=self.expert.device) * (self.expert.size(0) // batch_size) - 1
+        return replace(self, logits=self.logits[rows], probs=self.probs[rows], expert=self.expert[rows],
+                       weights=self.weights[rows], kept=self.kept[rows], position=self.position[rows])
 
     @property
     def first_choice_share(self) -> torch.Tensor:

@@ -1,9 +1,12 @@
-"""Tokenizers: characters (notebook 01) and GPT-2's byte-level BPE (notebook 05).
+"""Tokenizers: characters (notebook 01), GPT-2's byte-level BPE (notebook 05), and a Hugging Face
+checkpoint's tokenizer.json (notebook 08, `moe_tutorial.sample`).
 
-Both have the same interface: encode, decode, vocab_size. GPT-2's is tiktoken's r50k_base,
+All have the same interface: encode, decode, vocab_size. GPT-2's is tiktoken's r50k_base,
 built from the ranks file that is fetched like every other download of the course (streamed,
 sha256-checked, atomic) into the data cache, so once it is there it works offline.
 """
+
+import json
 
 import torch
 
@@ -81,3 +84,59 @@ class GPT2Tokenizer:
         if bad:
             raise ValueError(f"Token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return self.encoding.decode(ids)
+
+
+class HFTokenizer:
+    """A Hugging Face checkpoint's tokenizer.json (Llama, Mixtral, Qwen3, OLMoE), read with the
+    `tokenizers` package (the `real` extra), and its chat template from tokenizer_config.json if
+    the folder has one."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        folder = Path(folder)
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
+                              "pip install -e '.[real]'") from None
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.chat_template = config.get("chat_template")
+        self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+
+    def encode(self, text: str) -> list[int]:
+        """Text as written: a chat template spells out its special tokens, so none are added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _token_text(token) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def start_of_text(tokenizer) -> list[int]:
+    """What generation starts from without a prompt: GPT-2's end-of-text token (documents begin
+    after it), a checkpoint's beginning-of-text token, or a newline (the first character if the
+    vocabulary has none)."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return [tokenizer.eot_token]
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.bos_token:
+        return [tokenizer.tokenizer.token_to_id(tokenizer.bos_token)]
+    if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi:
+        return [0]
+    return tokenizer.encode("\n")

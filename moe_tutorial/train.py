@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, refuse_expert_parallel, restore, save_checkpoint
+from .checkpoint import check_same_tokenizer, load_checkpoint, restore, save_checkpoint
 from .data import get_batch
 from .downloads import directory_lock
 from .evaluate import estimate_loss, fixed_batches
 from .history import History
 from .model import GPT
 from .optimizers import OPTIMIZERS, make_optimizer
+from .sharded_checkpoint import load_sharded, save_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "float32"  # "bfloat16" runs forward and backward under torch.autocast
     activation_checkpointing: bool = False  # trade compute for activation memory
+    compile: bool = False  # torch.compile the forward and backward (worth it on a GPU, for long runs)
     device: str = "cpu"
     progress: bool = True  # tqdm progress bar
 
@@ -136,11 +138,11 @@ def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=Fa
     """Train `model` on `dataset.train`, evaluating on `dataset.val`; returns a History. With
     `checkpoint_path`, a checkpoint is written at every evaluation and at the end, and the folder
     is locked against other runs meanwhile; with `resume=True` training continues from it (same
-    batches, same random numbers). A nan or inf loss stops the run (TrainingDiverged)."""
+    batches, same random numbers). With experts or parameters sharded over ranks (notebook 06) the
+    checkpoint is a folder every rank writes its shards into (moe_tutorial.sharded_checkpoint). A nan or inf
+    loss stops the run (TrainingDiverged)."""
     ranks = distributed.info()
     dataset.check_batches_fit(cfg.batch_size * ranks.world_size, model.config.block_size)
-    if checkpoint_path:
-        refuse_expert_parallel(model)  # before any training: saving sharded experts is not implemented
     writing = checkpoint_path and ranks.is_main
     with directory_lock(Path(checkpoint_path).parent, "checkpoint folder") if writing else nullcontext():
         return _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks)
@@ -150,12 +152,16 @@ def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
     T = model.config.block_size
     model.to(cfg.device).gradient_checkpointing = cfg.activation_checkpointing
     net = distributed.wrap_for_training(model, cfg.device)  # DDP under torchrun, else the model
+    if cfg.compile:
+        net = torch.compile(net)
     optimizer = make_optimizer(model, cfg)
     batch_rng = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, History()
+    sharded = distributed.has_sharded_experts(model) or distributed.is_fully_sharded(model)  # a folder per run
     if resume:
-        start, history = restore(load_checkpoint(checkpoint_path), model, optimizer, batch_rng, checkpoint_path,
-                                 cfg)
+        state = load_sharded(checkpoint_path, model, optimizer) if sharded else load_checkpoint(checkpoint_path)
+        check_same_tokenizer(state.get("extra", {}), extra or {}, checkpoint_path)
+        start, history = restore(state, model, optimizer, batch_rng, checkpoint_path, cfg)
     else:
         torch.manual_seed(cfg.seed)  # dropout and any other randomness inside the model
     eval_sets = {name: fixed_batches(dataset.split(name), cfg.eval_iters, cfg.batch_size, T, cfg.seed + 1)
@@ -182,10 +188,13 @@ def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
             history.val_loss.append(estimate_loss(model, eval_sets["val"], cfg))
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{history.val_loss[-1]:.3f}")
             check_finite(history.val_loss[-1], "validation loss", done, checkpoint_path)
-            if checkpoint_path and ranks.is_main:
+            if checkpoint_path:
                 history.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                save_checkpoint(checkpoint_path, model, optimizer, done, cfg, history, batch_rng, extra)
+                if sharded:  # every rank writes its own shards
+                    save_sharded(checkpoint_path, model, optimizer, done, cfg, history, batch_rng, extra)
+                elif ranks.is_main:
+                    save_checkpoint(checkpoint_path, model, optimizer, done, cfg, history, batch_rng, extra)
     bar.close()
     history.elapsed += time.perf_counter() - t0
     return history

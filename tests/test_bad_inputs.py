@@ -507,7 +507,6 @@ def one_line_error(err):
     (["--max-iters", "0"], "--max-iters: must be >= 1"),
     (["--batch-size", "x"], "'x' is not an integer"),
     (["--resume", "--overwrite"], "contradict"),
-    (["--expert-parallel", "--resume"], "nothing to --resume"),
 ])
 def test_cli_refuses_bad_flags(cli, args, words):
     code, out, err = cli(*args)
@@ -571,9 +570,10 @@ def test_cli_read_only_data_dir_without_the_corpus(cli, monkeypatch):
     assert code == 2 and "Cannot write to the data directory MOE_TUTORIAL_DATA=" in err and one_line_error(err)
 
 
-def test_cli_expert_parallel_needs_torchrun(cli):
-    code, out, err = cli("--expert-parallel")
-    assert code == 2 and "torchrun" in err and one_line_error(err)
+@pytest.mark.parametrize("flag", ["--expert-parallel", "--fsdp"])
+def test_cli_sharding_needs_torchrun(cli, flag):
+    code, out, err = cli(flag)
+    assert code == 2 and f"{flag} needs several ranks" in err and "torchrun" in err and one_line_error(err)
 
 
 def test_cli_user_error_in_a_real_process_prints_no_traceback(tmp_path):

@@ -201,6 +201,138 @@ def test_ddp_keeps_each_ranks_routing_counts(tmp_path):
     run_on_two_ranks(_rank_local_counts, tmp_path)
 
 
+# --- sharded checkpoints of expert-parallel runs (torch.distributed.checkpoint) --------------
+
+EP_MOE = MoEConfig(n_experts=4, top_k=2, capacity_factor_train=1.0)  # drops tokens: capacity is part of the state
+EP_RECIPE = dict(RECIPE, max_iters=6, lr_decay_iters=6, eval_interval=3)  # the same schedule for both runs
+
+
+def _ep_checkpoints(rank, result_dir):
+    def run(max_iters, out, resume=False, optimizer="adamw"):
+        torch.manual_seed(0)
+        model = distributed.shard_experts(GPT(GPTConfig(**TINY, norm="rmsnorm", moe=EP_MOE)))
+        cfg = TrainConfig(batch_size=2, **{**EP_RECIPE, "max_iters": max_iters}, optimizer=optimizer)
+        history = train(model, Dataset.from_text(TEXT), cfg, checkpoint_path=result_dir / out / "ckpt-sharded",
+                        resume=resume, extra={"chars": "x"})
+        return model, history
+
+    whole, whole_history = run(6, "whole")
+    run(3, "half")
+    resumed, resumed_history = run(6, "half", resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"rank {rank}: {name} differs after resuming"
+    if rank == 0:  # the checkpoint keeps rank 0's history (each rank's loss is that of its own slice of the batch)
+        assert whole_history.loss == resumed_history.loss and whole_history.val_loss == resumed_history.val_loss
+    run(3, "muon", optimizer="muon")  # Muon + AdamW: both optimizers' states, experts' in AdamW
+    run(6, "muon", resume=True, optimizer="muon")
+    idx = torch.arange(32).reshape(2, 16) % TINY["vocab_size"]
+    with torch.no_grad():
+        logits = whole.eval()(idx).logits  # every rank takes part: the experts are spread over them
+    if rank == 0:
+        torch.save({"idx": idx, "logits": logits}, result_dir / "sharded_logits.pt")
+
+
+def test_sharded_checkpoints_resume_exactly_and_consolidate(tmp_path):
+    from moe_tutorial.checkpoint import load_checkpoint, model_from_checkpoint
+    from moe_tutorial.sharded_checkpoint import consolidate, read_meta
+
+    run_on_two_ranks(_ep_checkpoints, tmp_path)
+    folder = tmp_path / "whole" / "ckpt-sharded"
+    assert len(list(folder.glob("*.distcp"))) == WORLD and read_meta(folder)["world_size"] == WORLD
+    state = load_checkpoint(consolidate(folder, tmp_path / "whole" / "ckpt.pt"))  # sha256-checked
+    model = model_from_checkpoint(state).eval()
+    assert state["model"]["transformer.h.0.mlp.experts.c_fc"].size(0) == EP_MOE.n_experts  # every expert, whole
+    expected = torch.load(tmp_path / "sharded_logits.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["idx"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+    assert read_meta(tmp_path / "muon" / "ckpt-sharded")["param_groups"].keys() == {"muon", "adamw"}
+    shard = next(folder.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged"):
+        consolidate(folder, tmp_path / "again.pt")
+    assert not (tmp_path / "again.pt").exists()
+
+
+def _fsdp_and_ddp(rank, result_dir):
+    def run(max_iters, out=None, resume=False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2)))
+        if out:  # FSDP2, checkpointed; else DDP
+            distributed.shard_parameters(model)
+        cfg = TrainConfig(batch_size=2, **{**EP_RECIPE, "max_iters": max_iters})
+        history = train(model, Dataset.from_text(TEXT), cfg, resume=resume,
+                        checkpoint_path=result_dir / out / "ckpt-sharded" if out else None)
+        return model, history
+
+    _, ddp_history = run(6)
+    fsdp, fsdp_history = run(6, "whole")
+    assert distributed.is_fully_sharded(fsdp) and not distributed.is_fully_sharded(run(1)[0])
+    # Same data, same initial weights: only the order of float additions in the gradient sync differs.
+    torch.testing.assert_close(torch.tensor(fsdp_history.loss), torch.tensor(ddp_history.loss), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(fsdp_history.val_loss), torch.tensor(ddp_history.val_loss), atol=1e-5,
+                               rtol=0)
+    run(3, "half")
+    resumed, _ = run(6, "half", resume=True)
+    def whole(t):  # parameters are DTensors (shards), buffers plain tensors
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    for (name, a), b in zip(fsdp.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(whole(a), whole(b)), f"{name} differs after resuming"
+    idx = torch.arange(32).reshape(2, 16) % TINY["vocab_size"]
+    with torch.no_grad():
+        logits = fsdp.eval()(idx).logits
+    if rank == 0:
+        torch.save({"idx": idx, "logits": logits}, result_dir / "fsdp_logits.pt")
+
+
+def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_and_consolidates(tmp_path):
+    from moe_tutorial.checkpoint import load_checkpoint, model_from_checkpoint
+    from moe_tutorial.sharded_checkpoint import consolidate
+
+    run_on_two_ranks(_fsdp_and_ddp, tmp_path)
+    model = model_from_checkpoint(load_checkpoint(consolidate(tmp_path / "whole" / "ckpt-sharded",
+                                                              tmp_path / "whole.pt"))).eval()
+    expected = torch.load(tmp_path / "fsdp_logits.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["idx"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_cli_run_resumes_consolidates_and_samples(tmp_path, shakespeare_file):
+    """The command line end to end: torchrun trains with sharded experts, resumes, then one process
+    consolidates the checkpoint and samples from it."""
+    import subprocess
+    import sys
+
+    from conftest import copy_into
+
+    copy_into(shakespeare_file, tmp_path / "cache" / "tinyshakespeare.txt")
+    env = {**os.environ, "MOE_TUTORIAL_DATA": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+
+    def torchrun(max_iters, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+               "moe_tutorial.train", "--preset", "char-tiny", "--variant", "top-2", "--expert-parallel",
+               "--max-iters", str(max_iters), "--sample", "0", "--no-progress", "--threads", "1",
+               "--out-dir", str(out), *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+
+    first = torchrun(4)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "sharded over 2 ranks" in first.stdout and (out / "ckpt-sharded" / "meta.json").exists()
+    resumed = torchrun(8, "--resume")
+    assert resumed.returncode == 0 and "8 iters" in resumed.stdout, resumed.stderr[-2000:]
+    run = [sys.executable, "-m", "moe_tutorial.sharded_checkpoint", str(out)]
+    assert subprocess.run(run, env=env, capture_output=True, timeout=60).returncode == 0
+    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # never replaces a checkpoint silently
+    sample = subprocess.run([sys.executable, "-m", "moe_tutorial.sample", "--out-dir", str(out), "--prompt", "KING",
+                             "--max-new-tokens", "10", "--threads", "1"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert sample.returncode == 0 and sample.stdout.startswith("KING") and len(sample.stdout) == 4 + 10 + 1
+
+
 # --- bad setups fail clearly, on every rank, without hanging ------------------------------------
 
 def _bad_setups(rank, result_dir):
@@ -213,8 +345,9 @@ def _bad_setups(rank, result_dir):
     with pytest.raises(ValueError, match="rank 1: PermissionError: cannot write"):  # one rank's error, everywhere
         distributed.raise_on_every_rank(PermissionError("cannot write") if rank == 1 else None)
     sharded = distributed.shard_experts(GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=2))))
-    with pytest.raises(ValueError, match="expert-parallel runs"):
-        train(sharded, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "x")
+    with pytest.raises(FileNotFoundError, match="No sharded checkpoint"):  # --resume with nothing to resume
+        train(sharded, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "x",
+              resume=True)
 
 
 def test_bad_setups_fail_clearly_without_hanging(tmp_path):
