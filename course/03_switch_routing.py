@@ -411,17 +411,22 @@ and top prob are measured on validation text.
 # %% [markdown]
 # ## 8 · The routing explorer
 # Which expert does each character go to, and what is dropped when capacity shrinks? The panel
-# below routes real Shakespeare through the trained Switch MoE. Move the **capacity** slider,
-# change the **layer** or the **text**, and watch the coloured text and, per expert, its demand
-# (outlined bar: the tokens that chose it) against the capacity line and what it processed
-# (filled). (It needs a live kernel; a static rendering of the same view follows.)
+# below routes real Shakespeare through the models trained above, and through an untrained one.
+# Move the **capacity factor** slider, change the **model**, the **layer** or the **text**. The
+# chart shows, per expert, its demand (outlined bar: the characters that chose it) against the
+# capacity line, and what it processed (filled). Hover over a character, or type its number, to
+# see its router probabilities, its expert, its gate and its slot. A dropped character keeps its
+# expert's colour, hatched and struck through. (It needs a live kernel; a static rendering of the
+# same view follows.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 from moe_tutorial.viz import RoutingExplorer
 
 sample = dataset.tokenizer.decode(dataset.val[:256])
-explorer = RoutingExplorer(models["Switch MoE"], dataset.tokenizer, sample, capacity_factor=1.0)
+torch.manual_seed(0)
+untrained = GPT(models["Switch MoE"].config)  # the same model before any training: routing by chance
+explorer = RoutingExplorer({**models, "untrained": untrained}, dataset.tokenizer, sample, capacity_factor=1.0)
 explorer
 
 # %%
@@ -432,7 +437,7 @@ for capacity_factor in (1.0, 0.5):
     plot_routing(view, max_lines=4)
     plt.show()
     over = sum(max(d - view.capacity, 0) for d in view.demand)
-    print(f"capacity factor {capacity_factor}: capacity {view.capacity}, demand {view.demand}, "
+    print(f"capacity factor {capacity_factor}: {view.capacity_formula()}; demand {view.demand}, "
           f"dropped {view.n_dropped} of {len(sample)}")
     assert view.n_dropped == over  # top-1: exactly the demand above each expert's capacity is dropped
 

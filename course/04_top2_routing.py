@@ -701,9 +701,11 @@ fig.colorbar(image, ax=axes, label="share of the character's occurrences", shrin
 plt.show()
 
 # %% [markdown]
-# The routing explorer of notebook 03 works on any of these models:
-# `RoutingExplorer(moe_model, dataset.tokenizer, text[:256])`. Notebook 08 repeats this measurement
-# on a real pretrained MoE, with word categories instead of characters.
+# The routing explorer of notebook 03 works on any of these models. It shows every assignment of a
+# top-k router, and which experts picked each character under expert choice. Give it a dict of
+# models to switch between them on the same text:
+# `RoutingExplorer({"top-1": a, "top-2": b}, dataset.tokenizer, text[:256])`. Notebook 08 repeats
+# this measurement on a real pretrained MoE, with word categories instead of characters.
 #
 # ## 6 · Dispatch strategies
 # Three ways to get tokens to experts and back (`moe_tutorial.dispatch`), with identical outputs:

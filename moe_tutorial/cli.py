@@ -180,7 +180,9 @@ def load_dataset(args, ranks):
         return text_dataset(args.data, tokenizer, progress)
     if tokenizer == "char":
         return shakespeare_dataset(progress)
-    return text_dataset(shakespeare_path(progress), tokenizer, progress)
+    dataset = text_dataset(shakespeare_path(progress), tokenizer, progress)
+    dataset.source = "tiny Shakespeare"  # not the cache's path
+    return dataset
 
 
 def tokenizer_record(dataset, tokenizer: str) -> dict:

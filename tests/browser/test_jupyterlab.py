@@ -237,10 +237,36 @@ def test_explorer_reacts_to_slider_and_text(page, page_errors, lab, tmp_path):
     assert not page_errors, page_errors
 
 
+def test_explorer_fits_a_laptop_screen_and_shows_each_characters_detail(page, page_errors, lab):
+    page.set_viewport_size({"width": 1024, "height": 768})
+    open_notebook(page, lab, "explorer_check.ipynb")
+    run_all(page)
+    panel = page.locator(".moe-routing-explorer")
+    panel.wait_for(state="attached", timeout=60_000)
+    panel.scroll_into_view_if_needed()
+    page.locator(".moe-routing-explorer .moe-text span").first.wait_for()
+    # 256 characters wrap inside the panel: nothing runs off to the right
+    assert panel.evaluate("el => el.scrollWidth <= el.clientWidth + 1")
+    text = page.locator(".moe-routing-explorer .moe-text")
+    assert text.evaluate("el => el.scrollWidth <= el.clientWidth + 1")
+    assert text.evaluate("el => el.getBoundingClientRect().height") > 40  # several lines, not one
+    title = page.locator(".moe-routing-explorer .moe-text span").first.get_attribute("title")
+    assert "character 0" in title and "expert " in title and "slot " in title and "router probability" in title
+    summary = page.locator(".moe-routing-explorer .widget-html b").first
+    before = summary.text_content()
+    page.locator(".moe-routing-explorer select").first.select_option(label="untrained")  # the model selector
+    page.wait_for_function("b => document.querySelector('.moe-routing-explorer .widget-html b').textContent != b",
+                           arg=before, timeout=15_000)
+    assert not page_errors, page_errors
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
 def test_notebook_opens_without_frontend_errors(page, page_errors, lab, name):
     open_notebook(page, lab, name)
     assert page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").count() > 5
     # committed widget outputs show as saved state: no "Error displaying widget" from the renderer
     assert page.get_by_text("Error displaying widget").count() == 0
+    if name == EXPLORER_NOTEBOOK:  # the saved explorer shows its static view, not "VBox(children=..."
+        assert page.locator(".jp-OutputArea .moe-routing-static .moe-text span").count() > 100
+        assert page.get_by_text("VBox(children").count() == 0
     assert not page_errors, page_errors
