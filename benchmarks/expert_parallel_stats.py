@@ -78,8 +78,7 @@ def report(gathered, config, diff, world):
         for layer in range(len(gathered[0][step])):
             for rank in range(world):
                 s = gathered[rank][step][layer]
-                remote = sum(n for r, n in enumerate(s["sent_rows"]) if r != rank)
-                kb = 2 * remote * config.n_embd * 4 / 1e3  # dispatch + combine
+                kb = distributed.bytes_sent(s, rank, config.n_embd) / 1e3  # dispatch out + combine back
                 print(f"{step:>4}{layer:>6}{rank:>5}  {str(s['sent_rows']):<16}{kb:>8.1f}  "
                       f"{str(s['local_expert_rows']):<20}")
 

@@ -272,6 +272,16 @@ def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
     return total
 
 
+def bytes_sent(stats: dict, rank: int, n_embd: int, bytes_per_element: int = 4) -> int:
+    """Bytes one rank sends to the other ranks in one MoE layer's forward pass, from its dispatch's
+    record (ExpertParallelDispatch.last_stats): the rows it dispatches to other ranks' experts, and
+    in the combine the rows that *arrived* from other ranks, sent back processed. The two differ
+    when routing is uneven; rows a rank keeps for its own experts never leave it."""
+    dispatched = sum(n for r, n in enumerate(stats["sent_rows"]) if r != rank)
+    returned = sum(n for r, n in enumerate(stats["received_rows"]) if r != rank)
+    return (dispatched + returned) * n_embd * bytes_per_element
+
+
 def all_to_all_bytes(tokens: int, n_embd: int, top_k: int, world_size: int, bytes_per_element: int = 4) -> float:
     """Expected bytes one rank sends per MoE layer in the forward pass, with even routing and no drops:
     its tokens' k assignments, all but the 1/world_size that stay local, go out (dispatch) and come

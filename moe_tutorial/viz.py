@@ -9,7 +9,7 @@ and per-expert load against the capacity line out, updated live.
 """
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -17,7 +17,7 @@ from matplotlib.colors import hsv_to_rgb, to_hex
 
 from .evaluate import evaluating
 from .moe import override_capacity
-from .router import capacity
+from .router import Routing, capacity, positions_in_expert
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TextRouting:
     assignments: list  # per character: [Assignment], best first (expert choice: by weight)
     affinity: list  # per character: the router's score for every expert
     padding_processed: list  # per expert: slots the padding took
+    priority: str = "arrival"  # who gets an expert's slots first: "arrival" (the layer's rule) or "gate"
 
     @property
     def dropped(self) -> list:
@@ -132,8 +133,12 @@ def expert_underline(expert: int) -> str:
 
 
 @torch.no_grad()
-def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRouting:
+def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0, priority="arrival") -> TextRouting:
     """Route `text` through the model; report MoE layer number `layer` (0 = first MoE layer).
+
+    `priority="gate"` gives an expert's slots to the highest-gated tokens first instead of the
+    earliest (V-MoE's batch priority routing, Riquelme et al. 2021): what that rule would keep from
+    the same choices. The course's layers keep by arrival; expert choice has no such order.
 
     The text is one batch, as during training, so capacity is shared by all of it: B windows of at
     most block_size characters, as equal as can be (B = ceil(n / block_size), T = ceil(n / B)).
@@ -152,8 +157,12 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
     B = -(-n // model.config.block_size)
     T = -(-n // B)
     windows = torch.cat([ids, ids.new_zeros(B * T - n)]).view(B, T)  # (B, T)
+    if priority not in ("arrival", "gate"):
+        raise ValueError(f"priority must be 'arrival' or 'gate', got {priority!r}")
     with evaluating(model), override_capacity(moe_layers[layer], capacity_factor):
         routing = model(windows, return_routing=True).routing[layer]
+    if priority == "gate" and not routing.expert_choice:
+        routing = by_gate_priority(routing)
     config = moe_layers[layer].router.config
     rows = []
     for i in range(n):
@@ -173,7 +182,18 @@ def route_text(model, tokenizer, text, layer=0, capacity_factor=1.0) -> TextRout
         capacity_factor=capacity_factor, n_routed=B * T, windows=B, window_length=T,
         n_shared=config.n_shared_experts, sigmoid=config.scoring == "sigmoid",
         assignments=rows, affinity=routing.probs[:n].tolist(),
-        padding_processed=torch.bincount(padding, minlength=routing.probs.size(1)).tolist())
+        padding_processed=torch.bincount(padding, minlength=routing.probs.size(1)).tolist(),
+        priority="arrival" if routing.expert_choice else priority)
+
+
+def by_gate_priority(routing: Routing) -> Routing:
+    """The same choices with slots given in order of each token's top gate, highest first (first
+    choices of all tokens before any second choice, as the layer does): batch priority routing."""
+    order = torch.argsort(routing.weights[:, 0], descending=True, stable=True)  # (N,) tokens by priority
+    ranked = positions_in_expert(routing.expert[order], routing.probs.size(1))  # (N, k) in that order
+    position = torch.empty_like(ranked)
+    position[order] = ranked  # back to token order
+    return replace(routing, position=position, kept=position < routing.capacity)
 
 
 def token_detail(r: TextRouting, i: int) -> str:
@@ -196,10 +216,11 @@ def token_detail(r: TextRouting, i: int) -> str:
     return "\n".join(lines)
 
 
-def routing_html(r: TextRouting) -> str:
+def routing_html(r: TextRouting, highlight: int | None = None) -> str:
     """The text, wrapped, each character on its expert's colour with that expert's underline.
     Dropped characters keep their colour, hatched and struck through; characters a later choice
-    took have a dotted outline. A grey bar marks the start of each window. Hover for the detail."""
+    took have a dotted outline. A grey bar marks the start of each window. Hover for the detail.
+    With `highlight`, the characters that expert processes stand out and the rest fade."""
     colors = expert_colors(r.n_experts)
     spans = []
     for i, (ch, e, dropped, rescued) in enumerate(zip(r.text, r.expert, r.dropped, r.rescued)):
@@ -214,6 +235,8 @@ def routing_html(r: TextRouting) -> str:
             style += f"background:{colors[e]}59" + (";outline:1px dotted #333" if rescued else "")
         if i and i % r.window_length == 0:
             style += ";box-shadow:inset 2px 0 0 #888"
+        if highlight is not None and highlight not in [a.expert for a in r.assignments[i] if a.kept]:
+            style += ";opacity:0.25"
         experts = ",".join(str(a.expert) for a in r.assignments[i] if a.kept)
         spans.append(f'<span class="{kind}" data-expert="{e}" data-experts="{experts}" '
                      f'title="{html.escape(token_detail(r, i))}" style="{style}">{shown}</span>')
@@ -263,6 +286,8 @@ def summary_text(r: TextRouting) -> str:
     pad = f", {r.n_padding} padding" if r.n_padding else ", no padding"
     rescued = f", {sum(r.rescued)} taken by a later choice" if r.top_k > 1 and not r.expert_choice else ""
     shared = f"; plus {r.n_shared} shared expert(s) for every character" if r.n_shared else ""
+    if r.priority == "gate":
+        shared += "; slots by gate, highest first (what batch priority routing would keep; the layer keeps by arrival)"
     return (f"MoE layer {r.layer}, {kind}: {n} characters in {r.windows} window(s) of {r.window_length}{pad}; "
             f"N = {r.n_routed}, E = {r.n_experts}, k = {r.top_k}; {r.capacity_formula()}; "
             f"dropped {r.n_dropped} ({100 * r.n_dropped / n:.1f}%, no expert){rescued}{shared}")
@@ -312,7 +337,10 @@ class RoutingExplorer:
         self.model_choice = widgets.Dropdown(options=list(self.models), description="model",
                                              layout=widgets.Layout(display="flex" if len(self.models) > 1 else "none"))
         self.layer = widgets.Dropdown(description="layer")
+        self.highlight = widgets.Dropdown(description="highlight")  # one expert's characters
         self._set_layers()
+        self.priority = widgets.Dropdown(options=[("arrival", "arrival"), ("highest gate", "gate")],
+                                         description="slots by")
         self.capacity = widgets.FloatSlider(value=capacity_factor, min=0.25, max=3.0, step=0.05,
                                             description="capacity factor", continuous_update=True,
                                             readout_format=".2f", style={"description_width": "initial"})
@@ -326,11 +354,12 @@ class RoutingExplorer:
         views = ["this layer", "every layer"] + (["every model"] if len(self.models) > 1 else [])
         self.view = widgets.Dropdown(options=views, description="show")
         self.model_choice.observe(lambda change: (self._set_layers(), self.update()), names="value")
-        for control in (self.layer, self.capacity, self.text, self.character, self.view):
+        for control in (self.layer, self.capacity, self.text, self.character, self.view, self.highlight,
+                        self.priority):
             control.observe(lambda change: self.update(), names="value")
         self.widget = widgets.VBox([  # the chart above the text, so it stays in view however long the text
-            widgets.HBox([self.model_choice, self.layer, self.capacity, self.view]), self.text, self.error,
-            self.summary,
+            widgets.HBox([self.model_choice, self.layer, self.capacity]),
+            widgets.HBox([self.view, self.highlight, self.priority]), self.text, self.error, self.summary,
             self.chart, self.text_view, widgets.HBox([self.character, self.detail]),
         ], layout=widgets.Layout(width="100%", overflow="hidden"))
         self.widget.add_class("moe-routing-explorer")
@@ -345,11 +374,14 @@ class RoutingExplorer:
         n_layers = len(self.model.moe_layers())
         self.layer.options = [(f"MoE layer {i}", i) for i in range(n_layers)]
         self.layer.value = 0 if n_layers else None
+        n_experts = self.model.moe_layers()[0].router.n_experts if n_layers else 0
+        self.highlight.options = [("no expert", None)] + [(f"expert {e}", e) for e in range(n_experts)]
+        self.highlight.value = None
 
     def update(self):
         try:
             self.routing = route_text(self.model, self.tokenizer, self.text.value, self.layer.value,
-                                      self.capacity.value)
+                                      self.capacity.value, self.priority.value)
         except ValueError as err:  # e.g. a character the tokenizer does not know: clear the stale view
             self.routing = None
             self.error.value = f'<span style="color:#b00">{html.escape(str(err))}</span>'
@@ -367,7 +399,7 @@ class RoutingExplorer:
     def _text_panels(self) -> str:
         """The coloured text: of the chosen layer, of every MoE layer, or of every model at this layer."""
         if self.view.value == "this layer":
-            return routing_html(self.routing)
+            return routing_html(self.routing, self.highlight.value)
         if self.view.value == "every layer":
             panels = {f"MoE layer {i}": (self.model, i) for i in range(len(self.model.moe_layers()))}
         else:
@@ -375,9 +407,10 @@ class RoutingExplorer:
                       if self.layer.value < len(model.moe_layers())}
         parts = []
         for title, (model, layer) in panels.items():
-            r = route_text(model, self.tokenizer, self.text.value, layer, self.capacity.value)
+            r = route_text(model, self.tokenizer, self.text.value, layer, self.capacity.value, self.priority.value)
             parts.append(f'<div class="moe-panel" style="font-size:11px;margin-bottom:6px"><b>{html.escape(title)}'
-                         f'</b> · dropped {r.n_dropped} · {r.capacity} slots per expert{routing_html(r)}</div>')
+                         f'</b> · dropped {r.n_dropped} · {r.capacity} slots per expert'
+                         f'{routing_html(r, self.highlight.value)}</div>')
         return "".join(parts)
 
     def static_html(self) -> str:

@@ -354,6 +354,15 @@ def test_bad_setups_fail_clearly_without_hanging(tmp_path):
     run_on_two_ranks(_bad_setups, tmp_path)
 
 
+def test_bytes_sent_counts_the_rows_that_arrived_on_the_way_back():
+    # rank 0 dispatches 405 rows to rank 1 and received 347 from it: it sends 405 out, then 347 back
+    stats = {"sent_rows": [120, 405], "received_rows": [120, 347], "local_expert_rows": [0]}
+    assert distributed.bytes_sent(stats, rank=0, n_embd=128) == (405 + 347) * 128 * 4  # 385 kB, not 2 x 405 rows
+    assert distributed.bytes_sent(stats, rank=0, n_embd=128) != 2 * 405 * 128 * 4
+    rank1 = {"sent_rows": [347, 90], "received_rows": [405, 90]}  # the same exchange seen from rank 1
+    assert distributed.bytes_sent(rank1, rank=1, n_embd=128) == (347 + 405) * 128 * 4
+
+
 def test_all_to_all_volume_formula():
     # 8 ranks, 1024 tokens each, top-2, 768 channels, bf16: 7/8 of 2048 rows leave and come back.
     assert distributed.all_to_all_bytes(1024, 768, 2, 8, 2) == 2 * 2048 * 7 / 8 * 768 * 2

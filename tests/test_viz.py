@@ -190,3 +190,32 @@ def test_a_saved_notebook_shows_the_static_view_not_a_repr(model_and_tokenizer):
     bundle = explorer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle  # live: the widget
     assert 'class="moe-text"' in bundle["text/html"] and "capacity-line" in bundle["text/html"]  # saved: the view
+
+
+def test_gate_priority_keeps_the_highest_gated_tokens_and_drops_need_not_fall_at_the_end():
+    model = skewed_model(ROUTERS["top-1"])
+    arrival = route_text(model, TOKENIZER, TEXT, capacity_factor=0.5)
+    gate = route_text(model, TOKENIZER, TEXT, capacity_factor=0.5, priority="gate")
+    # top-1: the same slots are filled, by other tokens (here padding, routed too, wins some of them)
+    assert (gate.n_dropped - sum(gate.padding_processed) == arrival.n_dropped - sum(arrival.padding_processed))
+    assert gate.dropped != arrival.dropped and gate.priority == "gate"
+    for e in range(gate.n_experts):
+        kept = [row[0].weight for row in gate.assignments if row[0].expert == e and row[0].kept]
+        over = [row[0].weight for row in gate.assignments if row[0].expert == e and not row[0].kept]
+        if kept and over:
+            assert min(kept) >= max(over)
+    first_drop = arrival.dropped.index(True)
+    assert any(gate.dropped[:first_drop])  # under arrival order nothing before this was dropped
+    with pytest.raises(ValueError, match="priority must be"):
+        route_text(model, TOKENIZER, TEXT, priority="random")
+
+
+def test_highlighting_an_expert_fades_the_others(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    explorer = RoutingExplorer(model, tok, TEXT)
+    explorer.highlight.value = 2
+    faded = explorer.text_view.value.count("opacity:0.25")
+    assert faded == len(TEXT) - sum(1 for row in explorer.routing.assignments if any(a.kept and a.expert == 2
+                                                                                    for a in row))
+    explorer.priority.value = "gate"
+    assert "batch priority routing" in explorer.summary.value
