@@ -65,6 +65,11 @@ def save_checkpoint(path, model, optimizer, step, cfg, history, batch_rng, extra
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
         "extra": extra or {},
     }
+    write_checkpoint_file(path, state)
+
+
+def write_checkpoint_file(path, state: dict):
+    """Write `state` (save_checkpoint's layout) with its sha256, atomically."""
     state["sha256"] = state_sha256(state)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError
         torch.save(state, f)

@@ -48,14 +48,17 @@ class Dataset:
 
     @classmethod
     def from_text(cls, text: str, tokenizer=None, val_fraction: float = 0.1, source: str = "the text") -> "Dataset":
+        check_not_empty(text, source)
+        tokenizer = tokenizer or CharTokenizer.from_text(text)
+        return cls.from_tokens(torch.tensor(tokenizer.encode(text), dtype=torch.long), tokenizer, val_fraction, source)
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, tokenizer, val_fraction: float = 0.1, source: str = "the text"):
+        """The first 1 - val_fraction of the tokens to train on, the rest to validate on."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if not text:
-            raise ValueError(f"{source} is empty: there is nothing to train on")
-        tokenizer = tokenizer or CharTokenizer.from_text(text)
-        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-        n_train = int(len(ids) * (1 - val_fraction))
-        return cls(ids[:n_train], ids[n_train:], tokenizer, source)
+        n_train = int(len(tokens) * (1 - val_fraction))
+        return cls(tokens[:n_train], tokens[n_train:], tokenizer, source)
 
     def check_batches_fit(self, batch_size: int, block_size: int):
         """Refuse, before any training, a block or a batch that a split is too small for: every
@@ -128,12 +131,14 @@ def text_dataset(path, tokenizer: str = "char", progress: bool = True) -> Datase
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"--tokenizer {tokenizer!r}: choose one of {TOKENIZERS}")
     text, source = read_text(path)
+    check_not_empty(text, source)
+    tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer(progress=progress)
+    return Dataset.from_tokens(cached_tokens(text, tok, tokenizer, progress), tok, source=source)
+
+
+def check_not_empty(text: str, source: str):
     if not text:
         raise ValueError(f"{source} is empty: there is nothing to train on")
-    tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer(progress=progress)
-    tokens = cached_tokens(text, tok, tokenizer, progress)
-    n_train = int(len(tokens) * 0.9)
-    return Dataset(tokens[:n_train], tokens[n_train:], tok, source)
 
 
 def cached_tokens(text: str, tok, name: str, progress: bool = True) -> torch.Tensor:

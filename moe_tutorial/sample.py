@@ -165,9 +165,10 @@ def chat(model, tokenizer, args, stdin, write):
                 continue
             if template:
                 messages.append({"role": "user", "content": line.rstrip("\n")})
-                while len(messages) > 1 and len(tokenizer.encode(render_chat(template, messages, tokenizer))) > room:
-                    messages = messages[2:] if len(messages) > 2 else messages[1:]  # oldest exchange first
                 prompt_ids = tokenizer.encode(render_chat(template, messages, tokenizer))
+                while len(messages) > 1 and len(prompt_ids) > room:
+                    messages = messages[2:] if len(messages) > 2 else messages[1:]  # oldest exchange first
+                    prompt_ids = tokenizer.encode(render_chat(template, messages, tokenizer))
                 stop = dict(stop_id=tokenizer.eos_token_id)
             else:
                 text += line if line.endswith("\n") else line + "\n"

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .checkpoint import state_sha256
+from .checkpoint import write_checkpoint_file
 from .config import CONFIG_VERSION
 from .distributed import is_expert_parallel
-from .downloads import atomic_path, sha256_of, writer_tag
+from .downloads import sha256_of, writer_tag
 
 META, SHA256 = "meta.json", "sha256.json"
 
@@ -151,11 +151,11 @@ def read_meta(folder) -> dict:
 
 
 def load_sharded(folder, model, optimizer) -> dict:
-    """Load a sharded checkpoint into this rank's model and optimizer (a collective), and return the
-    rest as a state dict of the single-process layout (moe_tutorial.checkpoint), for restore()."""
+    """Read a sharded checkpoint on every rank (a collective): this rank's shards and the plain values,
+    as a state dict of the single-process layout (moe_tutorial.checkpoint) that restore() loads."""
     meta = read_meta(folder)
     if meta["world_size"] != dist.get_world_size():
-        raise ValueError(f"{folder} was saved by {meta['world_size']} expert-parallel ranks and this run has "
+        raise ValueError(f"{folder} was saved by {meta['world_size']} ranks and this run has "
                          f"{dist.get_world_size()}: resume with --nproc_per_node={meta['world_size']}, or "
                          f"consolidate it (python -m moe_tutorial.sharded_checkpoint) and train on one process")
     _initialise_optimizer_state(model, optimizer)
@@ -164,10 +164,10 @@ def load_sharded(folder, model, optimizer) -> dict:
     template["rng.torch"] = torch.empty((meta["world_size"], torch.get_rng_state().numel()), dtype=torch.uint8)
     template["rng.batches"] = torch.get_rng_state().clone()
     dcp.load(as_global(template, sliced, _mesh()), checkpoint_id=Path(folder))
-    return single_process_layout(meta, template, optimizer, rank=dist.get_rank())
+    return single_process_layout(meta, template, rank=dist.get_rank())
 
 
-def single_process_layout(meta: dict, tensors: dict, optimizer, rank: int = 0) -> dict:
+def single_process_layout(meta: dict, tensors: dict, rank: int = 0) -> dict:
     """The layout of moe_tutorial.checkpoint (what save_checkpoint writes) from a sharded
     checkpoint's plain values and its tensors (this rank's slices, or the consolidated whole)."""
     model_state = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
@@ -215,10 +215,7 @@ def consolidate(folder, dest) -> Path:
     template = {name: torch.empty(tuple(m.size), dtype=m.properties.dtype) for name, m in stored.items()
                 if isinstance(m, TensorStorageMetadata)}
     dcp.load(template, checkpoint_id=folder, no_dist=True)
-    state = single_process_layout(meta, template, None)
-    state["sha256"] = state_sha256(state)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+    write_checkpoint_file(dest, single_process_layout(meta, template))
     return dest
 
 

@@ -7,6 +7,7 @@ sha256-checked, atomic) into the data cache, so once it is there it works offlin
 """
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -92,8 +93,6 @@ class HFTokenizer:
     the folder has one."""
 
     def __init__(self, folder):
-        from pathlib import Path
-
         folder = Path(folder)
         try:
             from tokenizers import Tokenizer

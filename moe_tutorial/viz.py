@@ -205,7 +205,7 @@ def token_detail(r: TextRouting, i: int) -> str:
         lines.append(f"expert {a.expert}: gate {a.weight:.2f}, slot {a.slot + 1} of {r.capacity}, {fate}")
     if not r.assignments[i]:
         lines.append("no expert picked it")
-    if r.dropped[i]:
+    if not any(a.kept for a in r.assignments[i]):  # dropped
         lines.append("dropped: it skips this layer (the residual carries it on)")
     if r.n_shared:
         lines.append(f"shared expert{'s' if r.n_shared > 1 else ''}: always processed")
