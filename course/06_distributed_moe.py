@@ -185,10 +185,19 @@ def torchrun(*args, nproc=2):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", *args]  # one machine, a free local port
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share this machine's cores
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
+    failures = []
+    for _attempt in range(2):  # a launch can fail outside the code (a peer's socket closing at exit): once more
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        if done.returncode == 0:
+            return done.stdout
+        failures.append(f"torchrun failed ({done.returncode}):\n{first_traceback(done.stderr)}")
+    raise RuntimeError("\n\n".join(failures))
+
+
+def first_traceback(stderr, limit=4000):
+    """The first worker's traceback, where torchrun's own summary at the end of stderr would hide it."""
+    start = stderr.find("Traceback")
+    return stderr[start:start + limit] if start >= 0 else stderr[-limit:]
 
 # %% [markdown]
 # ### 3.1 The sharded layer, and where the rows go
@@ -266,6 +275,7 @@ for function in (training.train_step, training.clip_gradients, distributed.avera
 STEP_SCRIPT = '''
 # One step of the Switch model on W ranks (experts sharded, DDP) beside the same step in one process on
 # the whole batch; rank 0 prints every rank's measurements as one JSON line.
+import gc
 import json
 from dataclasses import replace
 
@@ -357,6 +367,8 @@ everyone = [None] * W
 dist.all_gather_object(everyone, result)
 if ranks.is_main:
     print(json.dumps(everyone))
+del net, model  # DDP's wrapper holds the process group: let it go before the group is torn down
+gc.collect()
 dist.barrier()  # no rank tears down its process group while another still talks to it
 distributed.cleanup()
 '''
