@@ -16,6 +16,9 @@ Phases, in order (--phases picks some); every training comparison over 3 seeds:
   time     equal wall time: dense and the best MoE (alternating), each for as many steps as fit in
            120 s and in 300 s at the seconds per step measured in the same process just before the
            run (PROBE_STEPS steps after a warm-up); the run records that probe and its own seconds
+  routing  the variants whose seeds spread most (DIAGNOSED), trained again with the same seeds to
+           record what their routers did: each MoE layer's busiest expert and drops over the last
+           100 steps, and the loss and busiest share through training ("routing" records)
 
 Each finished run is appended to benchmarks/results/moe_scaling.json at once (one record per
 run, with the machine and the command), so an interrupted sweep continues where it stopped. A
@@ -27,13 +30,13 @@ Mean +- sd over seeds; a difference under 2 sd of the difference (sqrt(sd_a^2 + 
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -43,11 +46,23 @@ from moe_tutorial.downloads import atomic_path
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
-from moe_tutorial.seeds import verdict_of_stats
-from moe_tutorial.sweep import AUX_FREE, EVERY_OTHER, FAMILIES, VARIANTS, moe_config
+from moe_tutorial.seeds import combined_sd, verdict
+from moe_tutorial.sweep import (
+    AUX_FREE,
+    EVERY_OTHER,
+    RESULTS,
+    VARIANTS,
+    format_table,
+    load_runs,
+    moe_config,
+    plot_results,
+    routing_table,
+    step_times,
+    summary,
+    val_losses,
+)
 from moe_tutorial.train import train
 
-RESULTS = Path(__file__).resolve().parent / "results" / "moe_scaling.json"
 SEEDS = (1337, 1338, 1339)
 STEPS = 1800  # the char recipe
 LONG_STEPS = 2 * STEPS
@@ -56,7 +71,8 @@ PROBE_STEPS = 40  # timed steps that set an equal-time run's step count, measure
 
 QUICK_VARIANTS = ("dense", "top-1 E=8", "E=32 k=4 (C)")
 QUICK_STEPS, QUICK_BUDGET = 60, 3.0  # --quick: equal steps, and one equal-time run of dense and its best MoE
-PHASES = ("steps", "derived", "speed", "long", "time")
+PHASES = ("steps", "derived", "speed", "long", "time", "routing")
+DIAGNOSED = ("top-1 E=16",)  # its 3 seeds spread over 0.24 of val loss, the others' over at most 0.04
 
 
 def build(name, dataset, seed, steps):
@@ -97,12 +113,28 @@ def run_one(comparison, name, seed, steps, dataset, eval_sets, threads, **extra)
     )
 
 
-def load(path: Path) -> list:
-    return json.loads(path.read_text())["runs"] if path.exists() else []
+def run_routing(name, seed, steps, dataset, eval_sets, threads, window=100, every=300) -> dict:
+    """Train one run again (same seed, same recipe) and record what its routers did."""
+    model, cfg = build(name, dataset, seed, steps)
+    history = train(model, dataset, cfg)
+    share = torch.tensor(history.expert_load)  # (steps, layers, E): each router's first choices
+    dropped = torch.tensor(history.dropped)  # (steps, layers)
+    busiest = share.amax(dim=-1)  # (steps, layers)
+    return dict(
+        comparison="routing", variant=name, seed=seed, steps=steps,
+        val_loss=round(estimate_loss(model, eval_sets["val"], cfg), 5),
+        max_share=[round(v, 4) for v in busiest[-window:].mean(0).tolist()],  # per layer, last `window` steps
+        dropped_pct=[round(100 * v, 2) for v in dropped[-window:].mean(0).tolist()],
+        loss_through_training=[round(sum(history.loss[i:i + every]) / len(history.loss[i:i + every]), 4)
+                               for i in range(0, steps, every)],  # mean loss of each `every` steps
+        max_share_through_training=[round(busiest[i:i + every].max(dim=1).values.mean().item(), 4)
+                                    for i in range(0, steps, every)],  # the busiest layer's, per `every` steps
+        machine=machine(threads), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
+    )
 
 
 def append(path: Path, record: dict):
-    runs = load(path) + [record]
+    runs = load_runs(path) + [record]
     with atomic_path(path) as tmp:  # an interrupted write never corrupts earlier runs
         tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
 
@@ -111,42 +143,10 @@ def key(r):
     return (r["comparison"], r["variant"], r["seed"], r.get("budget_seconds") or r["steps"])
 
 
-def stats(runs, comparison, budget):
-    """{variant: (mean, sd, n)} of val loss for one comparison and budget (steps, or seconds)."""
-    groups = {}
-    for r in runs:
-        if r["comparison"] == comparison and (r.get("budget_seconds") or r["steps"]) == budget:
-            groups.setdefault(r["variant"], []).append(r["val_loss"])
-    return {v: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else float("nan"), len(x))
-            for v, x in groups.items()}
-
-
-def timed_runs(runs, budget) -> dict:
-    """{variant: equal-time runs at this budget (seconds), by seed}."""
-    timed = {}
-    for r in sorted(runs, key=lambda r: r["seed"]):
-        if r["comparison"] == "equal_time" and r["budget_seconds"] == budget:
-            timed.setdefault(r["variant"], []).append(r)
-    return timed
-
-
-def step_times(runs) -> dict:
-    """{variant: seconds per step}, from the latest speed measurement of each variant."""
-    return {r["variant"]: r["seconds_per_step"] for r in runs if r["comparison"] == "step_time"}
-
-
-def verdict(a, b) -> str:
-    """a vs b (mean, sd, ...): 'better' / 'worse' when lower / higher by more than 2 sd, else 'tie'
-    (the rule of moe_tutorial.seeds, in this report's words)."""
-    if math.isnan(a[1]) or math.isnan(b[1]):
-        return "n<2"  # one seed says nothing about noise: no verdict
-    return {"lower": "better", "higher": "worse", "tie": "tie"}[verdict_of_stats(a[0], a[1], b[0], b[1])]
-
-
 def ranking(runs, steps=STEPS) -> list:
     """MoE variants by mean val loss at `steps`, best first."""
-    table = {v: s for v, s in stats(runs, "equal_steps", steps).items() if v != "dense"}
-    return sorted(table, key=lambda v: table[v][0])
+    losses = {v: x for v, x in val_losses(runs, "equal_steps", steps).items() if v != "dense"}
+    return sorted(losses, key=lambda v: statistics.mean(losses[v]))
 
 
 def seconds_per_step(names, dataset, steps=30, rounds=3):
@@ -179,14 +179,14 @@ def main():
     torch.set_num_threads(args.threads)
     if not args.report:
         sweep(args)
-    report(load(args.out), args.out)
+    report(load_runs(args.out), args.out)
 
 
 def sweep(args):
     dataset = shakespeare_dataset(progress=False)
     n_batches = 10 if args.quick else 100  # the quick subset checks the machinery, not the losses
     eval_sets = {split: fixed_batches(dataset.split(split), n_batches, 16, 64, seed=0) for split in ("train", "val")}
-    done = {key(r) for r in load(args.out)}
+    done = {key(r) for r in load_runs(args.out)}
     command = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
 
     def run(comparison, variant, seed, steps, **extra):
@@ -218,24 +218,24 @@ def sweep(args):
         for seed in SEEDS[:2]:
             for variant in QUICK_VARIANTS:
                 run("equal_steps", variant, seed, QUICK_STEPS)
-        if not step_times(load(args.out)):
+        if not step_times(load_runs(args.out)):
             measure_speed(QUICK_VARIANTS, steps=5, rounds=1)
-        equal_time([QUICK_BUDGET], SEEDS[:1], ranking(load(args.out), QUICK_STEPS)[:1], probe_steps=5)
+        equal_time([QUICK_BUDGET], SEEDS[:1], ranking(load_runs(args.out), QUICK_STEPS)[:1], probe_steps=5)
         return
     if "steps" in args.phases:
         for seed in SEEDS:  # seed-major: a partial sweep already has one run of every variant
             for variant in args.variants or VARIANTS:
                 run("equal_steps", variant, seed, STEPS)
-    best = ranking(load(args.out))[:1]
+    best = ranking(load_runs(args.out))[:1]
     if "derived" in args.phases and best:
         for seed in SEEDS:
             for variant in (best[0] + EVERY_OTHER, best[0] + AUX_FREE):
                 run("equal_steps", variant, seed, STEPS)
     if "speed" in args.phases:
-        trained = sorted({r["variant"] for r in load(args.out) if r["comparison"] == "equal_steps"})
-        if set(trained) - set(step_times(load(args.out))):
+        trained = sorted({r["variant"] for r in load_runs(args.out) if r["comparison"] == "equal_steps"})
+        if set(trained) - set(step_times(load_runs(args.out))):
             measure_speed(trained)  # all together, so that the ratios come from one sitting
-    best = ranking(load(args.out))[:1]
+    best = ranking(load_runs(args.out))[:1]
     if "long" in args.phases and best:
         for seed in SEEDS:
             for variant in ["dense"] + best:
@@ -243,76 +243,91 @@ def sweep(args):
                     run("equal_steps", variant, seed, LONG_STEPS)
     if "time" in args.phases and best:
         equal_time(TIME_BUDGETS, SEEDS, best)
+    if "routing" in args.phases:
+        for variant in DIAGNOSED:
+            for seed in SEEDS:
+                if ("routing", variant, seed, STEPS) not in done:
+                    record = run_routing(variant, seed, STEPS, dataset, eval_sets, args.threads)
+                    append(args.out, record)
+                    done.add(key(record))
+                    print(f"routing     {variant:<46}seed {seed}  val {record['val_loss']:.4f}  busiest expert "
+                          f"{record['max_share']}", flush=True)
+
+
+# The head-to-head comparisons the README quotes, each with its 2 sd (equal steps, the recipe's 1800).
+HEAD_TO_HEAD = [
+    ("top-1 E=8", "E=16 k=2 (2C)"), ("E=16 k=2 (2C)", "E=32 k=4 (C)"), ("top-1 E=4", "top-1 E=8"),
+    ("E=64 k=8 (C/2)", "E=32 k=4 (C)"),  # splitting further without a shared expert
+    ("E=64 k=7 (C/2) + shared", "E=64 k=8 (C/2)"), ("E=32 k=3 (C) + shared", "E=32 k=4 (C)"),
+    ("E=16 k=1 (2C) + shared", "E=16 k=2 (2C)"),  # a shared expert against the same routed width
+    ("E=64 k=7 (C/2) + shared", "E=32 k=3 (C) + shared"),
+    ("E=32 k=3 (C) + shared" + EVERY_OTHER, "E=32 k=3 (C) + shared"),  # the derived variants, against their base
+    ("E=32 k=3 (C) + shared" + AUX_FREE, "E=32 k=3 (C) + shared"),
+]
+
+
+def comparisons(runs) -> str:
+    """The figures behind the README's prose: head-to-head differences with their 2 sd, how the best
+    MoE's lead changes from 1800 to 3600 steps, and what the equal-time runs really took."""
+    steps = val_losses(runs, "equal_steps", STEPS)
+    lines = []
+
+    def line(label, diff, sd, call):
+        lines.append(f"{label}: {diff:+.4f} (2 sd {2 * sd:.4f}): {call}")
+
+    for a, b in HEAD_TO_HEAD:
+        if a in steps and b in steps and min(len(steps[a]), len(steps[b])) >= 2:
+            line(f"{a} vs {b}", mean(steps[a]) - mean(steps[b]), combined_sd(steps[a], steps[b]),
+                 verdict(steps[a], steps[b]))
+    if all(v in steps for v in HEAD_TO_HEAD[4] + HEAD_TO_HEAD[5]):
+        at_64 = mean(steps[HEAD_TO_HEAD[4][0]]) - mean(steps[HEAD_TO_HEAD[4][1]])
+        at_32 = mean(steps[HEAD_TO_HEAD[5][0]]) - mean(steps[HEAD_TO_HEAD[5][1]])
+        sd = combined_sd(*(steps[v] for v in HEAD_TO_HEAD[4] + HEAD_TO_HEAD[5]))
+        line("a shared expert's effect at E=64 minus at E=32", at_64 - at_32, sd,
+             "tie" if abs(at_64 - at_32) <= 2 * sd else "differs")
+    best = ranking(runs)[:1]
+    long = val_losses(runs, "equal_steps", LONG_STEPS)
+    if best and best[0] in long and "dense" in long:
+        b = best[0]
+        lead = {STEPS: mean(steps["dense"]) - mean(steps[b]), LONG_STEPS: mean(long["dense"]) - mean(long[b])}
+        line(f"{b}, lead over dense at {LONG_STEPS} minus at {STEPS} steps", lead[LONG_STEPS] - lead[STEPS],
+             combined_sd(steps["dense"], steps[b], long["dense"], long[b]),
+             "tie" if abs(lead[LONG_STEPS] - lead[STEPS]) <= 2 * combined_sd(
+                 steps["dense"], steps[b], long["dense"], long[b]) else "differs")
+        doubling = mean(steps["dense"]) - mean(long["dense"])  # what twice the steps buys dense
+        worth = 2 ** (lead[STEPS] / doubling)  # interpolating in log steps (an assumption)
+        at_most = 2 ** ((lead[STEPS] + 2 * combined_sd(steps["dense"], steps[b]))
+                        / (doubling - 2 * combined_sd(steps["dense"], long["dense"])))
+        lines.append(f"dense from {STEPS} to {LONG_STEPS} steps gains {doubling:.4f}: the MoE's lead at {STEPS} "
+                     f"steps is worth {worth:.2f}x dense's steps (at most {at_most:.2f}x allowing 2 sd)")
+    for budget in sorted({r["budget_seconds"] for r in runs if r["comparison"] == "equal_time"}):
+        timed = [r for r in runs if r["comparison"] == "equal_time" and r["budget_seconds"] == budget]
+        real = {v: 1e3 * mean([r["seconds"] / r["steps"] for r in timed if r["variant"] == v])
+                for v in dict.fromkeys(r["variant"] for r in timed)}
+        miss = max(abs(r["seconds_per_step"] / (r["seconds"] / r["steps"]) - 1) for r in timed)
+        lines.append(f"equal time {budget:g} s: real ms/step " + ", ".join(f"{v} {ms:.1f}" for v, ms in real.items())
+                     + f"; the probes missed the runs' real speed by up to {miss:.0%}")
+    return "\n".join(lines)
 
 
 def report(runs, path):
     if not runs:
         print(f"no runs in {path}")
         return
-    per_step = step_times(runs)  # speed phase; an equal-time row shows its runs' own probes instead
-    budgets = sorted({("equal_steps", r["steps"]) for r in runs if r["comparison"] == "equal_steps"}
-                     | {("equal_time", r["budget_seconds"]) for r in runs if r["comparison"] == "equal_time"})
-    meta = {r["variant"]: r for r in runs if "total_params" in r}
-    print(f"{'comparison':<12}{'budget':<12} {'variant':<46}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<8}"
-          f"{'total':>10}{'active':>9}{'ms/step':>8}{'x dense':>8}  equal time: steps, own seconds")
-    for comparison, budget in budgets:
-        table = stats(runs, comparison, budget)
-        dense = table.get("dense")
-        unit = "steps" if comparison == "equal_steps" else "s"
-        timed = timed_runs(runs, budget) if comparison == "equal_time" else {}
-        speed = {v: statistics.mean(r["seconds_per_step"] for r in rs) for v, rs in timed.items()} or per_step
-        for v, s in sorted(table.items(), key=lambda kv: kv[1][0]):
-            delta = f"{s[0] - dense[0]:+.4f}" if dense else ""
-            call = verdict(s, dense) if dense and v != "dense" else ""
-            ms = f"{1e3 * speed[v]:.1f}" if v in speed else "-"
-            ratio = f"{speed[v] / speed['dense']:.2f}" if v in speed and "dense" in speed else "-"
-            own = "  " + ", ".join(f"{r['steps']} in {r['seconds']:.0f} s" for r in timed[v]) if v in timed else ""
-            print(f"{comparison:<12}{budget:>5g} {unit:<6}{v:<46}{s[2]:>2}{s[0]:>10.4f} ± {s[1]:.4f}{delta:>10}  "
-                  f"{call:<8}{meta[v]['total_params']:>10,}{meta[v]['active_params']:>9,}{ms:>8}{ratio:>8}{own}")
-    plot(runs, path.with_suffix(".png"))
-
-
-def plot(runs, png):
+    rows = summary(runs)
+    print(format_table(rows))
+    print("\n" + comparisons(runs))
+    if any(r["comparison"] == "routing" for r in runs):
+        print("\n" + routing_table(runs))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    table = stats(runs, "equal_steps", STEPS)
-    for label, members in FAMILIES.items():
-        points = [(moe_config(v).n_experts, table[v]) for v in members if v in table]
-        if points:
-            ax1.errorbar([e for e, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points],
-                         marker="o", capsize=3, label=label)
-    if "dense" in table:
-        mean, sd = table["dense"][:2]
-        ax1.axhspan(mean - sd, mean + sd, color="grey", alpha=0.25)
-        ax1.axhline(mean, color="grey", label="dense (mean ± sd)")
-    ax1.set_xscale("log", base=2)
-    ax1.set(xlabel="routed experts per MoE layer", ylabel=f"validation loss after {STEPS} steps",
-            title="Equal steps, equal active compute per token")
-    ax1.legend(fontsize=8)
-    budgets = sorted({r["budget_seconds"] for r in runs if r["comparison"] == "equal_time"})
-    curves = {}  # variant: [(budget, val losses, steps)], from the equal-time runs alone
-    for budget in budgets:
-        for variant, rs in timed_runs(runs, budget).items():
-            steps = sorted(r["steps"] for r in rs)  # each run's own probe sets its steps
-            curves.setdefault(variant, []).append((budget, [r["val_loss"] for r in rs], f"{steps[0]}–{steps[-1]}"))
-    for variant, points in curves.items():
-        ax2.errorbar([b for b, _, _ in points], [statistics.mean(v) for _, v, _ in points],
-                     yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v, _ in points],
-                     marker="o", capsize=3, label=variant)
-        for b, v, n in points:
-            ax2.annotate(f"{n} steps", (b, statistics.mean(v)), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    ax2.set(xlabel="training budget (seconds on this machine)", ylabel="validation loss",
-            title="Equal wall time: as many steps as fit")
-    if ax2.lines:
-        ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig = plot_results(rows, STEPS)
+    fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
-    print(f"plot: {png.name} beside the JSON")
+    print(f"plot: {path.with_suffix('.png').name} beside the JSON")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 # **Objectives**
 # 1. Know what MoE buys: more parameters at the same compute per token.
 # 2. Build a router and top-1 routing; understand capacity and dropping.
-# 3. Derive the load-balancing loss `α·E·Σ f_i·P_i` and the z-loss.
+# 3. Motivate the load-balancing loss `α·E·Σ f_i·P_i` and the z-loss from their gradients.
 # 4. Check a from-scratch MoE layer against `moe_tutorial.moe.MoE`.
 # 5. Train MoEs with and without each auxiliary loss, and see what collapse looks like.
 #
@@ -26,7 +26,6 @@ import math
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from IPython.display import Markdown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -34,8 +33,9 @@ torch.set_num_threads(2)
 # %% [markdown]
 # ## 1 · Why experts?
 # In a transformer most parameters and FLOPs sit in the feed-forward MLPs. An MoE layer keeps
-# `E` MLPs ("experts") and sends each token to only one (or `k`) of them. Parameters grow `E`-fold;
-# the compute per token stays that of one MLP (plus a tiny router). The layer, in four steps:
+# `E` MLPs ("experts") and sends each token to only one (or `k`) of them. The feed-forward
+# parameters grow `E`-fold (attention and embeddings are shared, so the model grows less); the
+# compute per token stays that of one MLP, plus a tiny router. The layer, in four steps:
 
 # %%
 from moe_tutorial.diagrams import moe_layer_diagram
@@ -48,7 +48,8 @@ plt.show()
 # `capacity` per expert in arrival order (token 4 finds expert 1 full and is dropped); each expert
 # is an ordinary MLP run on its group; outputs are scaled by their gates and put back in token
 # order. For the char model of notebook 01 with an MoE of 8 full-width experts in every block (the
-# course's `"Switch top-1"` variant: the best top-1 setting of notebook 04's experts sweep):
+# course's `"Switch top-1"` variant; in notebook 04's experts sweep top-1 with 4 or 8 experts ties
+# dense, and 4 and 8 tie each other):
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
@@ -63,23 +64,25 @@ counts = {name: (info.total_params, info.active_params) for name, info in infos.
 assert counts["Switch MoE, E=8"][0] == sum(p.numel() for p in GPT(moe_cfg).parameters())  # every weight counted
 for name, (total, active) in counts.items():
     print(f"{name:<16} total {total:>9,} parameters, {active:>8,} used per token")
-param_ratio = counts["Switch MoE, E=8"][0] / counts["dense"][0]
+print(f"the MoE has {counts['Switch MoE, E=8'][0] / counts['dense'][0]:.2f}x the dense model's parameters")
 n_routers = sum(moe_cfg.is_moe_layer(i) for i in range(moe_cfg.n_layer))  # one per MoE block
 assert counts["Switch MoE, E=8"][1] - counts["dense"][1] == n_routers * moe_cfg.n_embd * moe_cfg.moe.n_experts
 
-# %%
-Markdown(f"{param_ratio:.2f}× the parameters for the same matrix multiplications per token: the only "
-         f"extra weights a token uses are the {n_routers} routers' `C × E` = "
-         f"{moe_cfg.n_embd * moe_cfg.moe.n_experts:,} each. Whether the extra parameters help is a question "
-         f"for seeds: notebook 04 answers it.")
-
 # %% [markdown]
+# Several times the parameters, and the same matrix multiplications per token: the only extra
+# weights a token uses are the routers', `C × E` per MoE layer (the assert). Whether the extra
+# parameters help is a question for seeds: notebook 04 answers it.
 #
 # ## 2 · A router from scratch
 # The router is a linear layer from the token's `C` features to `E` logits. A softmax turns them
 # into probabilities; Switch routing sends the token to its single most probable expert and
 # multiplies that expert's output by the probability (the **gate**), which is how the router
 # learns: its only gradient from the language-model loss flows through the gate.
+#
+# One expert per token was a bold choice. Shazeer et al. (2017) routed to k ≥ 2, reasoning that
+# the router needs at least two experts to compare. Switch Transformer showed top-1 trains well:
+# the gradient through one gate still tells the router whether its choice helped, and one expert
+# halves the expert compute and the tokens sent between devices.
 
 # %%
 torch.manual_seed(0)
@@ -104,15 +107,18 @@ print("the package's Router agrees")
 
 # %% [markdown]
 # The package computes the router in **fp32 even under bf16 autocast** ("selective precision" in
-# the Switch paper): a softmax over experts is sensitive to rounding, and a mis-rounded router
-# sends tokens to the wrong expert.
+# the Switch paper): in bf16 the `exp` of the softmax amplifies rounding errors in the logits, and
+# the Switch authors found such routers trained unstably.
 #
 # ## 3 · Capacity and dropped tokens
 # To run experts as fixed-size batches (and to bound the worst case), each expert gets a
-# **capacity**: `ceil(capacity_factor · N / E)` slots. Tokens arrive in sequence order; once an
-# expert is full, later tokens sent to it are **dropped**: the layer outputs zero for them and the
-# residual connection carries them to the next block unchanged. The package's defaults, training at
-# capacity factor 1.25 and evaluating at 2.0, are ST-MoE's; the Switch paper sweeps 1.0 to 2.0.
+# **capacity**: `ceil(capacity_factor · N / E)` slots. Tokens arrive in the order of the flattened
+# batch (`B·T`: all of sequence 0, then sequence 1, ...), so the later sequences of a batch are the
+# ones that lose slots. Once an expert is full, later tokens sent to it are **dropped**: the layer
+# outputs zero for them and the residual connection carries them to the next block unchanged.
+# The package's defaults, training at capacity factor 1.25 and evaluating at 2.0, are ST-MoE's;
+# the Switch paper sweeps 1.0 to 2.0.
+# Generation never drops (notebook 04 explains why): three capacities, so a loss must say which.
 
 # %%
 from moe_tutorial.router import capacity
@@ -166,10 +172,39 @@ assert capacity_solved  # solutions-only
 # *last* tokens of each expert instead of the first (the count is right, the order is not).
 
 # %% [markdown]
+# **Why a capacity factor above 1?** Even a perfectly balanced router sends each expert a random
+# number of tokens. If each of `N` tokens picks one of `E` experts uniformly, an expert's count is
+# binomial: mean `N/E`, standard deviation about `√(N/E)`. The fewer tokens per expert, the larger
+# that noise is against the mean, and the more a capacity of exactly `N/E` drops. Simulated:
+
+# %%
+generator = torch.Generator().manual_seed(0)
+FACTORS, E_SIM, TRIALS = (1.0, 1.25, 2.0), 8, 200
+drop = {}
+print(f"{'tokens per expert':>18}" + "".join(f"{f'dropped at cf {cf:g}':>20}" for cf in FACTORS))
+for per_expert in (4, 16, 96, 512):
+    n = per_expert * E_SIM
+    load = F.one_hot(torch.randint(E_SIM, (TRIALS, n), generator=generator), E_SIM).sum(1)  # (trials, E)
+    for cf in FACTORS:
+        drop[per_expert, cf] = (load - capacity(n, E_SIM, cf)).clamp(min=0).sum().item() / (TRIALS * n)
+    print(f"{per_expert:>18}" + "".join(f"{drop[per_expert, cf]:>20.1%}" for cf in FACTORS))
+assert drop[4, 1.0] > drop[16, 1.0] > drop[96, 1.0] > drop[512, 1.0] > 0  # fewer per expert: more dropped
+assert all(drop[4, cf] >= drop[16, cf] >= drop[96, cf] >= drop[512, cf] for cf in FACTORS)
+assert drop[96, 1.0] > 0.02 and drop[96, 1.25] < 0.001  # the char model's 96 per expert
+
+# %% [markdown]
+# A uniform router drops tokens too, and the fewer tokens per expert, the more (the asserts). The
+# char model's batch gives each of 8 experts 96 tokens on average (768 / 8): there a uniform
+# router loses a few percent at factor 1.0 and almost nothing at 1.25. A trained router is not
+# uniform, so its drops are higher (section 7 measures them). So the factor must rise as the
+# tokens per expert fall: many experts, small batches, or a batch split over many devices.
+
+# %% [markdown]
 # ## 4 · Keeping the experts busy: the load-balancing loss
 # Nothing in the language-model loss asks the router to spread tokens. Left alone, a router tends
-# to favour a few experts, they get better, it favours them more — *collapse*: most experts idle,
-# most tokens dropped. Switch Transformer adds
+# to favour a few experts, they get better, it favours them more: *collapse*, where one or a few
+# experts are the first choice of most tokens and the rest sit idle. With a capacity limit, the
+# tokens over it are then dropped. Switch Transformer adds
 #
 # $$\mathcal{L}_{\text{aux}} = \alpha \cdot E \cdot \sum_{i=1}^{E} f_i \, P_i,$$
 #
@@ -178,8 +213,10 @@ assert capacity_solved  # solutions-only
 #
 # Why this form? The gradient with respect to `P_i` is `α·E·f_i`: experts that receive many tokens
 # get their probability pushed down hardest. With a uniform router `f_i = P_i = 1/E`, so
-# `E · Σ 1/E² = 1`: the loss is exactly `α` when balanced, and `α·E` when one expert takes
-# everything. `α = 0.01` by default.
+# `E · Σ 1/E² = 1`: the loss is `α` when balanced. It is at most `α·E`, reached when every token
+# picks one expert with certainty (`f_1 = P_1 = 1`). Its value alone does not prove balance:
+# `f = (1, 0, …)` with a uniform `P` also gives 1. What balances is the gradient. `α = 0.01` by
+# default.
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 2 — the load-balancing loss
@@ -213,10 +250,25 @@ assert passed  # solutions-only
 # `f`: `E·Σ P_i²`, whose gradient is wrong), and the loss without the factor `E` (1/E when balanced).
 
 # %% [markdown]
+# Three details of how the loss is used:
+# - **One loss per layer.** Each MoE layer has its own router and its own loss, computed on that
+#   layer's tokens; the model adds them. (Notebook 04's exercise 3 shows why pooling the layers into
+#   one loss fails.)
+# - **The batch it balances.** `f_i` and `P_i` are taken over the tokens the layer sees in one
+#   forward pass. Under data parallelism that is each device's micro-batch, which is stricter than
+#   balancing the global batch: a device with a run of code tokens must still spread them.
+# - **A quiet start.** Switch initialises weights with a tenth of the usual scale `s` (a variance
+#   factor): a truncated normal with std `√(0.1 / fan_in)`, about 0.028 for this router's 128 inputs, close to the
+#   0.02 of GPT-2's init that the package uses. Small logits mean near-uniform routing at first.
+#   Switch also multiplies the router's input by noise from `[1 − ε, 1 + ε]` in training
+#   (`MoEConfig.jitter`, off by default here).
+
+# %% [markdown]
 # ## 5 · The router z-loss
 # ST-MoE (Zoph et al. 2022) found that large router logits make training unstable: a float's
-# absolute rounding error grows with its magnitude (bf16 keeps about 3 significant digits at any
-# size), and `exp` turns an absolute error in a logit into a relative error in the probability.
+# absolute rounding error grows with its magnitude (bf16 keeps 8 significant bits, about 2.4
+# decimal digits, at any size), and `exp` turns an absolute error in a logit into a relative error
+# in the probability.
 # The **z-loss** `z² = mean_tokens( logsumexp(logits)² )`, weighted by 1e-3, is smallest when each
 # token's log-partition `z = logsumexp(l)` is 0. Its gradient is `∂z²/∂l_i = 2z · softmax(l)_i`:
 # when `z > 0` every logit is pushed *down* in proportion to its probability (the winner hardest),
@@ -314,6 +366,8 @@ assert torch.allclose(ours, theirs, atol=1e-6)
 from dataclasses import replace
 
 from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
+from moe_tutorial.moe import dropless
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
 
@@ -358,55 +412,92 @@ def router_logit_stats(model, ids):
 
 
 val_ids = dataset.val[:64 * 64].view(64, 64)  # 64 validation windows
-print(f"{'run':<17}{'val loss':>9}{'dropped %':>11}{'load CV':>9}{'max share':>11}{'z':>7}{'max logit':>11}"
-      f"{'spread':>8}{'top prob':>10}")
+val_batches = fixed_batches(dataset.val, 20, 12, 64, seed=0)
+_, eval_cfg = preset("char", dataset.tokenizer.vocab_size)
+
+
+@torch.no_grad()
+def eval_drop_pct(model, batches):
+    """% of tokens no expert processed, mean over MoE layers and batches, at the model's eval capacity."""
+    model.eval()
+    dropped = [r.dropped.float().mean() for x, _ in batches for r in model(x, return_routing=True).routing]
+    return 100 * torch.stack(dropped).mean().item()
+
+
+def layer0_max_share(history):  # the busiest expert's share of MoE layer 0's first choices, last 100 steps
+    return torch.tensor(history.expert_load[-100:])[:, 0].amax(-1).mean().item()
+
+
+print(f"{'':<17}{'training, last 100 steps':<41}{'validation batches, eval mode':<40}")
+print(f"{'run':<17}{'dropped %':>10}{'load CV':>9}{'max share':>11}{'layer 0':>9}   {'loss cf 2':>10}{'dropless':>9}"
+      f"{'dropped %':>10}{'z':>7}{'max logit':>10}{'spread':>7}{'top prob':>9}")
 stats = {}
 for name, h in histories.items():
-    stats[name] = {**h.routing_summary(), **dict(zip(("z", "max_logit", "spread", "top_prob"),
-                                                      router_logit_stats(models[name], val_ids)))}
+    with dropless(models[name]):
+        free = estimate_loss(models[name], val_batches, eval_cfg)
+    stats[name] = {**h.routing_summary(), "val_loss": estimate_loss(models[name], val_batches, eval_cfg),
+                   "dropless_loss": free, "eval_dropped_pct": eval_drop_pct(models[name], val_batches),
+                   "layer0_max_share": layer0_max_share(h),
+                   **dict(zip(("z", "max_logit", "spread", "top_prob"), router_logit_stats(models[name], val_ids)))}
     s_ = stats[name]
-    print(f"{name:<17}{h.final_val_loss:>9.3f}{s_['dropped_pct']:>11.1f}{s_['load_cv']:>9.2f}{s_['max_share']:>11.2f}"
-          f"{s_['z']:>7.2f}{s_['max_logit']:>11.2f}{s_['spread']:>8.2f}{s_['top_prob']:>10.2f}")
-
-with_aux, no_aux, no_z = (stats[n] for n in ("Switch MoE", "no aux loss", "no z-loss"))
-assert with_aux["load_cv"] < 0.5 * no_aux["load_cv"]  # the balancing loss evens the demand ...
-assert no_aux["dropped_pct"] > 3 * with_aux["dropped_pct"]  # ... and without it several times more is dropped
-assert no_aux["max_share"] < 0.5  # ... but no collapse at this budget: the busiest expert has under half
-assert abs(with_aux["z"]) < 0.5 * abs(no_z["z"])  # the z-loss pins the log-partition near 0
-first_layer_share = torch.tensor(histories["neither, no cap"].expert_load[-100:])[:, 0].amax(-1).mean().item()
-assert first_layer_share > 0.5  # collapse: in MoE layer 0 one expert is the first choice of most tokens
+    print(f"{name:<17}{s_['dropped_pct']:>10.1f}{s_['load_cv']:>9.2f}{s_['max_share']:>11.2f}"
+          f"{s_['layer0_max_share']:>9.2f}   "
+          f"{s_['val_loss']:>10.3f}{s_['dropless_loss']:>9.3f}{s_['eval_dropped_pct']:>10.1f}{s_['z']:>7.2f}"
+          f"{s_['max_logit']:>10.2f}{s_['spread']:>7.2f}{s_['top_prob']:>9.2f}")
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
 for ax, name in zip(axes, ("Switch MoE", "no aux loss", "neither, no cap")):
     load = torch.tensor(histories[name].expert_load)[:, 0]  # (steps, E) for the first MoE layer
     smooth = F.avg_pool1d(load.T[None], 25, stride=5)[0].T  # moving average over 25 steps
-    ax.stackplot(range(0, 5 * len(smooth), 5), smooth.T.numpy())
+    ax.stackplot(range(0, 5 * len(smooth), 5), smooth.T.numpy(), labels=[f"expert {e}" for e in range(load.size(1))])
     ax.set(xlabel="step", ylabel="share of first choices", ylim=(0, 1), title=f"{name}: MoE layer 0")
+axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
 plt.tight_layout()
 plt.show()
 
-# %%
-Markdown(f"""Read the table, don't take the course's word. "Load CV" is the coefficient of variation of the experts'
-share of first choices (0 = perfectly even; `moe_tutorial.router.load_cv`, the one definition every notebook
-uses), "max share" the busiest expert's share (1/8 = 0.125 is even), both over the last 100 steps; z, max logit
-and top prob are measured on validation text.
+# %% [markdown]
+# Read the table. "Load CV" is the coefficient of variation of the experts' shares of first
+# choices (0 = even; `moe_tutorial.router.load_cv`), "max share" the busiest expert's share (1/8 is
+# even), averaged over the MoE layers, and "layer 0" that share in the first MoE layer. They
+# measure the router's demand, before capacity cuts it, over the last 100 training steps; the first
+# "dropped %" is what training capacity cut. The rest is measured on the same validation batches in
+# eval mode: the loss at capacity factor 2.0 and dropless, and what capacity 2.0 drops.
+#
+# - **The load-balancing loss** keeps demand even. Without it the load CV is several times higher,
+#   and several times more tokens are dropped in training. The busiest expert still takes under
+#   half the first choices in any layer: at this budget the router drifts but does not collapse.
+#   Its training drops cost it even when evaluated dropless: its loss is well above the Switch
+#   MoE's. Its evaluation drops, on the other hand, barely move its loss (the two loss columns
+#   agree): trained with about a third of its tokens dropped, it seems to have learned to do
+#   without the expert on many tokens. (Its tokens per second, above, are one noisy run each; a dropped token skips its
+#   expert's matmul, which can only make it faster.)
+# - **The z-loss** pins the log-partition `z` near 0, and with it the largest logit. The logits'
+#   spread and the router's probability for its choice are one seed each: no claim either way. In
+#   fp32 on a CPU this run cannot show the z-loss's real purpose, stability in bf16.
+# - **Collapse.** With neither loss, no capacity limit and a higher learning rate, one expert is the
+#   first choice of most tokens in MoE layer 0 (the right plot). That run changes three things at
+#   once; which of them was needed is not tested here. A plausible reason to lift the capacity: a
+#   dropped token outputs 0 whatever its gate, so it adds nothing to that expert's gate gradient.
+# - **Say which capacity.** The collapsed model trained with room for every token. Evaluated at
+#   capacity factor 2.0 it drops many of its tokens, and its loss is worse than a uniform guess over
+#   the 65 characters. Dropless, as it trained, its loss is close to the Switch MoE's: one expert
+#   does most of the work, so the other experts' parameters are wasted rather than harmful. A loss
+#   means little without the capacity it was measured at.
 
-- **The load-balancing loss** keeps demand even: load CV {with_aux['load_cv']:.2f} with it,
-  {no_aux['load_cv']:.2f} without, and {no_aux['dropped_pct'] / max(with_aux['dropped_pct'], 1e-9):.0f}× as many
-  tokens dropped without it ({with_aux['dropped_pct']:.1f}% vs {no_aux['dropped_pct']:.1f}%). Without it the
-  router's preferences drift apart but, at this scale and budget, do not collapse (busiest expert
-  {no_aux['max_share']:.2f}).
-- **The z-loss** pins the log-partition: mean z = {with_aux['z']:.2f} with it, {no_z['z']:.2f} without, and the
-  largest logit {with_aux['max_logit']:.2f} vs {no_z['max_logit']:.2f} — the logits' level, which a softmax ignores.
-  Their spread ({with_aux['spread']:.2f} vs {no_z['spread']:.2f}) and the router's probability for its chosen expert
-  ({with_aux['top_prob']:.2f} vs {no_z['top_prob']:.2f}) are one seed each: no claim either way.
-- **Collapse**: with neither loss, no capacity limit and a {COLLAPSE_LR / recipe_lr:.1f}× learning rate, one expert
-  takes {first_layer_share:.0%} of the first choices of MoE layer 0 over the last 100 steps (the right plot) — the
-  rich-get-richer loop of section 4. That run changes three things at once, so which of them was needed is not
-  tested here; one plausible reason to lift the capacity is that a token dropped by a full expert outputs 0 whatever
-  its gate, so it adds nothing to that expert's gate gradient. Its validation loss is not comparable with the others'
-  (another learning rate, one seed).""")
+# %%
+with_aux, no_aux, no_z, collapsed = (stats[n] for n in ("Switch MoE", "no aux loss", "no z-loss", "neither, no cap"))
+assert with_aux["load_cv"] < 0.5 * no_aux["load_cv"]  # the balancing loss evens the demand ...
+assert no_aux["dropped_pct"] > 3 * with_aux["dropped_pct"]  # ... and without it several times more is dropped
+assert no_aux["max_share"] < 0.5 and no_aux["layer0_max_share"] < 0.5  # ... but no collapse at this budget
+assert no_aux["dropless_loss"] > with_aux["dropless_loss"] + 0.1  # its training drops cost it, even dropless
+assert no_aux["eval_dropped_pct"] > 1 and abs(no_aux["val_loss"] - no_aux["dropless_loss"]) < 0.005
+assert abs(with_aux["z"]) < 0.5 * abs(no_z["z"])  # the z-loss pins the log-partition near 0
+assert with_aux["max_logit"] < no_z["max_logit"]
+assert collapsed["layer0_max_share"] > 0.5  # collapse: in MoE layer 0 one expert is the first choice of most tokens
+assert collapsed["eval_dropped_pct"] > 25  # capacity 2.0 cuts what it trained to send to one expert
+assert collapsed["dropless_loss"] < math.log(65) < collapsed["val_loss"]  # worse than uniform only at cf 2.0
+assert abs(collapsed["dropless_loss"] - with_aux["dropless_loss"]) < 0.1  # dropless, close to the Switch MoE
 
 # %% [markdown]
 # ## 8 · The routing explorer
@@ -414,9 +505,10 @@ and top prob are measured on validation text.
 # below routes real Shakespeare through the models trained above, and through an untrained one.
 # Move the **capacity factor** slider, change the **model**, the **layer** or the **text**. The
 # chart shows, per expert, its demand (outlined bar: the characters that chose it) against the
-# capacity line, and what it processed (filled). Hover over a character, or type its number, to
-# see its router probabilities, its expert, its gate and its slot. A dropped character keeps its
-# expert's colour, hatched and struck through. (It needs a live kernel; a static rendering of the
+# capacity line, and what it processed (filled). Click the number under a bar to highlight that
+# expert's characters. Hover over a character, or type its number, to see its router probabilities,
+# its expert, its gate and its slot. A dropped character keeps its expert's colour, hatched and
+# struck through. (It needs a live kernel; a static rendering of the
 # same view follows.)
 
 # %%
@@ -442,9 +534,12 @@ for capacity_factor in (1.0, 0.5):
     assert view.n_dropped == over  # top-1: exactly the demand above each expert's capacity is dropped
 
 # %% [markdown]
-# At capacity factor 0.5 every expert's slots are fewer than an even share, so every expert that
-# is chosen more than that overflows: the outlined part above the dashed line is what was dropped
-# (the assert checks that the drops are exactly the demand over capacity).
+# At capacity factor 0.5 the experts have slots for only half the characters together, so at
+# least half must be dropped. Exactly that many are when every expert is asked for at least its
+# capacity. The outlined part above the dashed line is what was dropped (the assert checks that the
+# drops are exactly the demand over capacity). The explorer's "slots by: highest gate" shows what
+# batch priority routing (V-MoE, Riquelme et al. 2021) would keep instead: the highest-gated
+# characters, wherever they sit in the batch.
 #
 # ## Summary
 # - MoE multiplies parameters (the ratio is printed in section 1) at constant compute per token.

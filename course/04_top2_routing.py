@@ -7,8 +7,8 @@
 # and three ways to dispatch tokens to experts.
 #
 # **What you will measure.** Which routings let a token's experts depend on *later* tokens or on
-# other sequences; dense vs a fine-grained MoE with a shared expert over 3 seeds (and the full
-# experts sweep behind that choice); which characters each expert takes; what the dispatch
+# other sequences; what the experts sweep says about MoE against dense; how top-1, top-2 and expert
+# choice route the same text once trained; which characters each expert takes; what the dispatch
 # strategies cost.
 #
 # **Objectives**
@@ -16,21 +16,18 @@
 #    balancing loss counts.
 # 2. Know exactly what is and is not causal in token choice and expert choice routing.
 # 3. Balance load without an auxiliary loss; add always-on shared and fine-grained experts.
-# 4. Read a seeded comparison: when an MoE beats dense at equal compute per token, and what a
-#    sweep over expert count and granularity shows (and does not yet show).
+# 4. Read a seeded comparison: when an MoE beats dense at equal compute per token and at equal
+#    time, and at which capacity a loss was measured.
 # 5. Know the three dispatch strategies and their costs.
 #
 # Solutions: `solutions/04_top2_routing_solutions.ipynb`.
 
 # %% solutions
-import json
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from IPython.display import Markdown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -43,9 +40,11 @@ torch.set_num_threads(2)
 # same numbers: `e^{l_i} / (e^{l_1} + e^{l_2})` either way.
 #
 # What the second expert buys: every token blends two specialists, and the router gets a gradient
-# comparing them. What it costs: twice the expert compute, unless each expert is made half as
-# wide — as the sweep's "E=16 k=2 (2C)" row in section 4 does, to compare at equal FLOPs. Capacity
-# now counts *assignments*:
+# comparing them. (Renormalise a single top-1 gate and it is always 1: no gradient reaches the
+# router. That is why Switch keeps the raw probability as its gate.) What it costs: twice the
+# expert compute, unless each expert is made half as wide, as the sweep's "E=16 k=2 (2C)" row in
+# section 4 does to compare at equal FLOPs; and, across devices, twice the tokens sent to experts
+# and back (notebook 06). Capacity now counts *assignments*:
 # `ceil(cf · k · N / E)` slots per expert, and **priority** decides who gets them: every token's
 # first choice before any token's second choice.
 
@@ -81,7 +80,7 @@ assert passed  # solutions-only
 
 # %% [markdown]
 # Priority on a toy batch: 12 tokens, 4 experts, capacity factor 1.0, so `ceil(1.0·2·12/4) = 6`
-# slots per expert. Filled squares were processed, hollow ones dropped.
+# slots per expert. Filled markers were processed, hollow ones dropped.
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
@@ -108,7 +107,43 @@ print(f"first choices dropped: {(~routing.kept[:, 0]).sum().item()}, "
 # Look at the hollow circles: a second choice can be dropped because of a token that comes
 # *later* — its first choice outranks every second choice. Section 2 measures what that means for
 # a causal model.
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 2 — slots with first-choice priority
+# Given each token's chosen experts `(N, k)`, best first, return each assignment's slot at its
+# expert `(N, k)`: its arrival order there, counting from 0. Every token's first choice arrives
+# before any token's second choice (then third, ...); within one choice rank, tokens arrive in
+# order. Write it yourself (the package's `positions_in_expert` is the answer).
+
+# %% solutions
+def priority_slots(expert, n_experts):
+    """expert (N, k) -> position (N, k): arrival order of each assignment at its expert."""
+    # BEGIN SOLUTION
+    N, k = expert.shape
+    flat = expert.t().reshape(-1)  # (k*N,) choice-major: all first choices, then all second choices
+    arrivals = F.one_hot(flat, n_experts).cumsum(dim=0) - 1  # (k*N, E): how many came before, per expert
+    return arrivals.gather(1, flat[:, None]).view(k, N).t()  # each assignment's count at its own expert
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch04 import check_priority_slots
+
+passed = check_priority_slots(priority_slots)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** Transposing before flattening lists the assignments in priority order: every
+# first choice (tokens in order), then every second choice. A running one-hot count per expert then
+# says how many assignments reached each expert before this one: its slot. Capacity keeps the
+# assignments whose slot is below it.
 #
+# **Wrong answers the check catches:** token order (token 0's two choices, then token 1's), which
+# lets a token's second choice take a slot before a later token's first; code written for k = 2
+# only; and a call to `positions_in_expert`, under its name or another.
+
+# %% [markdown]
 # **Which choices does the balancing loss count?** The package (like GShard and Switch) computes
 # `f_i` from each token's *first* choice only. Mixtral's and Qwen-MoE's loss in Hugging Face
 # `transformers` (`load_balancing_loss_func`) counts *all k* choices: `f_i` is the number of
@@ -147,11 +182,58 @@ assert abs(first_only - 1.0) < 1e-5 and all_k > expert.size(1) * 1.3
 # Counting first choices only is GShard's choice (its `m_e` is the mean gate, its `c_e` counts
 # first choices): the second expert is a bonus that random routing may even skip. It leaves second
 # choices unbalanced, and those are the ones capacity drops first. Counting all k, as Mixtral
-# does in `transformers`, balances what the experts actually process. The package implements
-# GShard's definition only, and every MoE in this course — including the sweep's fine-grained
-# variants with k = 3 to 8 in section 4 — was trained with it; with large k, counting all choices is
-# the natural extension (an exercise for the reader: `MoEConfig` has no switch for it yet).
+# does in `transformers`, balances every request an expert gets (what it processes, when nothing
+# is dropped). The package implements
+# GShard's definition only. Every variant of section 4's sweep that uses a balancing loss was
+# trained with it, including fine-grained ones with k = 3 to 8, where counting all k would be the
+# natural choice. The sweep's best variant uses no balancing loss at all (section 3).
 #
+# A model has one router per MoE layer, and each gets its own balancing loss, computed on that
+# layer's tokens; the total adds them. `transformers`' `load_balancing_loss_func` concatenates
+# every layer's router outputs and computes one loss over all of them. Then two layers collapsed
+# onto different experts look less collapsed together: the pooled loss is lower, and its gradient
+# pushes on experts that a layer never uses. (With E layers collapsed onto E different experts the
+# pooled `f` is exactly uniform.)
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 3 — the balancing loss of a whole model
+# Given each MoE layer's router probabilities `(N, E)` and first choices `(N,)` (two lists, one
+# entry per layer), return the model's total balancing loss: each layer's Switch loss
+# `E · Σ_i f_i P_i` on its own tokens, added over layers. Compute `f_i` and `P_i` yourself (notebook
+# 03's exercise 2), not with the package's `load_balancing_loss`.
+
+# %% solutions
+def balancing_loss_over_layers(probs, first):
+    """probs: [(N, E)] per layer, first: [(N,)] per layer -> total loss (0-dim tensor)."""
+    # BEGIN SOLUTION
+    total = 0.0
+    for p, f in zip(probs, first):  # each layer on its own tokens
+        E = p.size(1)
+        share = torch.bincount(f, minlength=E).float() / len(f)  # f_i: a count, no gradient
+        total = total + E * (share * p.mean(dim=0)).sum()  # P_i: the mean probability
+    return total
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch04 import check_balancing_loss_over_layers
+
+passed = check_balancing_loss_over_layers(balancing_loss_over_layers)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** Each router only sees its own layer: its `f_i` and `P_i` must count its own
+# tokens. In the check, layer 0 sends every token to expert 0 and layer 1 every token to expert 1.
+# Each layer's loss is high: it is collapsed. Concatenated, the two halves look like an even split
+# over two experts, so the pooled loss is lower, and its gradient also pushes down experts that a
+# layer never chose.
+#
+# **Wrong answers the check catches:** one loss over the concatenated layers, the mean over layers
+# instead of the sum (the package adds each layer's loss, each with the same α), and a call to the
+# package's `load_balancing_loss`.
+
+# %% [markdown]
 # ## 2 · What is causal, and what is not
 # A causal language model must compute token *t*'s output from tokens ≤ *t* of its own sequence.
 # Three routings, three answers:
@@ -172,6 +254,38 @@ assert abs(first_only - 1.0) < 1e-5 and all_k > expert.size(1) * 1.3
 # one change — a dependence on another sequence. (The last sequence, because slots run out at the
 # end of the arrival order: that is where drops happen.) Then the same with capacity switched off
 # (`dropless`).
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 4 — expert choice
+# Given router probabilities `(N, E)` and a capacity `C`, return `kept (N, E)`, a bool table:
+# `kept[n, e]` is True when expert `e` picked token `n`. Each expert picks the `C` tokens that
+# score it highest.
+
+# %% solutions
+def expert_choice_kept(probs, capacity):
+    """probs (N, E), capacity C -> kept (N, E) bool, exactly C True per column."""
+    # BEGIN SOLUTION
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    chosen = probs.topk(capacity, dim=0).indices  # (C, E): each expert's best tokens
+    kept[chosen, torch.arange(probs.size(1))] = True
+    return kept
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch04 import check_expert_choice_kept
+
+passed = check_expert_choice_kept(expert_choice_kept)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `topk(C, dim=0)` runs down each column: for every expert, the C tokens with the
+# highest score for it. Every expert is full, exactly C tokens, whatever the scores: perfect balance.
+# A token can appear in several columns or in none.
+#
+# **Wrong answers the check catches:** top-k along `dim=1` (each token picks experts: token
+# choice), and the `C · E` highest scores of the whole table (experts no longer get C each).
 
 # %%
 from moe_tutorial.moe import MoE, dropless
@@ -224,17 +338,24 @@ assert all(leaks[name, "dropless"] == (0.0, 0.0) for name in ("token choice, top
 # Read the table row by row. **Top-1** never re-routes an earlier token of the same sequence
 # (exactly 0, asserted): its drops are causal within a sequence. But the first sequence arrives
 # before the last in the flattened batch, so changing it changes which of the last sequence's tokens
-# find room: a token's output depends on the other sequences it was batched with. **Top-2** also leaks from
-# the future, through second choices that a later first choice outranks; **expert choice** leaks
-# through every choice it makes. Switch capacity off and token choice depends on the token alone
-# (the dropless rows: 0 and 0, asserted).
+# find room: a token's output depends on the other sequences it was batched with. **Top-2** also
+# leaks from the future, through second choices that a later first choice outranks. **Expert
+# choice** leaks both ways too: every expert ranks the whole batch, later tokens included. Switch
+# capacity off and token choice depends on the token alone (the dropless rows: 0 and 0, asserted).
 #
-# **Generation** does not have this problem because the package never drops during generation:
-# `GPT.generate` runs every MoE layer `dropless` (the dropless rows: nothing leaks, asserted), so a token's
-# output depends only on its own prefix, and a KV-cache step over one token gives the same logits
-# as a full forward pass. Training with capacity is the approximation: the loss of a top-2 (or
-# expert-choice) model is measured with a little information from the batch. That is why the
-# comparisons below leave expert choice out, and why we evaluate with a generous capacity factor.
+# **Generation** with token choice does not have this problem, because the package never drops
+# during generation: `GPT.generate` runs every MoE layer `dropless` (the dropless rows: nothing
+# leaks, asserted). A token's output then depends only on its own prefix, and a KV-cache step over
+# one token gives the same logits as a full forward pass. Training with capacity is the
+# approximation: the loss of a top-2 model is measured with a little information from the batch.
+#
+# Expert choice has no dropless form. Decoding one token at a time, that token is the whole batch,
+# and every expert would pick it: the model would compute another function than the one it trained.
+# So `generate` refuses an expert-choice model, and its validation loss, measured on whole batches
+# that include later tokens, is not comparable with a causal model's. That is why the sweep in
+# section 4 leaves expert choice out. Expert choice was designed for encoders and for training; to
+# decode with it, Mixture-of-Depths (Raposo et al. 2024) trains a small per-token predictor of the
+# experts' top-C decision and uses that at inference.
 
 # %% [markdown]
 # ## 3 · Aux-loss-free balancing, shared and fine-grained experts
@@ -248,7 +369,7 @@ assert all(leaks[name, "dropless"] == (0.0, 0.0) for name in ("token choice, top
 # batch-level loss, not no loss at all.
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 2 — the bias update
+# ### ✍️ Exercise 5 — the bias update
 # Given the bias `(E,)`, the number of tokens each expert received `(E,)` and the rate `γ`,
 # return the new bias.
 
@@ -307,8 +428,10 @@ print(f"max/mean load: {imbalance[0]:.2f} at the start, {late:.2f} over the last
 assert imbalance[0] > 2.0 and late < 1.3  # from badly skewed to within 30% of even
 
 # %% [markdown]
-# **Shared experts** (DeepSeekMoE, Dai et al. 2024): some experts see *every* token, next to the
-# routed ones. They learn what all tokens need, so the routed experts can specialise.
+# **Shared experts**: some experts see *every* token, next to the routed ones. DeepSpeed-MoE's
+# Residual-MoE (Rajbhandari et al. 2022) added one always-on MLP beside a top-1 expert; DeepSeekMoE
+# (Dai et al. 2024) made it the rule: the shared experts learn what all tokens need, so the routed
+# ones can specialise.
 # `MoEConfig(n_shared_experts=1)` adds one always-on expert.
 #
 # **Fine-grained experts** (same paper): split each of the `E` experts into `m` experts of width
@@ -324,345 +447,154 @@ for E_, k_ in ((16, 2), (32, 4), (64, 8)):
 assert math.comb(64, 8) > 1e9
 
 # %% [markdown]
-# ## 4 · Does an MoE beat dense? Same steps, same compute per token, 3 seeds
-# The `char` recipe (notebook 01) at a CI-sized budget, 3 seeds each: the dense model against the
-# MoE that the full experts sweep (below) found strong *and* cheap — in **every** block, 16 routed
-# experts of width `2C` with top-1, plus one shared expert of width `2C`: each token passes through
-# `2C + 2C = 4C` hidden units, the dense MLP's width, so the compute per token is the same.
+# ## 4 · Does an MoE beat dense? The experts sweep
+# `benchmarks/moe_scaling.py` trains top-1 with 4 to 32 full-width experts, fine-grained top-k
+# with and without a shared expert, and two changes to the best of them, on the char recipe of
+# notebook 01: each with the dense model's active compute per token, 3 seeds each. (A 0.8M-parameter
+# character model: a small scale, where findings need not carry to large ones.) One rule judges every MoE
+# against dense: "better" or "worse" only when the means differ by more than twice the seeds'
+# combined sd (`moe_tutorial.seeds`), otherwise "tie". The val losses were measured in eval mode,
+# at capacity factor 2.0 (section 5 measures what that drops); generation is dropless. This cell
+# reads the committed results; `python benchmarks/moe_scaling.py` trains them again (hours on a CPU).
+
+# %%
+from moe_tutorial import sweep
+from moe_tutorial.seeds import verdict
+
+rows = sweep.summary(sweep.load_runs())
+print(sweep.format_table(rows))
+sweep.plot_results(rows)
+plt.show()
+
+# %% [markdown]
+# Fine-grained experts with a shared expert, balanced without an auxiliary loss, are the best MoE:
+# better than dense at the recipe's 1,800 steps and at twice that. With the same routed width, a
+# shared expert helps at 32 and 64 experts. Top-1 with 32 full-width experts is worse than dense: a
+# step's 768 tokens give each expert about 24 to learn from. Top-1 with 16 spreads so widely over
+# its seeds that nothing about it can be called (below). Half the MoE layers (every other block)
+# lose the lead; on this one MoE the bias beats the balancing loss, by just over 2 sd. At equal
+# wall time on a 2-core CPU the best MoE only ties dense (dense's mean is lower at both budgets):
+# each of its steps costs about twice as much, the `x dense` column. Each equal-time run trained the
+# steps a short timing probe said would fit, so its own seconds differ from the budget; compare
+# milliseconds within one budget only, since the speed phase and these runs ran in different
+# sittings.
+
+# %%
+at = {(r.comparison, r.budget, r.variant): r for r in rows}
+BEST = "E=32 k=3 (C) + shared, aux-loss-free"
+best = min((r for r in rows if r.comparison == "equal_steps" and r.budget == 1800 and r.variant != "dense"),
+           key=lambda r: r.mean)
+assert best.variant == BEST and best.verdict == "better" and at["equal_steps", 3600, BEST].verdict == "better"
+assert at["equal_steps", 1800, "top-1 E=32"].verdict == "worse"
+top1_sd = {e: at["equal_steps", 1800, f"top-1 E={e}"].sd for e in (4, 8, 16, 32)}
+assert top1_sd[16] > 3 * max(top1_sd[4], top1_sd[8], top1_sd[32])  # one seed far off the others
+assert at["equal_steps", 1800, "E=32 k=3 (C) + shared, every other block"].verdict == "tie"
+assert verdict(at["equal_steps", 1800, BEST].losses, at["equal_steps", 1800, "E=32 k=3 (C) + shared"].losses) == "lower"
+timed_moe = [r for r in rows if r.comparison == "equal_time" and r.variant != "dense"]
+assert timed_moe and all(r.verdict == "tie" and r.x_dense > 1.4 for r in timed_moe)
+for r in [best, at["equal_steps", 3600, BEST], at["equal_steps", 1800, "top-1 E=32"], *timed_moe]:
+    print(f"{r.comparison} {r.budget:g}: {r.variant} vs dense {r.vs_dense:+.4f}: {r.verdict}")
+shared_helps = {e: verdict(at["equal_steps", 1800, with_shared].losses, at["equal_steps", 1800, without].losses)
+                for e, with_shared, without in ((32, "E=32 k=3 (C) + shared", "E=32 k=4 (C)"),
+                                                (64, "E=64 k=7 (C/2) + shared", "E=64 k=8 (C/2)"))}
+assert shared_helps == {32: "lower", 64: "lower"} and all(r.vs_dense > 0 for r in timed_moe)
+
+# %% [markdown]
+# **Why does top-1 E=16 spread so widely?** The benchmark's `routing` phase trains its three seeds
+# again (the same val losses come out: the runs are deterministic) and records what the routers did:
+# each layer's busiest expert and drops over the last 100 steps, and through training (each number a
+# mean over 300 steps) the loss and the busiest layer's busiest expert.
+
+# %%
+print(sweep.routing_table(sweep.load_runs()))
+diagnosis = {r["seed"]: r for r in sweep.load_runs() if r["comparison"] == "routing" and r["variant"] == "top-1 E=16"}
+sweep_losses = {r["seed"]: r["val_loss"] for r in sweep.load_runs()
+                if r["comparison"] == "equal_steps" and r["variant"] == "top-1 E=16" and r["steps"] == 1800}
+assert all(abs(diagnosis[seed]["val_loss"] - sweep_losses[seed]) < 1e-3 for seed in sweep_losses)  # reproduced
+worst, best_seed = max(sweep_losses, key=sweep_losses.get), min(sweep_losses, key=sweep_losses.get)
+assert all(max(r["max_share"]) < 2 / 16 for r in diagnosis.values())  # every seed ends balanced
+assert diagnosis[worst]["dropped_pct"][0] == max(r["dropped_pct"][0] for r in diagnosis.values())
+middle = (set(diagnosis) - {worst, best_seed}).pop()
+assert diagnosis[middle]["dropped_pct"][0] < diagnosis[best_seed]["dropped_pct"][0]  # drops do not rank them
+gap = [w - b for w, b in zip(diagnosis[worst]["loss_through_training"], diagnosis[best_seed]["loss_through_training"])]
+assert gap[1] > 0.05 and gap[-1] > 0.2  # the worst seed is behind early, and falls further behind
+
+# %% [markdown]
+# No seed collapses: every router ends with its busiest expert under twice an even share. The worst
+# seed drops the most in its first layer, but the middle seed drops less than the best: drops do not
+# rank them. The loss curves part early, while the routers are still settling, and keep parting. So
+# the spread is not a routing failure these statistics can see. Sixteen full-width experts, each
+# seeing about 48 of a step's tokens, make a model whose result depends strongly on its start; that
+# is a finding about this setting, not a tie between equals.
+
+# %% [markdown]
+# ## 5 · Three routers, trained
+# Now train one model per router on this machine: top-1 over 8 full-width experts (Switch), top-2
+# over 8 half-width experts, and expert choice over the same 8 half-width experts, each expert taking
+# `ceil(2N/8)` tokens (two per token on average). All three have the dense model's compute per
+# token. One seed each, at a third of the recipe: enough to look inside, not to rank them.
 
 # %%
 from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
-from moe_tutorial.seeds import combined_sd, describe, mean_sd, verdict
 from moe_tutorial.train import train
 
-STEPS, SEEDS = 600, (1337, 1338, 1339)
-MOE = MoEConfig(n_experts=16, top_k=1, expert_hidden=256, n_shared_experts=1)  # every block; 2C + 2C = 4C
+STEPS = 600
+ROUTERS = {
+    "top-1": MoEConfig(n_experts=8, top_k=1),
+    "top-2": MoEConfig(n_experts=8, top_k=2, expert_hidden=256),
+    "expert choice": MoEConfig(n_experts=8, top_k=2, expert_hidden=256, routing="expert_choice",
+                               capacity_factor_train=1.0, capacity_factor_eval=1.0),
+}
 dataset = shakespeare_dataset(progress=False)
-val_losses, histories, models, seconds = {"dense": [], "MoE": []}, {}, {}, {"dense": 0.0, "MoE": 0.0}
-for seed in SEEDS:
-    for name, moe in (("dense", None), ("MoE", MOE)):
-        model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=STEPS, eval_interval=STEPS,
-                                      seed=seed, progress=False)
-        model_cfg = GPTConfig(**{**model_cfg.to_dict(), "moe": moe})
-        torch.manual_seed(seed)
-        models[name, seed] = GPT(model_cfg)
-        histories[name, seed] = train(models[name, seed], dataset, train_cfg)
-        val_losses[name].append(histories[name, seed].final_val_loss)
-        seconds[name] += histories[name, seed].elapsed
-
-# %%
-from moe_tutorial.costs import model_info
-
-info = {name: model_info(models[name, SEEDS[0]].config) for name in val_losses}
-for name in val_losses:
-    print(f"{name:<6} val {mean_sd(val_losses[name])[0]:.4f} ± {mean_sd(val_losses[name])[1]:.4f} over seeds "
-          f"{[round(v, 4) for v in val_losses[name]]}; {info[name].total_params:,} parameters, "
-          f"{info[name].active_params:,} active per token")
-finding = describe("MoE", val_losses["MoE"], "dense", val_losses["dense"])
-print(finding)
-routing_stats = histories["MoE", SEEDS[0]].routing_summary()
-print(f"MoE routing, last 100 steps of seed {SEEDS[0]}: load CV {routing_stats['load_cv']:.2f}, busiest expert "
-      f"{routing_stats['max_share']:.3f} of first choices (even: {1 / MOE.n_experts:.3f}), "
-      f"{routing_stats['dropped_pct']:.1f}% of tokens dropped")
-call = verdict(val_losses["MoE"], val_losses["dense"])
-assert mean_sd(val_losses["MoE"])[0] < mean_sd(val_losses["dense"])[0]  # MoE ahead on average; by > 2 sd: `call`
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-print(f"seconds per run: dense {seconds['dense'] / len(SEEDS):.0f}, MoE {seconds['MoE'] / len(SEEDS):.0f} "
-      f"({seconds['MoE'] / seconds['dense']:.2f}x) on this machine")
-
-# %%
-fig, ax = plt.subplots(figsize=(4.5, 3.2))
-for i, name in enumerate(val_losses):
-    mean, sd = mean_sd(val_losses[name])
-    ax.bar(i, mean, yerr=sd, capsize=6, color=("tab:gray", "tab:blue")[i])
-    ax.scatter([i] * len(SEEDS), val_losses[name], color="black", zorder=3, s=12)
-ax.set(xticks=range(2), xticklabels=["dense", "MoE E=16 top-1\n+ 1 shared"], ylabel=f"val loss after {STEPS} steps",
-       ylim=(min(min(v) for v in val_losses.values()) - 0.05, max(max(v) for v in val_losses.values()) + 0.03),
-       title="mean ± sd over 3 seeds (dots: seeds)")
-plt.show()
-
-# %%
-spread = max(val_losses["MoE"]) - min(val_losses["MoE"])
-gap = mean_sd(val_losses["dense"])[0] - mean_sd(val_losses["MoE"])[0]
-Markdown(f"**The finding at {STEPS} steps:** {finding}. " + (
-    f"The MoE is ahead on average by {gap:.3f}, but its three seeds spread over {spread:.3f}: at this CI-sized "
-    f"budget the seeds cannot call it, and the prose does not. The full sweep below trains the same variant "
-    f"{1800 // STEPS}× longer, with a verdict of its own." if call == "tie" else
-    "The gap is larger than the seeds' noise.") + " The MoE has "
-         f"{info['MoE'].total_params / info['dense'].total_params:.1f}× the parameters and the same compute per "
-         f"token; on this CPU each of its steps costs more wall time (routing, sorting and scattering that a "
-         f"dense matmul does not pay), so at equal *time* the comparison changes — the end of this "
-         f"section measures it.")
+trained = {}
+for name, moe in ROUTERS.items():
+    model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=STEPS, eval_interval=STEPS,
+                                  progress=False)
+    torch.manual_seed(train_cfg.seed)
+    trained[name] = GPT(GPTConfig(**{**model_cfg.to_dict(), "moe": moe}))
+    train(trained[name], dataset, train_cfg)
 
 # %% [markdown]
-# ### The full sweep: which MoE, and what expert count does
-# The variant above was not picked by luck. `benchmarks/moe_scaling.py` trains every variant at
-# equal active compute per token for the full recipe (1,800 steps), 3 seeds where the sweep has
-# finished them, and commits one JSON record per run. Regenerate it (hours of CPU; resumable: it
-# skips runs already in the file) with `python benchmarks/moe_scaling.py`; this cell only reads it.
+# **Which capacity was the loss measured at?** Token choice trains at capacity factor 1.25,
+# evaluates at 2.0 and generates dropless. Here is each model's validation loss at its evaluation
+# capacity and dropless, and the share of characters no expert processed at the evaluation capacity
+# (on one validation batch of 12 × 64, averaged over the MoE layers).
+# Expert choice has no dropless form (its capacity *is* its routing): it evaluates at its training
+# capacity factor, 1.0.
 
 # %%
-import moe_tutorial
-from moe_tutorial.sweep import FAMILIES, base_variant
-
-sweep_path = Path(moe_tutorial.__file__).resolve().parent.parent / "benchmarks" / "results" / "moe_scaling.json"
-sweep = json.loads(sweep_path.read_text())["runs"]
-FULL = 1800
-by_variant = {}
-for r in sweep:
-    if r["comparison"] == "equal_steps" and r["steps"] == FULL:
-        by_variant.setdefault(r["variant"], []).append(r)
-derived = {v: base_variant(v) for v in by_variant if base_variant(v) != v}  # "<variant>, every other block"
-dense_full = [r["val_loss"] for r in by_variant["dense"]]
-tokens_per_step = 12 * 64  # the char recipe's batch: 12 sequences of 64 characters
-print(f"{'variant':<46}{'seeds':>6}{'val loss':>18}{'vs dense':>10}  {'verdict':<9}{'tokens/expert/step':>19}")
-rows = {}
-for variant in ["dense"] + [v for members in FAMILIES.values() for v in members] + list(derived):
-    if variant not in by_variant:
-        continue
-    vals = [r["val_loss"] for r in by_variant[variant]]
-    r0 = by_variant[variant][0]
-    call = verdict(vals, dense_full) if len(vals) >= 3 and variant != "dense" else "-" if variant == "dense" \
-        else f"{len(vals)} seed(s): none"
-    per_expert = tokens_per_step * r0["top_k"] / r0["n_experts"] if r0["n_experts"] else float("nan")
-    rows[variant] = (vals, call)
-    sd = f"{mean_sd(vals)[1]:.4f}" if len(vals) > 1 else "  -   "
-    mean = sum(vals) / len(vals)
-    print(f"{variant:<46}{len(vals):>6}{mean:>10.4f} ± {sd}{mean - mean_sd(dense_full)[0]:>+10.4f}"
-          f"  {call:<9}{per_expert:>19.0f}")
-
-fig, ax = plt.subplots(figsize=(7, 4))
-for label, members in FAMILIES.items():
-    pts = [(by_variant[v][0]["n_experts"], rows[v][0]) for v in members if v in rows]
-    means = [sum(v) / len(v) for _, v in pts]
-    sds = [mean_sd(v)[1] if len(v) > 1 else 0.0 for _, v in pts]
-    line = ax.errorbar([e for e, _ in pts], means, yerr=sds, marker="o", capsize=3, label=label)
-    for (e, v), m in zip(pts, means):
-        if len(v) < 3:  # fewer than 3 seeds: drawn hollow, no verdict
-            ax.scatter([e], [m], s=80, facecolor="white", edgecolor=line[0].get_color(), zorder=3)
-dense_mean, dense_sd = mean_sd(dense_full)
-ax.axhspan(dense_mean - dense_sd, dense_mean + dense_sd, color="grey", alpha=0.25)
-ax.axhline(dense_mean, color="grey", label="dense (mean ± sd)")
-ax.set_xscale("log", base=2)
-ax.set_xticks([4, 8, 16, 32, 64], labels=["4", "8", "16", "32", "64"])
-ax.set(xlabel="routed experts per MoE layer", ylabel=f"val loss after {FULL} steps",
-       title="equal steps, equal active compute (hollow: < 3 seeds)")
-ax.legend(fontsize=8)
-plt.show()
-seeded = sorted((v for v in rows if v != "dense" and v not in derived and len(rows[v][0]) >= 3),
-                key=lambda v: mean_sd(rows[v][0])[0])
-best, runner_up = seeded[:2]
-best_vs_runner_up = verdict(rows[best][0], rows[runner_up][0])
-top1 = {e: rows[f"top-1 E={e}"] for e in (4, 8, 16, 32)}
-assert all(len(vals) >= 3 for vals, _ in top1.values())
-assert rows[best][1] == "lower" and mean_sd(dense_full)[0] - mean_sd(rows[best][0])[0] >= 0.04
-assert rows["E=16 k=1 (2C) + shared"][1] == "lower"  # the variant trained above, at the full budget
-assert top1[32][1] == "higher" and mean_sd(top1[32][0])[0] > dense_mean + 0.1  # 32 coarse experts: worse
-shared_pairs = {"E=64": ("E=64 k=7 (C/2) + shared", "E=64 k=8 (C/2)"),
-                "E=32": ("E=32 k=3 (C) + shared", "E=32 k=4 (C)"),
-                "E=16": ("E=16 k=1 (2C) + shared", "E=16 k=2 (2C)")}
-shared_effect = {e: (mean_sd(rows[a][0])[0] - mean_sd(rows[b][0])[0], verdict(rows[a][0], rows[b][0]))
-                 for e, (a, b) in shared_pairs.items()}
-assert [shared_effect[e][1] for e in ("E=64", "E=32", "E=16")] == ["lower", "lower", "tie"]  # as the text says
-effect_sd = combined_sd(*(rows[v][0] for v in shared_pairs["E=64"] + shared_pairs["E=32"]))
-more_at_64 = shared_effect["E=64"][0] - shared_effect["E=32"][0] < -2 * effect_sd  # the 2-sd rule, on the effects
-shared_fine_vs_coarse = verdict(rows["E=64 k=7 (C/2) + shared"][0], rows["E=32 k=3 (C) + shared"][0])
-assert more_at_64 and shared_fine_vs_coarse == "tie"
-finest = verdict(rows["E=64 k=8 (C/2)"][0], rows["E=32 k=4 (C)"][0])  # splitting further, without a shared expert
-assert rows["E=64 k=8 (C/2)"][1] == "tie" and finest == "higher"
-assert all(verdict(rows[v][0], top1[8][0]) == "tie" for v in ("E=16 k=2 (2C)", "E=32 k=4 (C)"))  # head to head
-assert top1[8][1] == "tie" and verdict(top1[4][0], top1[8][0]) == "tie"  # the best top-1 settings tie dense
-pairs = [*shared_pairs.values(), ("E=64 k=8 (C/2)", "E=32 k=4 (C)"),
-         ("E=64 k=7 (C/2) + shared", "E=32 k=3 (C) + shared")]
-for a, b in pairs:  # the comparisons the text below makes, with the 2 sd each is judged against
-    print(f"{a} vs {b}: {mean_sd(rows[a][0])[0] - mean_sd(rows[b][0])[0]:+.4f}, "
-          f"2 sd {2 * combined_sd(rows[a][0], rows[b][0]):.4f}: {verdict(rows[a][0], rows[b][0])}")
-
-# %%
-said_vs = {"tie": "a tie", "lower": "lower by more than 2 sd", "higher": "higher by more than 2 sd"}
-top1_words = "; ".join(f"E={e}: {mean_sd(vals)[0]:.3f} ± {mean_sd(vals)[1]:.3f}, "
-                       f"{call if call == 'tie' else call + ' than dense'}" for e, (vals, call) in top1.items())
-Markdown(f"**Reading the sweep.** Of the grid's variants, the lowest mean with 3 seeds is *{best}*, "
-         f"{dense_mean - mean_sd(rows[best][0])[0]:.3f} below dense ({dense_mean:.3f}) at {FULL} steps; against "
-         f"the runner-up, *{runner_up}*, it is {said_vs[best_vs_runner_up]}. The variant trained above, "
-         f"*E=16 k=1 (2C) + shared*, is {rows['E=16 k=1 (2C) + shared'][1]} than dense by more than 2 sd at this "
-         f"budget.\n\n"
-         f"Top-1 with full-width experts, 3 seeds each ({top1_words}): flat up to 8 experts — 4 and 8 tie dense "
-         f"and each other (the course's `\"Switch top-1\"` uses 8) — and worse with 32, by "
-         f"{mean_sd(top1[32][0])[0] - dense_mean:.2f}. One candidate reason is in the last column: a step has "
-         f"{tokens_per_step} tokens, so with 32 experts and top-1 each full-size expert trains on about "
-         f"{tokens_per_step // 32} tokens a step, a thirty-second of what the dense MLP sees. It is not the whole "
-         f"story — E=16 top-1 with a shared expert gives each routed expert as few tokens as top-1 E=16 does, yet "
-         f"beats dense. DeepSeekMoE's argument for fine-grained experts (splitting each expert into narrower ones "
-         f"and routing to more of them multiplies the combinations a token can use and lets each expert "
-         f"specialise more narrowly) fits the rows that beat dense, but head to head the fine-grained rows tie the "
-         f"best top-1 ones here, and splitting further without a shared expert undoes it: *E=64 k=8 (C/2)* is a "
-         f"{rows['E=64 k=8 (C/2)'][1]} with dense and {finest} than *E=32 k=4 (C)* by more than 2 sd, at the same "
-         f"{tokens_per_step * 8 // 64} tokens per expert a step (DeepSeekMoE's fine-grained models all keep a "
-         f"shared expert beside the routed ones). A shared expert, "
-         f"against the same routed width without one: " + ", ".join(
-             f"at {e} {d:+.3f} ({call})" for e, (d, call) in shared_effect.items()) +
-         f" — more at E=64 than at E=32, just beyond 2 sd of that difference ({2 * effect_sd:.3f}); with it, "
-         f"E=64 and E=32 are a {shared_fine_vs_coarse}, so the shared expert recovers what the finer split lost. "
-         f"DeepSeekMoE's reason for a shared expert is that an always-on expert holds what every token needs, so "
-         f"the routed ones need not each learn it again; that would matter most for narrow experts, which fits, "
-         f"but this sweep does not test the reason. Rows with fewer than 3 seeds get no verdict.")
+val_batches = fixed_batches(dataset.val, 20, 12, 64, seed=0)
+print(f"{'router':<15}{'eval capacity factor':>22}{'val loss':>10}{'dropless':>10}{'characters dropped':>20}")
+eval_gap, dropped_pct = {}, {}
+for name, model in trained.items():
+    at_eval = estimate_loss(model, val_batches, train_cfg)
+    model.eval()
+    with torch.no_grad():
+        routings = model(*val_batches[0], return_routing=True).routing
+    dropped = dropped_pct[name] = 100 * sum(r.dropped.float().mean().item() for r in routings) / len(routings)
+    free = "-"
+    if name != "expert choice":
+        with dropless(model):
+            free = estimate_loss(model, val_batches, train_cfg)
+        eval_gap[name] = at_eval - free
+        free = f"{free:.4f}"
+    print(f"{name:<15}{model.config.moe.capacity_factor_eval:>22}{at_eval:>10.4f}{free:>10}{dropped:>19.1f}%")
+assert all(abs(gap) < 0.01 for gap in eval_gap.values())  # at cf 2.0, as good as dropless
+assert dropped_pct["expert choice"] > 0  # some characters no expert picked
 
 # %% [markdown]
-# Two changes to the best variant, each against it (3 seeds each, same recipe): MoE layers in
-# every other block instead of every block (half the MoE layers; the other blocks keep the dense
-# MLP), and DeepSeek-V3's auxiliary-loss-free balancing (section 3) instead of the balancing loss.
-
-# %%
-for variant, base in derived.items():
-    print(describe(variant, rows[variant][0], base, rows[base][0])
-          + f" (2 sd {2 * combined_sd(rows[variant][0], rows[base][0]):.4f})")
-derived_calls = {variant: verdict(rows[variant][0], rows[base][0]) for variant, base in derived.items()}
-every_other, aux_free = (next(v for v in derived if v.endswith(end)) for end in ("every other block", "aux-loss-free"))
-assert all(len(rows[v][0]) >= 3 for v in derived)
-assert derived_calls[every_other] == "higher" and derived_calls[aux_free] == "lower"  # as the text below says
-
-# %%
-gain = mean_sd(rows[derived[aux_free]][0])[0] - mean_sd(rows[aux_free][0])[0]
-Markdown(f"Both changes are beyond 2 sd. Half the MoE layers lose most of the gain "
-         f"({mean_sd(rows[every_other][0])[0] - mean_sd(rows[derived[every_other]][0])[0]:+.3f}; against dense: "
-         f"{rows[every_other][1]}), so the MoE belongs in every block here. Aux-loss-free balancing is "
-         f"{gain:.3f} better than the balancing loss on the same MoE, {dense_mean - mean_sd(rows[aux_free][0])[0]:.3f} "
-         f"below dense. The method is Wang et al. 2024's ([arXiv:2408.15664](https://arxiv.org/abs/2408.15664)), "
-         f"adopted by DeepSeek-V3; their argument is that the "
-         f"balancing loss's gradient pulls the router toward an even spread against the task while the bias only "
-         f"changes which experts are picked; this run does not test that mechanism (it keeps softmax scores, the "
-         f"z-loss and a capacity limit, and drop rates were not compared). That variant is the course's "
-         f"`\"fine-grained + shared\"` (`moe_tutorial.presets.MOE_VARIANTS`).")
-
-# %% [markdown]
-# ### Equal wall time on this machine
-# Equal steps is the fair test of what the parameters buy per token. What a practitioner with
-# this 2-core CPU pays is time. The sweep's `speed` phase measures every variant's seconds per step
-# in one sitting (interleaved). The `time` phase then trains dense and the best MoE, alternating,
-# each for as many steps as fit in the budget at the seconds per step it measured in the same
-# process just before the run (40 steps after a warm-up), 3 seeds each; every run records that
-# probe and its own seconds, so the table shows how equal the times really were.
-
-# %%
-step_time = {r["variant"]: r["seconds_per_step"] for r in sweep if r["comparison"] == "step_time"}
-print(f"{'variant':<46}{'ms/step':>8}{'x dense':>8}")
-for variant in sorted(step_time, key=step_time.get):
-    print(f"{variant:<46}{1e3 * step_time[variant]:>8.1f}{step_time[variant] / step_time['dense']:>8.2f}")
-timed = {}
-for r in sweep:
-    if r["comparison"] == "equal_time":
-        timed.setdefault((r["budget_seconds"], r["variant"]), []).append(r)
-budgets = sorted({b for b, _ in timed})
-timed_moe = next(v for _, v in timed if v != "dense")
-
-
-def span(runs_, field):  # "low–high" over the seeds: each run's own probe sets its steps, so they differ
-    return f"{min(r[field] for r in runs_):.0f}–{max(r[field] for r in runs_):.0f}"
-
-
-def ms_per_step(runs_):  # what the runs really took (their own seconds over their steps), mean over seeds
-    return 1e3 * mean_sd([r["seconds"] / r["steps"] for r in runs_])[0]
-
-
-assert all((b, v) in timed and len(timed[b, v]) >= 3 for b in budgets for v in ("dense", timed_moe))
-print(f"\n{'budget':>7}  {'variant':<40}{'steps':>11}{'probe ms':>9}{'real ms':>8}{'own s':>9}{'val loss':>18}")
-for (budget, variant), runs_ in sorted(timed.items()):
-    vals = [r["val_loss"] for r in runs_]
-    print(f"{budget:>6.0f}s  {variant:<40}{span(runs_, 'steps'):>11}"
-          f"{1e3 * mean_sd([r['seconds_per_step'] for r in runs_])[0]:>9.1f}{ms_per_step(runs_):>8.1f}"
-          f"{span(runs_, 'seconds'):>9}{mean_sd(vals)[0]:>10.4f} ± {mean_sd(vals)[1]:.4f}")
-time_vals = {(b, v): [r["val_loss"] for r in runs_] for (b, v), runs_ in timed.items()}
-time_calls = {b: verdict(time_vals[b, timed_moe], time_vals[b, "dense"]) for b in budgets}
-dense_ahead = {b: mean_sd(time_vals[b, timed_moe])[0] - mean_sd(time_vals[b, "dense"])[0] for b in budgets}
-cost = {b: ms_per_step(timed[b, timed_moe]) / ms_per_step(timed[b, "dense"]) for b in budgets}
-own_seconds = {(b, v): mean_sd([r["seconds"] for r in runs_])[0] for (b, v), runs_ in timed.items()}
-probe_miss = max(abs(r["seconds_per_step"] / (r["seconds"] / r["steps"]) - 1) for rs in timed.values() for r in rs)
-for b in budgets:
-    print(f"{b:.0f} s: dense lower by {dense_ahead[b]:.4f}, 2 sd "
-          f"{2 * combined_sd(time_vals[b, timed_moe], time_vals[b, 'dense']):.4f}: {time_calls[b]}")
-assert all(0.75 < r["seconds"] / b < 1.25 for (b, _), runs_ in timed.items() for r in runs_)  # each run near budget
-assert all(ahead > 0 for ahead in dense_ahead.values()) and all(c > 1.4 for c in cost.values())
-assert all(call == "tie" for call in time_calls.values())  # what the sweep found; the text below renders the calls
-
-# %% [markdown]
-# Why, in numbers the sweep already has: dense's loss at twice the recipe (the `long` phase,
-# 3 seeds) tells what doubling its steps buys, and so how many dense steps the MoE's lead at equal
-# steps is worth (interpolating in log steps between the two budgets, an assumption).
-
-# %%
-LONG = 2 * FULL
-long_runs = {v: [r["val_loss"] for r in sweep if r["comparison"] == "equal_steps" and r["steps"] == LONG
-                 and r["variant"] == v] for v in ("dense", timed_moe)}
-dense_doubling_gain = mean_sd(dense_full)[0] - mean_sd(long_runs["dense"])[0]
-moe_lead = {FULL: mean_sd(dense_full)[0] - mean_sd(rows[timed_moe][0])[0],
-            LONG: mean_sd(long_runs["dense"])[0] - mean_sd(long_runs[timed_moe])[0]}
-worth = 2 ** (moe_lead[FULL] / dense_doubling_gain)  # dense steps the MoE's lead at FULL steps is worth, as a ratio
-long_call = verdict(long_runs[timed_moe], long_runs["dense"])
-lead_sd = combined_sd(dense_full, rows[timed_moe][0], *long_runs.values())
-lead_shrinks = moe_lead[FULL] - moe_lead[LONG] > 2 * lead_sd  # the same 2-sd rule, on a difference of differences
-# The same ratio with the lead 2 sd larger and dense's gain 2 sd smaller: the most the lead could be worth.
-worth_at_most = 2 ** ((moe_lead[FULL] + 2 * combined_sd(dense_full, rows[timed_moe][0]))
-                      / (dense_doubling_gain - 2 * combined_sd(dense_full, long_runs["dense"])))
-print(f"{FULL} steps: the MoE is {moe_lead[FULL]:.4f} below dense")
-print(f"{LONG} steps: the MoE is {moe_lead[LONG]:.4f} below dense (2 sd "
-      f"{2 * combined_sd(*long_runs.values()):.4f}: {long_call}); the lead changes by "
-      f"{moe_lead[LONG] - moe_lead[FULL]:+.4f} (2 sd {2 * lead_sd:.4f})")
-print(f"doubling dense's steps ({FULL} -> {LONG}) lowers its loss by {dense_doubling_gain:.4f}")
-print(f"the MoE's lead at {FULL} steps is worth {worth:.2f}x dense's steps (at most {worth_at_most:.2f}x allowing "
-      f"2 sd); its step costs " + ", ".join(f"{c:.2f}x" for c in cost.values()) + " dense's (the equal-time runs)")
-assert all(len(v) >= 3 for v in long_runs.values())
-assert long_call == "lower" and moe_lead[LONG] <= moe_lead[FULL]  # still ahead at 2x the steps; the lead falls
-assert worth_at_most < min(cost.values())  # even at 2 sd, worth fewer dense steps than dense gets in the MoE's time
-
-# %%
-said = {"lower": "the MoE lower by more than 2 sd", "higher": "dense lower by more than 2 sd",
-        "tie": "a tie by the 2-sd rule"}
-
-
-def times(ratios):  # "1.9×", or "1.8× and 1.9×" when the budgets differ at this precision
-    return " and ".join(dict.fromkeys(f"{c:.1f}×" for c in ratios))
-
-
-def equal_time_words(b):
-    gap = dense_ahead[b]
-    lead = f"dense's mean lower by {gap:.3f}" if gap > 0 else f"the MoE's mean lower by {-gap:.3f}"
-    return (f"in {b:.0f} s, dense trained {span(timed[b, 'dense'], 'steps')} steps in "
-            f"{span(timed[b, 'dense'], 'seconds')} s and the MoE {span(timed[b, timed_moe], 'steps')} in "
-            f"{span(timed[b, timed_moe], 'seconds')} s: {lead}, {said[time_calls[b]]}")
-
-
-dense_had_less = all(own_seconds[b, "dense"] < own_seconds[b, timed_moe] for b in budgets)
-assert dense_had_less  # so the unequal seconds favour the MoE, not dense
-Markdown("**At equal wall time**: " + "; ".join(equal_time_words(b) for b in budgets) + ". "
-         "Each run's steps come from its own 40-step probe, which on this machine missed the run's real speed by "
-         f"up to {probe_miss:.0%}, so steps and seconds vary between seeds and the sd holds that variation as well "
-         "as the seed's" + (" — and dense got less real time than the MoE at every budget." if dense_had_less
-                            else ".") +
-         f" A step of *{timed_moe}* really took {times(cost.values())}" +
-         " a dense step in these runs (the README's MoE-layer section measures how an MoE layer's small per-expert "
-         "matmuls use 2 cores worse than a dense layer's one large matmul).\n\n"
-         f"The equal-steps runs say why the MoE is unlikely to pull ahead at this step cost. It stays ahead at twice "
-         f"the recipe ({long_call} than dense at {LONG} steps by {moe_lead[LONG]:.3f}; at {FULL} steps "
-         f"{moe_lead[FULL]:.3f}: the lead's mean falls, {'by more than 2 sd' if lead_shrinks else 'within 2 sd'}), "
-         f"but its lead at {FULL} steps is worth only about {worth:.1f}× dense's steps (at most {worth_at_most:.1f}× "
-         f"allowing 2 sd), since doubling dense's steps buys {dense_doubling_gain:.3f}; in the same seconds dense "
-         f"takes {times(cost.values())} the MoE's steps. Budgets beyond "
-         f"{max(budgets):.0f} s were not run. Equal steps measures what the extra parameters buy per token; equal "
-         f"time on this CPU also measures how well it runs many small matmuls, a cost that depends on the hardware "
-         f"and its kernels.")
-
-# %% [markdown]
-# ## 5 · What do the experts learn?
-# Route the validation text through the first seed's MoE and count, for each frequent character,
-# which routed expert its token went to (first and last MoE layer). Rows are the most frequent
-# characters; each row sums to 1. If routing ignored the character, every row would look like the
-# layer's overall load, and a character's favourite expert would take about the busiest expert's
-# share — that, not `1/E`, is the baseline when load is uneven.
+# For token choice, capacity factor 2.0 is as good as dropless: the two columns agree (asserted to
+# within 0.01). Expert choice leaves some characters with no expert, by design: no expert ranked
+# them among its best.
+#
+# ### What do the experts learn?
+# Route the validation text through the top-1 model and count, for each frequent character, which
+# expert takes it (first and last MoE layer). Each row sums to 1. If routing ignored the character,
+# every row would look like the layer's overall load: a character's favourite expert would take
+# about the busiest expert's share. That, not `1/E`, is the baseline when load is uneven.
 
 # %%
 from collections import Counter
@@ -671,41 +603,90 @@ from moe_tutorial.analysis import uncertainty_coefficient
 
 text = dataset.tokenizer.decode(dataset.val[:16384])
 ids = torch.tensor(dataset.tokenizer.encode(text)).view(-1, 64)
-moe_model = models["MoE", SEEDS[0]].eval()
-with torch.no_grad(), dropless(moe_model):
-    routings = moe_model(ids, return_routing=True).routing
+top1 = trained["top-1"].eval()
+with torch.no_grad(), dropless(top1):
+    routings = top1(ids, return_routing=True).routing
 chars = ids.reshape(-1)
+E = ROUTERS["top-1"].n_experts
 frequent = [ch for ch, _ in Counter(text).most_common(24)]
-shown = {0: routings[0], len(routings) - 1: routings[-1]}
-fig, axes = plt.subplots(1, 2, figsize=(12, 6))
-for ax, (i, routing) in zip(axes, shown.items()):
-    expert = routing.expert[:, 0]
-    table = torch.zeros(len(frequent), MOE.n_experts)
-    for row, ch in enumerate(frequent):
-        mine = expert[chars == dataset.tokenizer.stoi[ch]]
-        table[row] = torch.bincount(mine, minlength=MOE.n_experts).float() / max(len(mine), 1)
+labels = [{" ": "␣ (space)", "\n": "↵ (newline)"}.get(c, c) for c in frequent]
+fig, axes = plt.subplots(1, 2, figsize=(11, 6), constrained_layout=True)
+print(f"{'layer':<7}{'favourite expert':>17}{'busiest expert':>16}{'U(char | expert)':>18}{'shuffled':>10}"
+      f"{'U(expert | char)':>18}")
+determined = []
+for ax, i in zip(axes, (0, len(routings) - 1)):
+    expert = routings[i].expert[:, 0]
+    table = torch.stack([torch.bincount(expert[chars == dataset.tokenizer.stoi[ch]], minlength=E).float()
+                         for ch in frequent])
+    table /= table.sum(dim=1, keepdim=True)  # (characters, E): each row sums to 1
     image = ax.imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    labels = [{" ": "␣ (space)", "\n": "↵ (newline)"}.get(c, c) for c in frequent]
-    ax.set(yticks=range(len(frequent)), yticklabels=labels, xlabel="routed expert", xticks=range(MOE.n_experts),
-           title=f"MoE layer {i}: share of each character per expert")
-    purity = table.max(dim=1).values.mean().item()
-    baseline = (torch.bincount(expert, minlength=MOE.n_experts).max() / len(expert)).item()
-    u = uncertainty_coefficient(expert, chars)
-    shuffle = torch.randperm(len(chars), generator=torch.Generator().manual_seed(0))
-    shuffled = uncertainty_coefficient(expert, chars[shuffle])
-    print(f"MoE layer {i}: favourite expert takes {100 * purity:.0f}% of a character's occurrences on average; "
-          f"if routing ignored the character, about {100 * baseline:.0f}% (the busiest expert's share). "
-          f"Expert tells {100 * u:.0f}% of the character's entropy (shuffled characters: {100 * shuffled:.1f}%)")
-    assert purity > baseline + 0.2 and u > 5 * shuffled
+    ax.set(yticks=range(len(frequent)), yticklabels=labels if i == 0 else [], xticks=range(E),
+           xlabel="expert", title=f"MoE layer {i}")
+    favourite = table.max(dim=1).values.mean().item()
+    busiest = (torch.bincount(expert, minlength=E).max() / len(expert)).item()
+    shuffled = chars[torch.randperm(len(chars), generator=torch.Generator().manual_seed(0))]
+    tells, baseline = uncertainty_coefficient(expert, chars), uncertainty_coefficient(expert, shuffled)
+    determined.append(uncertainty_coefficient(chars, expert))  # 1: the expert is a function of the character
+    print(f"{i:<7}{favourite:>17.0%}{busiest:>16.0%}{tells:>18.0%}{baseline:>10.1%}{determined[-1]:>18.0%}")
+    assert favourite > busiest + 0.2 and tells > 5 * baseline
 fig.colorbar(image, ax=axes, label="share of the character's occurrences", shrink=0.8)
+fig.suptitle("Top-1 model: where each frequent character goes")
 plt.show()
+assert determined[0] > determined[-1]  # layer 0 routes more by the character alone than the last layer
 
 # %% [markdown]
-# The routing explorer of notebook 03 works on any of these models. It shows every assignment of a
-# top-k router, and which experts picked each character under expert choice. Give it a dict of
-# models to switch between them on the same text:
-# `RoutingExplorer({"top-1": a, "top-2": b}, dataset.tokenizer, text[:256])`. Notebook 08 repeats
-# this measurement on a real pretrained MoE, with word categories instead of characters.
+# In both layers a character's favourite expert takes far more of it than the busiest expert's
+# share, and knowing the expert removes much of the uncertainty about the character (shuffled
+# characters: almost none). The last column asks the reverse: how much of the expert the character
+# alone decides. In layer 0 it decides most of it. That is close to **hash routing** (Roller et al.
+# 2021), where a fixed hash of the token id picks the expert and this column is 100% by
+# construction. Layer 0's input is mostly the character's embedding, after one attention layer;
+# deeper layers' inputs carry more context, and they route less by the character alone.
+#
+# ### The three routers in the explorer
+# The routing explorer of notebook 03, with the three models. Choose **show: every model** to see
+# top-1, top-2 and expert choice route the same text side by side: how many experts each character
+# got, which were dropped, and how full each expert is. (Live kernel only; the static view follows.)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from moe_tutorial.viz import RoutingExplorer, plot_routing, route_text
+
+sample = dataset.tokenizer.decode(dataset.val[:256])
+explorer = RoutingExplorer(trained, dataset.tokenizer, sample, capacity_factor=1.0)
+explorer
+
+# %%
+from moe_tutorial.moe import override_capacity
+
+views = {}
+print(f"{'':<15}{'':>9}{'assignments':>13}{'characters with this many experts':>38}")
+print(f"{'router':<15}{'capacity':>9}{'processed':>13}{'0':>8}{'1':>8}{'2':>8}{'3 or more':>14}")
+for name, model in trained.items():
+    view = views[name] = route_text(model, dataset.tokenizer, sample, layer=0, capacity_factor=1.0)
+    per_character = view.experts_per_character + [0, 0, 0]  # characters with 0, 1, 2, ... experts
+    print(f"{name:<15}{view.capacity:>9}{sum(view.processed):>13}{per_character[0]:>8}{per_character[1]:>8}"
+          f"{per_character[2]:>8}{sum(per_character[3:]):>14}")
+    # The layer's own routing of the same windows: the explorer counts exactly what it kept.
+    ids = torch.tensor(dataset.tokenizer.encode(sample))
+    windows = torch.cat([ids, ids.new_zeros(view.n_padding)]).view(view.windows, view.window_length)
+    with torch.no_grad(), override_capacity(model.moe_layers()[0], 1.0):
+        kept = model.eval()(windows, return_routing=True).routing[0].kept
+    assert sum(view.processed) + sum(view.padding_processed) == int(kept.sum())
+assert len(views["top-1"].experts_per_character) == 2  # top-1: one expert or none
+assert len(views["top-2"].experts_per_character) <= 3  # top-2: at most two
+assert views["expert choice"].experts_per_character[1] > 0 and len(views["expert choice"].experts_per_character) > 3
+for name, view in views.items():
+    fig = plot_routing(view, max_lines=2)
+    fig.suptitle(f"{name}, capacity factor 1.0", x=0.01, ha="left", fontweight="bold")
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# Top-1 gives every character one expert or none. Top-2 gives most characters two, and a character
+# whose second choice found no room still has its first. Expert choice gives some characters a
+# single expert and others three or more: each expert fills its slots with the characters that score
+# it highest, whoever they are. Lower the capacity factor far enough and some characters get none.
 #
 # ## 6 · Dispatch strategies
 # Three ways to get tokens to experts and back (`moe_tutorial.dispatch`), with identical outputs:
@@ -717,7 +698,7 @@ plt.show()
 # - **loop**: one expert at a time on its own tokens (Hugging Face's Mixtral block).
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 3 — the dispatch mask
+# ### ✍️ Exercise 6 — the dispatch mask
 # Build the one-hot dispatch tensor `(N, E, C)` from each assignment's expert, its slot (`position`)
 # and whether it was kept: `mask[n, expert[n, j], position[n, j]] = 1` for kept assignments only.
 
@@ -775,37 +756,50 @@ ratio = {t: timing["einsum", t] / timing["sort", t] for t in (768, 3072)}
 print(f"einsum / sort: {ratio[768]:.1f}x at 768 tokens, {ratio[3072]:.1f}x at 3072")
 
 # %% [markdown]
-# The last line gives the ratio measured on this machine at two sizes: the einsum's one-hot
-# tensors grow with the square of the tokens (capacity grows with them), sort's work only with the
-# tokens. `benchmarks/moe_dispatch.py` measures time and memory up to 8,192 tokens, each point in
-# a fresh process (the README shows its table).
+# The einsum's one-hot tensors grow with the square of the tokens (capacity grows with them);
+# sort's work grows only with the tokens. The plain loop is a real contender at these sizes: eight
+# experts are eight matmuls, and sort pays for sorting and scattering. Which of the two is faster
+# here depends on the machine and on the run (this cell's timings are not checked).
+# `benchmarks/moe_dispatch.py` measures time and memory up to 8,192 tokens, each point in a fresh
+# process, with repeats (the README shows its table).
 #
 # ## Summary
 # - Top-2: gates renormalised over the two experts (= Mixtral's top-k softmax); capacity counts
-#   assignments, first choices have priority (exercise 1). The package balances first choices
-#   (GShard); Mixtral's loss counts all k.
+#   assignments, first choices have priority (exercises 1 and 2). The package balances first choices
+#   (GShard); Mixtral's loss counts all k; each layer's loss is computed on its own tokens
+#   (exercise 3).
 # - Causality: with capacity, top-1 drops depend on earlier tokens and earlier sequences, top-2's
 #   second choices and expert choice depend on later tokens too (measured); generation runs
-#   dropless, so nothing leaks there.
-# - Aux-loss-free balancing nudges a selection-only bias by ±γ (exercise 2); shared experts see
+#   dropless, so nothing leaks there. Expert choice: each expert takes its top C (exercise 4).
+# - Aux-loss-free balancing nudges a selection-only bias by ±γ (exercise 5); shared experts see
 #   every token; fine-grained experts multiply the choices at the same compute.
-# - Dense vs MoE at equal compute per token over 3 seeds, and the full sweep's U-shape: the
-#   findings above are printed from the runs and the committed JSON.
-# - Dispatch: einsum (one-hot, exercise 3), sort (default), loop — same outputs, different costs.
+# - The experts sweep (3 seeds, equal compute per token): fine-grained + shared experts with the
+#   bias beat dense at equal steps and tie it at equal time on a CPU; losses measured at capacity
+#   factor 2.0, as good as dropless for token choice.
+# - Trained top-1, top-2 and expert choice route the same text differently: one expert or none,
+#   mostly two, and anywhere from none to several. Layer 0 routes almost by the character alone.
+# - Dispatch: einsum (one-hot, exercise 6), sort (default), loop — same outputs, different costs.
 #
 # **Where the finalized code lives:** `moe_tutorial/router.py` (all routing variants,
 # `balance_metrics`, `load_cv`), `moe.py` (shared experts, `dropless`), `dispatch.py`, `seeds.py`
-# (mean ± sd and ties), `benchmarks/moe_scaling.py`, `benchmarks/moe_dispatch.py`.
+# (mean ± sd and ties), `sweep.py` (the sweep's variants and its table), `viz.py` (the explorer),
+# `benchmarks/moe_scaling.py`, `benchmarks/moe_dispatch.py`.
 #
 # ## Further reading
 # - Lepikhin et al. 2020, *GShard* — top-2 gating, capacity, first-choice priority, random routing:
 #   [arXiv:2006.16668](https://arxiv.org/abs/2006.16668).
 # - Fedus et al. 2021, *Switch Transformers* — the load-balancing loss used here:
 #   [arXiv:2101.03961](https://arxiv.org/abs/2101.03961).
+# - Raposo et al. 2024, *Mixture-of-Depths* — top-C routing made causal with a per-token predictor:
+#   [arXiv:2404.02258](https://arxiv.org/abs/2404.02258).
 # - Zhou et al. 2022, *Mixture-of-Experts with Expert Choice Routing*:
 #   [arXiv:2202.09368](https://arxiv.org/abs/2202.09368).
 # - Jiang et al. 2024, *Mixtral of Experts* — top-2 of 8 in every block:
 #   [arXiv:2401.04088](https://arxiv.org/abs/2401.04088).
+# - Roller et al. 2021, *Hash Layers For Large Sparse Models* — routing by a fixed hash of the token:
+#   [arXiv:2106.04426](https://arxiv.org/abs/2106.04426).
+# - Rajbhandari et al. 2022, *DeepSpeed-MoE* — Residual-MoE, an always-on MLP beside the routed expert:
+#   [arXiv:2201.05596](https://arxiv.org/abs/2201.05596).
 # - Dai et al. 2024, *DeepSeekMoE* — fine-grained and shared experts:
 #   [arXiv:2401.06066](https://arxiv.org/abs/2401.06066).
 # - Wang et al. 2024, *Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts*:

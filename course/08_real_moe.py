@@ -218,6 +218,27 @@ fig.colorbar(image, ax=ax)
 fig.tight_layout()
 
 # %% [markdown]
+# The same routing, character by character, in notebook 03's explorer (the course's model only: it
+# colours characters, and a BPE model routes tokens). It opens on **show: every layer**, to follow a
+# character through the layers; click an expert's number under its bar to see what it takes. Each
+# character has four experts here. Its colour is the first expert that processed it, and hovering
+# lists all four with their weights (softmax probabilities, not renormalised: they need not sum to
+# 1). The capacity factor starts at the evaluation capacity. (Live kernel only; a saved notebook
+# shows the static view.)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if not REAL:
+    from IPython.display import display
+
+    from moe_tutorial.viz import RoutingExplorer
+
+    explorer = RoutingExplorer(model, dataset.tokenizer, dataset.tokenizer.decode(dataset.val[:256].tolist()),
+                               capacity_factor=moe.capacity_factor_eval)
+    explorer.view.value = "every layer"
+    display(explorer)
+
+# %% [markdown]
 # ## 5 · Consistency: the same token elsewhere, and across layers
 # OLMoE's authors report vocabulary specialisation: many token ids are sent mostly to one expert.
 # Measure it within each layer: the share of tokens whose first choice is the expert their token id

@@ -35,7 +35,7 @@ class MoEConfig:
     expert_hidden: int | None = None  # None: 4 * n_embd, the dense MLP's width
     n_shared_experts: int = 0  # DeepSeekMoE: experts every token uses, beside the routed ones
     routing: str = "token_choice"  # or "expert_choice" (sees the whole batch: not causal)
-    capacity_factor_train: float = 1.25  # Switch Transformer's defaults
+    capacity_factor_train: float = 1.25  # ST-MoE's defaults (the Switch paper sweeps 1.0 to 2.0)
     capacity_factor_eval: float = 2.0
     aux_loss_coef: float = 1e-2  # load-balancing loss weight (alpha)
     z_loss_coef: float = 1e-3  # router z-loss weight

@@ -304,6 +304,10 @@ class GPT(nn.Module):
                 yield GenerationStep(next_token, routing)
 
     def _check_prompt(self, idx, max_new_tokens):
+        if any(layer.router.expert_choice for layer in self.moe_layers()):
+            raise ValueError("this model routes by expert choice, which is not causal: each expert picks its tokens "
+                             "from the whole batch, later tokens included, so it cannot generate one token at a "
+                             "time; train a token-choice model (MoEConfig(routing='token_choice')) to sample")
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"generate() wants token ids of shape (batch, time), got {shape}; "

@@ -244,14 +244,20 @@ def routing_html(r: TextRouting, highlight: int | None = None) -> str:
             f'overflow-wrap:anywhere;max-width:100%">{"".join(spans)}</div>')
 
 
-def load_chart_html(r: TextRouting, height_px=120) -> str:
+def bar_width(n_experts: int) -> int:
+    """Pixels per expert bar (the live explorer's expert buttons line up with the bars)."""
+    return 28 if n_experts <= 16 else 16
+
+
+def load_chart_html(r: TextRouting, height_px=120, labels=True) -> str:
     """Per expert: its demand (outlined bar: characters that asked for it) and what it processed
     (filled; grey on top: slots the padding took), numbers above, a y axis, and the capacity as a
-    dashed black line. The outlined part above the line is what was dropped."""
+    dashed black line. The outlined part above the line is what was dropped. Without `labels` the
+    expert numbers under the bars are left out (the live explorer puts buttons there)."""
     colors = expert_colors(r.n_experts)
     even_share = r.top_k * len(r.text) / r.n_experts  # a fixed scale, so the line moves with the slider
     top = max(2 * even_share, max(r.demand), r.capacity, 1) * 1.15
-    width = 28 if r.n_experts <= 16 else 16
+    width = bar_width(r.n_experts)
     bars = []
     for e, (c, d, pad) in enumerate(zip(r.processed, r.demand, r.padding_processed)):
         outline = height_px * max(d, c + pad) / top
@@ -269,13 +275,14 @@ def load_chart_html(r: TextRouting, height_px=120) -> str:
             f'margin-right:4px;border-right:1px solid #666">'
             + "".join(f'<div style="position:absolute;right:3px;bottom:{height_px * v / top - 5:.1f}px">{v}</div>'
                       for v in sorted({0, r.capacity, max(r.demand)})) + "</div>")
-    labels = "".join(f'<div style="width:{width}px;margin-right:4px;text-align:center">{e}</div>'
-                     for e in range(r.n_experts))
+    numbers = "".join(f'<div style="width:{width}px;margin-right:4px;text-align:center">{e}</div>'
+                      for e in range(r.n_experts))
+    numbers = f'<div style="display:flex;font-size:11px;margin-left:34px">{numbers}</div>' if labels else ""
     legend = (f"experts per character: {', '.join(f'{k}: {n}' for k, n in enumerate(r.experts_per_character))}"
               if r.expert_choice else "outline: asked for it (every choice) · filled: processed · grey: padding")
     return (f'<div class="moe-load" style="padding-top:16px"><div style="display:flex;align-items:flex-end">{axis}'
             f'<div style="position:relative;display:flex;align-items:flex-end;height:{height_px}px">{"".join(bars)}'
-            f'{line}</div></div><div style="display:flex;font-size:11px;margin-left:34px">{labels}</div>'
+            f'{line}</div></div>{numbers}'
             f'<div style="font-size:11px">expert · - - - capacity {r.capacity} per expert · {legend}</div></div>')
 
 
@@ -338,6 +345,7 @@ class RoutingExplorer:
                                              layout=widgets.Layout(display="flex" if len(self.models) > 1 else "none"))
         self.layer = widgets.Dropdown(description="layer")
         self.highlight = widgets.Dropdown(description="highlight")  # one expert's characters
+        self.expert_buttons = widgets.HBox(layout=widgets.Layout(margin="0 0 0 34px"))  # under the bars
         self._set_layers()
         self.priority = widgets.Dropdown(options=[("arrival", "arrival"), ("highest gate", "gate")],
                                          description="slots by")
@@ -360,7 +368,7 @@ class RoutingExplorer:
         self.widget = widgets.VBox([  # the chart above the text, so it stays in view however long the text
             widgets.HBox([self.model_choice, self.layer, self.capacity]),
             widgets.HBox([self.view, self.highlight, self.priority]), self.text, self.error, self.summary,
-            self.chart, self.text_view, widgets.HBox([self.character, self.detail]),
+            self.chart, self.expert_buttons, self.text_view, widgets.HBox([self.character, self.detail]),
         ], layout=widgets.Layout(width="100%", overflow="hidden"))
         self.widget.add_class("moe-routing-explorer")
         self.routing = None
@@ -377,6 +385,25 @@ class RoutingExplorer:
         n_experts = self.model.moe_layers()[0].router.n_experts if n_layers else 0
         self.highlight.options = [("no expert", None)] + [(f"expert {e}", e) for e in range(n_experts)]
         self.highlight.value = None
+        self._set_expert_buttons(n_experts)
+
+    def _set_expert_buttons(self, n_experts: int):
+        """One button per expert under its bar: a click highlights that expert's characters, a
+        second click clears the highlight (the "highlight" menu does the same)."""
+        import ipywidgets as widgets
+
+        width, colors = bar_width(n_experts), expert_colors(n_experts)
+        buttons = []
+        for e in range(n_experts):
+            button = widgets.Button(description=str(e), tooltip=f"highlight expert {e}'s characters",
+                                    layout=widgets.Layout(width=f"{width}px", height="20px", padding="0",
+                                                          margin="0 4px 0 0"))
+            button.style.button_color = colors[e] + "59"
+            button.style.font_size = "11px"
+            button.add_class("moe-expert-button")
+            button.on_click(lambda _, e=e: setattr(self.highlight, "value", None if self.highlight.value == e else e))
+            buttons.append(button)
+        self.expert_buttons.children = buttons
 
     def update(self):
         try:
@@ -389,7 +416,7 @@ class RoutingExplorer:
             return
         self.error.value = ""
         self.summary.value = f"<b>{html.escape(summary_text(self.routing))}</b>"
-        self.chart.value = load_chart_html(self.routing)
+        self.chart.value = load_chart_html(self.routing, labels=False)
         self.text_view.value = self._text_panels()
         self.character.max = len(self.routing.text) - 1
         i = min(self.character.value, self.character.max)
@@ -418,7 +445,7 @@ class RoutingExplorer:
         widget (an untrusted or static view falls back from the widget to this)."""
         if self.routing is None:
             return self.error.value
-        return (f"<div class='moe-routing-static'><p>{self.summary.value}</p>{self.chart.value}"
+        return (f"<div class='moe-routing-static'><p>{self.summary.value}</p>{load_chart_html(self.routing)}"
                 f"{self.text_view.value}</div>")
 
     def _repr_mimebundle_(self, **kwargs):

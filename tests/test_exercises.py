@@ -18,6 +18,7 @@ import moe_tutorial.exercises.ch06
 import moe_tutorial.exercises.ch07
 import moe_tutorial.exercises.ch08  # noqa: F401
 from moe_tutorial.exercises import CHECKS
+from moe_tutorial.router import positions_in_expert as _PIE
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_CALL = re.compile(r"check_(\w+)\((\w+)\)")
@@ -207,6 +208,61 @@ def _mask_with_dropped(expert, position, kept, n_experts, capacity):
     return mask
 
 
+def _slots_token_major(expert, n_experts):  # each token's choices, then the next token's
+    flat = expert.reshape(-1)
+    position = (F.one_hot(flat, n_experts).cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)
+    return position.view(expert.shape)
+
+
+def _slots_library(expert, n_experts):
+    from moe_tutorial.router import positions_in_expert
+
+    return positions_in_expert(expert, n_experts)
+
+
+def _slots_library_renamed(expert, n_experts):  # the package's function under another name
+    return _PIE(expert, n_experts)
+
+
+def _slots_two_choices_only(expert, n_experts):  # right for k = 2 only
+    counts, position = [0] * n_experts, torch.zeros_like(expert)
+    for j in range(min(2, expert.size(1))):
+        for n in range(expert.size(0)):
+            e = int(expert[n, j])
+            position[n, j], counts[e] = counts[e], counts[e] + 1
+    return position
+
+
+def _switch_loss(p, f):
+    E = p.size(1)
+    return E * (torch.bincount(f, minlength=E).float() / len(f) * p.mean(0)).sum()
+
+
+def _lb_concatenated(probs, first):  # transformers' load_balancing_loss_func: all layers' tokens as one
+    return _switch_loss(torch.cat(probs), torch.cat(first))
+
+
+def _lb_mean_over_layers(probs, first):
+    return sum(_switch_loss(p, f) for p, f in zip(probs, first)) / len(probs)
+
+
+def _lb_library(probs, first):  # right, but the package's function does the exercise
+    from moe_tutorial.router import load_balancing_loss
+
+    return sum(load_balancing_loss(p, f) for p, f in zip(probs, first))
+
+
+def _ec_token_choice(probs, capacity):  # each token picks experts
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    kept[torch.arange(probs.size(0))[:, None], probs.topk(capacity, dim=1).indices] = True
+    return kept
+
+
+def _ec_global_top(probs, capacity):  # the C*E highest scores of the whole table
+    threshold = probs.flatten().topk(capacity * probs.size(1)).values[-1]
+    return probs >= threshold
+
+
 # notebook 05
 def _params(L, C, V, T, tied=True, position=True, biases=True):
     per_block = 12 * C * C + (13 * C if biases else 0)  # attention 4C^2 + MLP 8C^2, biases and norms
@@ -383,6 +439,9 @@ WRONG_ANSWERS = {
     "router_z_loss": [_z_mean_sq_logits, _z_naive, _z_no_square],
     "top2_gates": [_top2_raw, _top2_worst_first],
     "update_selection_bias": [_bias_reversed, _bias_proportional],
+    "priority_slots": [_slots_token_major, _slots_library, _slots_library_renamed, _slots_two_choices_only],
+    "balancing_loss_over_layers": [_lb_concatenated, _lb_mean_over_layers, _lb_library],
+    "expert_choice_kept": [_ec_token_choice, _ec_global_top],
     "dispatch_mask": [_mask_with_dropped],
     "gpt2_param_count": [_params_untied, _params_no_position, _params_no_biases],
     "upcycle_mlp": [_upcycle_no_transpose, _upcycle_shared_memory],

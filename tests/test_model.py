@@ -87,3 +87,13 @@ def test_top_k_and_top_p_filtering():
     # greedy through top_k=1: always the argmax
     ids = sample_next_token(logits.repeat(4, 1), top_k=1, generator=torch.Generator().manual_seed(0))
     assert ids.flatten().tolist() == [0, 0, 0, 0]
+
+
+def test_an_expert_choice_model_refuses_to_generate_saying_why():
+    """Expert choice ranks the whole batch: one decoded token would be picked by every expert
+    (capacity 1 each), not what the model trained with. generate() refuses instead of diverging."""
+    from moe_tutorial.config import MoEConfig
+
+    model = GPT(GPTConfig(**SMALL, moe=MoEConfig(n_experts=4, top_k=2, routing="expert_choice"))).eval()
+    with pytest.raises(ValueError, match="expert choice, which is not causal"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2)

@@ -80,3 +80,21 @@ def test_sweep_names_derived_variants_and_refuses_unknown_ones():
         moe_config("top-1 E=12")
     with pytest.raises(ValueError, match="dense has no MoE layers"):
         moe_config("dense, aux-loss-free")
+
+
+def test_the_table_reads_the_committed_runs_and_keeps_routing_records_apart():
+    """sweep.summary: one row per variant and budget, verdicts by the 2-sd rule; the routing
+    diagnosis's records are reported in a table of their own, never as a comparison's row."""
+    from moe_tutorial.sweep import format_table, load_runs, routing_table, summary
+
+    runs = load_runs()
+    rows = summary(runs)
+    dense = next(r for r in rows if r.comparison == "equal_steps" and r.budget == 1800 and r.variant == "dense")
+    assert dense.verdict == "" and dense.vs_dense == 0 and len(dense.losses) == 3
+    assert {r.verdict for r in rows if r.variant != "dense"} <= {"better", "worse", "tie", "n<2"}
+    diagnosis = dict(comparison="routing", variant="top-1 E=16", seed=1, steps=1800, val_loss=2.0,
+                     max_share=[0.9, 0.3], dropped_pct=[40.0, 2.5], loss_through_training=[3.0, 2.1],
+                     max_share_through_training=[0.5, 0.9])
+    assert [r.__dict__ for r in summary(runs + [diagnosis])] == [r.__dict__ for r in rows]
+    assert "seed 1: val loss 2.0000" in routing_table([diagnosis]) and "0.90 0.30" in routing_table([diagnosis])
+    assert format_table(rows).count("\n") == len(rows)  # a header and one line per row

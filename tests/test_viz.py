@@ -219,3 +219,19 @@ def test_highlighting_an_expert_fades_the_others(model_and_tokenizer):
                                                                                     for a in row))
     explorer.priority.value = "gate"
     assert "batch priority routing" in explorer.summary.value
+
+
+def test_clicking_an_experts_button_under_its_bar_highlights_it(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    explorer = RoutingExplorer({"top-1": model, "expert choice": skewed_model(ROUTERS["expert choice"])}, tok, TEXT)
+    buttons = explorer.expert_buttons.children
+    assert [b.description for b in buttons] == [str(e) for e in range(explorer.routing.n_experts)]
+    number_under_bar = 'margin-right:4px;text-align:center">0</div>'
+    assert number_under_bar not in explorer.chart.value  # the live chart leaves the numbers to the buttons
+    buttons[2].click()
+    assert explorer.highlight.value == 2 and "opacity:0.25" in explorer.text_view.value
+    buttons[2].click()  # a second click clears it
+    assert explorer.highlight.value is None and "opacity:0.25" not in explorer.text_view.value
+    explorer.model_choice.value = "expert choice"  # another model: one button per expert of its own
+    assert len(explorer.expert_buttons.children) == explorer.routing.n_experts
+    assert number_under_bar in explorer.static_html()  # the saved view keeps the numbers under the bars

@@ -43,6 +43,30 @@ model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, variant="Swi
 torch.manual_seed(0)
 models = {"Switch MoE": GPT(model_cfg)}
 train(models["Switch MoE"], dataset, train_cfg)
+from dataclasses import replace
+
+top2_cfg, _ = preset("char", dataset.tokenizer.vocab_size, variant="top-2")
+models["top-2"] = GPT(top2_cfg)  # untrained: the counts, not the quality, are under test
+models["expert choice"] = GPT(replace(top2_cfg, moe=replace(
+    top2_cfg.moe, routing="expert_choice", capacity_factor_train=1.0, capacity_factor_eval=1.0)))
+"""
+
+# What each model's first MoE layer itself keeps of the explorer's text at capacity factor 1.0,
+# counted from its own routing (not through the explorer's code): the browser must show the same.
+LAYER_COUNTS_CELL = """
+import json, math
+from moe_tutorial.moe import override_capacity
+
+ids = torch.tensor(dataset.tokenizer.encode(sample))
+B = math.ceil(len(ids) / 64); T = math.ceil(len(ids) / B)
+windows = torch.cat([ids, ids.new_zeros(B * T - len(ids))]).view(B, T)
+counts = {}
+for name, m in {**models, "untrained": untrained}.items():
+    with torch.no_grad(), override_capacity(m.moe_layers()[0], 1.0):
+        r = m.eval()(windows, return_routing=True).routing[0]
+    counts[name] = dict(kept=torch.bincount(r.expert[r.kept], minlength=r.probs.size(1)).tolist(),
+                        layers=len(m.moe_layers()))
+print("LAYER_COUNTS=" + json.dumps(counts))
 """
 
 
@@ -62,7 +86,7 @@ def explorer_notebook(dest):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     explorer = next(c for c in code if "RoutingExplorer(" in "".join(c["source"]))
     nb["cells"] = [code_cell("".join(code[0]["source"])), code_cell(QUICK_MODEL_CELL),
-                   code_cell("".join(explorer["source"]))]
+                   code_cell("".join(explorer["source"])), code_cell(LAYER_COUNTS_CELL)]
     dest.write_text(json.dumps(nb))
 
 
@@ -260,6 +284,58 @@ def test_explorer_fits_a_laptop_screen_and_shows_each_characters_detail(page, pa
     assert not page_errors, page_errors
 
 
+def dropdown(page, label):
+    """The explorer's menu whose label is exactly `label` ("model", "show", "highlight", ...)."""
+    named = page.locator("label", has_text=re.compile(f"^{label}$"))
+    return page.locator(".moe-routing-explorer .widget-dropdown").filter(has=named).locator("select")
+
+
+# Per expert: what the chart says it processed, the text's characters plus the padding.
+CHART_COUNTS = ("[...document.querySelectorAll('.moe-routing-explorer .moe-load .bar')]"
+                ".map(e => Number(e.dataset.count) + Number(e.dataset.padding))")
+
+
+def chart_counts(page):
+    return page.evaluate(f"() => {CHART_COUNTS}")
+
+
+def test_explorer_shows_what_each_router_kept_every_layer_and_an_experts_characters(page, page_errors, lab):
+    open_notebook(page, lab, "explorer_check.ipynb")
+    run_all(page)
+    output = page.locator(".jp-OutputArea-output", has_text="LAYER_COUNTS=")  # the printed output, not the code
+    output.wait_for(timeout=120_000)
+    expected = json.loads(output.text_content().split("LAYER_COUNTS=", 1)[1].strip())
+    page.locator(".moe-routing-explorer .moe-text span").first.wait_for()
+    summary = page.locator(".moe-routing-explorer .widget-html b").first
+    for name in ("Switch MoE", "top-2", "expert choice"):  # top-1, every assignment of top-2, expert choice
+        dropdown(page, "model").select_option(label=name)
+        try:  # the kernel redraws the chart a moment after the change
+            page.wait_for_function(f"exp => JSON.stringify({CHART_COUNTS}) == JSON.stringify(exp)",
+                                   arg=expected[name]["kept"], timeout=15_000)
+        except Exception:
+            pass  # the assert below says what the chart shows instead
+        assert chart_counts(page) == expected[name]["kept"], name
+    assert "expert choice" in summary.text_content() and "experts per character" in page.locator(
+        ".moe-routing-explorer .moe-load").text_content()
+
+    dropdown(page, "show").select_option(label="every layer")
+    panels = page.locator(".moe-routing-explorer .moe-panel")
+    page.wait_for_function("n => document.querySelectorAll('.moe-routing-explorer .moe-panel').length == n",
+                           arg=expected["expert choice"]["layers"], timeout=15_000)
+    assert panels.first.locator("span").count() == len(page.locator(".moe-routing-explorer textarea").input_value())
+
+    dropdown(page, "show").select_option(label="this layer")
+    page.locator(".moe-routing-explorer .moe-expert-button").nth(1).click()  # the button under expert 1's bar
+    page.wait_for_function("() => [...document.querySelectorAll('.moe-routing-explorer .moe-text span')]"
+                           ".some(s => s.style.opacity == '0.25')", timeout=15_000)
+    spans = page.locator(".moe-routing-explorer .moe-text span")
+    shown = spans.evaluate_all("els => els.filter(s => s.style.opacity != '0.25').map(s => s.dataset.experts)")
+    assert shown and all("1" in experts.split(",") for experts in shown)
+    selected = dropdown(page, "highlight").evaluate("s => s.options[s.selectedIndex].text")
+    assert selected.replace("\xa0", " ") == "expert 1"  # the menu follows the click (ipywidgets writes nbsp)
+    assert not page_errors, page_errors
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
 def test_notebook_opens_without_frontend_errors(page, page_errors, lab, name):
     open_notebook(page, lab, name)
@@ -268,5 +344,8 @@ def test_notebook_opens_without_frontend_errors(page, page_errors, lab, name):
     assert page.get_by_text("Error displaying widget").count() == 0
     if name == EXPLORER_NOTEBOOK:  # the saved explorer shows its static view, not "VBox(children=..."
         assert page.locator(".jp-OutputArea .moe-routing-static .moe-text span").count() > 100
+        assert page.get_by_text("VBox(children").count() == 0
+    if name.startswith("08"):  # notebook 08's explorer, saved showing every MoE layer of its model
+        assert page.locator(".jp-OutputArea .moe-routing-static .moe-panel").count() == 4
         assert page.get_by_text("VBox(children").count() == 0
     assert not page_errors, page_errors
