@@ -30,11 +30,13 @@ from moe_tutorial.data import shakespeare_dataset
 from moe_tutorial.evaluate import estimate_loss, fixed_batches
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import MODERN_BLOCK, preset
+from moe_tutorial.sweep import RESULTS as SWEEP_RESULTS
+from moe_tutorial.sweep import load_runs, summaries
+from moe_tutorial.sweep import verdict_of_summaries as verdict  # notebook 07 calls modern_block.verdict
 from moe_tutorial.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_scaling import RESULTS as SWEEP_RESULTS
-from moe_scaling import SEEDS, STEPS, append, load, machine, stats, verdict
+from moe_scaling import SEEDS, STEPS, append, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "modern_block.json"
 MODERN = MODERN_BLOCK  # RMSNorm, RoPE, SwiGLU, per-head QK-norm
@@ -70,13 +72,13 @@ def main():
     torch.set_num_threads(args.threads)
     if not args.report:
         sweep(args)
-    report(load(args.out), load(SWEEP_RESULTS))
+    report(load_runs(args.out), load_runs(SWEEP_RESULTS))
 
 
 def sweep(args):
     dataset = shakespeare_dataset(progress=False)
     eval_sets = {split: fixed_batches(dataset.split(split), 100, 16, 64, seed=0) for split in ("train", "val")}
-    done = {(r["variant"], r["seed"]) for r in load(args.out)}
+    done = {(r["variant"], r["seed"]) for r in load_runs(args.out)}
     for seed in SEEDS:
         for name in VARIANTS:
             if (name, seed) in done:
@@ -100,8 +102,8 @@ def sweep(args):
 def table(runs, sweep_runs) -> dict:
     """{variant: (mean, sd, n, total params, active params)} for this benchmark's variants and
     the GPT-2-block runs it borrows from the experts sweep."""
-    ours = stats(runs, "equal_steps", STEPS)
-    borrowed = stats(sweep_runs, "equal_steps", STEPS)
+    ours = summaries(runs, "equal_steps", STEPS)
+    borrowed = summaries(sweep_runs, "equal_steps", STEPS)
     params = {r["variant"]: (r["total_params"], r["active_params"]) for r in runs}
     params |= {name: next((r["total_params"], r["active_params"]) for r in sweep_runs if r["variant"] == v)
                for name, v in FROM_SWEEP.items() if v in borrowed}

@@ -130,8 +130,9 @@ plt.show()
 #
 # $$\mathrm{softmax}(x)_i = \frac{e^{x_i - m}}{\ell}, \qquad m = \max_j x_j, \qquad \ell = \sum_j e^{x_j - m}.$$
 #
-# That needs the whole row before anything can be normalised. The trick of the **online softmax**
-# (Milakov & Gimelshein 2018): process the row in chunks and keep a *state* `(m, ℓ, acc)`, where
+# That needs the whole row before anything can be normalised. The **online softmax** processes the
+# row in chunks. Milakov & Gimelshein (2018) keep the running maximum and normaliser `(m, ℓ)`; Rabe
+# & Staats (2021) and FlashAttention also carry the output along, as a state `(m, ℓ, acc)`, where
 # `acc = Σ e^{x_j − m} v_j` is the not-yet-normalised output. When a new chunk raises the maximum
 # from `m` to `m'`, everything summed so far was exponentiated against the old maximum and is
 # simply rescaled by `e^{m − m'}`. At the end, the output is `acc / ℓ` — normalised once.
@@ -241,7 +242,9 @@ assert passed  # solutions-only
 # **Wrong answers the check catches:** a softmax *per key block* with the blocks' outputs averaged (no
 # running max and sum: right only when there is one block, and the check also uses blocks of 8, 5 and
 # 1 keys); scores not scaled by `1/√D` (the output and the logsumexp differ from the reference's);
-# and a logsumexp that is not `torch.logsumexp` of the scaled scores.
+# a logsumexp that is not `torch.logsumexp` of the scaled scores; and a plain softmax over all keys
+# that ignores `block_k` (right numbers, no tiling: the check watches for a score tensor against all
+# 23 keys at once).
 
 # %% [markdown]
 # ### Causal attention: skip the future
@@ -354,22 +357,49 @@ assert torch.allclose(out_scratch, out_package, atol=1e-12) and torch.allclose(l
 assert torch.allclose(out_scratch, out_sdpa, atol=1e-12)
 
 # %% [markdown]
+# ### What a real kernel must also get right
+# - **A row with no visible key.** With a padding mask, a query row can have every key masked. Its
+#   running maximum stays `−∞`, and `exp(−∞ − (−∞))` is NaN. Causal attention as written here never
+#   meets it (key 0 is in every row's first block), but a kernel must. Kernels use 0 as the maximum
+#   of such a row, so its weights are 0 and its output is 0:
+
+# %%
+masked_row = torch.full((1, 4), float("-inf"))  # every key of this row is masked
+row_max = masked_row.amax(dim=-1, keepdim=True)
+naive = torch.exp(masked_row - row_max)
+guarded = torch.exp(masked_row - torch.where(torch.isinf(row_max), 0.0, row_max))
+print("naive:", naive.tolist(), " guarded:", guarded.tolist())
+assert torch.isnan(naive).all() and torch.equal(guarded, torch.zeros(1, 4))
+
+# %% [markdown]
+# - **Precision.** In bf16 or fp16 the inputs and the matmuls are low precision, but `m`, `ℓ` and
+#   `acc` are kept in fp32: the rescaling by `e^{m − m'}` and long sums would lose digits otherwise.
+# - **Load balance.** Under a causal mask, the last query block visits every key block and the first
+#   only one. A GPU runs query blocks in parallel, so the long ones finish last; FlashAttention-2
+#   schedules them first.
+# - **Alignment when there are fewer queries than keys.** Decoding with a KV cache asks one new query
+#   to see all cached keys: the causal diagonal sits at the *bottom right*. `is_causal=True` in SDPA
+#   aligns it top left; PyTorch's `torch.nn.attention.bias.causal_lower_right` builds the
+#   bottom-right mask.
+#
 # ## 4 · Why tiling wins on a GPU: HBM and SRAM traffic
 # On a CPU, section 1 showed the **footprint**: flash attention never holds a `T × T` matrix. On a GPU
 # the bigger win is **traffic**. A GPU has two memories: HBM, its DRAM, and on each streaming
 # multiprocessor (SM) an on-chip SRAM. On an A100 (FlashAttention paper, §2.1): 40–80 GB of HBM at
-# 1.5–2.0 TB/s, against 192 KB of SRAM per SM with about ten times that bandwidth. Attention does few
-# operations per byte it touches, so its time is set by how many bytes cross between the two.
+# 1.5–2.0 TB/s, against 192 KB of SRAM per SM with about ten times that bandwidth.
 #
 # - **Standard attention** (the paper's Algorithm 0) runs as separate kernels, and each one goes
 #   through HBM: compute `S = Q Kᵀ` and write it, read `S` and write `P = softmax(S)`, read `P` and
 #   `V` and write `O`. The `T × T` matrix crosses four times: `Θ(T d + T²)` accesses.
-# - **Flash attention** is one kernel. A thread block loads its `Q_i` once, streams every `K_j, V_j`
-#   through SRAM, keeps the score tile and the running `(m, ℓ, acc)` on chip, and writes `O_i` and
-#   `L_i` once. With blocks as large as SRAM allows (`B ≈ M / 4d` rows for an SRAM of `M` numbers),
-#   `K` and `V` are read `T / B` times: `Θ(T² d² / M)` accesses (Theorem 2 of the FlashAttention
-#   paper). Against standard attention's `T²`, that saves a factor of about `M / d²`: large while
-#   `d²` is small against the SRAM, smaller for wide heads.
+# - **Flash attention** is one kernel. The paper's Algorithm 1 sizes its blocks from the SRAM: with
+#   room for `M` numbers, `B_c = ⌈M / 4d⌉` key rows and `B_r = min(B_c, d)` query rows, so that
+#   `K_j`, `V_j`, `Q_i` and `O_i` fit on chip. The `B_r × B_c` score tile must fit too; the rule
+#   leaves it out, so the code below lowers `B_c` until it does. Algorithm 1 loads each key block
+#   once and, for each, streams every query block through: it reads `Q` and reads and writes `O` once
+#   per key block, `T / B_c` times. That is `≈ 3 T² d / B_c` accesses; with `B_c ≈ M / 4d`,
+#   `12 T² d² / M`, Theorem 2's `Θ(T² d² / M)`. Against standard attention's `4 T²`, flash saves a
+#   factor of about **`4 B_c / 3d ≈ M / 3d²`**: large while `d²` is small against the SRAM, small
+#   for wide heads.
 #
 # The picture, for one step of the forward (`moe_tutorial.diagrams.flash_tiling_diagram`):
 
@@ -380,54 +410,83 @@ flash_tiling_diagram(n_blocks=4, query_block=2, key_block=1)
 plt.show()
 
 # %% [markdown]
-# The count, in code, for one head of the forward pass in fp16 (the paper's A100 figures for the SRAM
-# size and the HBM bandwidth; non-causal). The last column, `flash · M / (T² d²)`, settles to the same
-# constant for both head sizes as `T` grows: that is Theorem 2's `Θ`. The `ratio` column is the saving,
-# and it shrinks as `d` grows.
+# The count, in code, for one head of the forward pass in fp16, non-causal, with the paper's A100
+# figures. The SRAM budget includes the score tile. Bytes are not the whole story: the time is the
+# larger of bytes ÷ bandwidth and FLOPs ÷ peak. Both matmuls, `Q Kᵀ` and `P V`, cost `2 T² d` FLOPs
+# each. A kernel whose **arithmetic intensity** (FLOPs per byte moved) is above the machine's ratio of
+# peak FLOP/s to bandwidth is compute-bound, below it memory-bound: the roofline.
 
 # %%
 SRAM_BYTES = 192 * 1024  # on-chip SRAM per SM of an A100 (FlashAttention paper, §2.1)
 HBM_BYTES_PER_S = 1.5e12  # the A100's HBM bandwidth, the low end of the paper's 1.5-2.0 TB/s
+PEAK_FLOPS = 312e12  # the A100's dense fp16 tensor-core peak
 FP16 = 2
 
 
+def flash_blocks(d, sram_bytes=SRAM_BYTES, nbytes=FP16):
+    """(B_r, B_c): FlashAttention's Algorithm 1 block sizes for an SRAM of sram_bytes, B_c lowered
+    until the score tile fits beside the blocks."""
+    M = sram_bytes // nbytes  # numbers the SRAM holds
+    block_c = math.ceil(M / (4 * d))
+    block_r = min(block_c, d)
+    while 2 * block_c * d + 2 * block_r * d + block_r * block_c > M:  # K_j, V_j, Q_i, O_i, the score tile
+        block_c -= 1
+    return block_r, block_c
+
+
 def hbm_traffic(T, d, sram_bytes=SRAM_BYTES, nbytes=FP16):
-    """(standard, flash, block): bytes one head's attention forward moves between HBM and SRAM.
+    """(standard, flash): bytes one head's attention forward moves between HBM and SRAM.
 
     standard: Algorithm 0 of the FlashAttention paper, one kernel per step, the T x T matrix in HBM.
-    flash: FlashAttention-2's loop order, query blocks outer, with the largest block that fits.
+    flash: Algorithm 1, key blocks outer: K and V read once; Q read, O read and written per key block.
     """
     standard = nbytes * (4 * T * d  # read Q, K, V; write O
                          + 4 * T * T)  # write S, read S, write P, read P
-    block = sram_bytes // (4 * d * nbytes)  # rows per block: Q_i, K_j, V_j and acc_i fit in SRAM together
-    flash = nbytes * (2 * T * d  # read each Q_i once, write each O_i once
-                      + math.ceil(T / block) * 2 * T * d)  # every query block reads all of K and V
-    return standard, flash, block
+    _, block_c = flash_blocks(d, sram_bytes, nbytes)
+    flash = nbytes * (2 * T * d  # read K and V once
+                      + math.ceil(T / block_c) * 3 * T * d)  # per key block: read Q, read and write O
+    return standard, flash
 
 
-print(f"SRAM M = {SRAM_BYTES // 1024} KiB, HBM {HBM_BYTES_PER_S / 1e12:.1f} TB/s, fp16, one head, forward")
-print(f"{'d':>4} {'T':>6} {'block':>6} | {'standard MB':>11} {'flash MB':>9} {'ratio':>6} | "
-      f"{'standard µs':>11} {'flash µs':>9} | {'flash·M/(T²d²)':>14}")
-traffic = {}
+ridge = PEAK_FLOPS / HBM_BYTES_PER_S  # FLOP per byte where memory time equals compute time
+print(f"SRAM M = {SRAM_BYTES // 1024} KiB, HBM {HBM_BYTES_PER_S / 1e12:.1f} TB/s, peak {PEAK_FLOPS / 1e12:.0f} "
+      f"TFLOP/s (ridge {ridge:.0f} FLOP/byte); fp16, one head, forward")
+print(f"{'d':>4} {'T':>6} {'B_r':>4} {'B_c':>4} | {'standard MB':>11} {'flash MB':>9} {'ratio':>6} {'4B_c/3d':>7} | "
+      f"{'FLOP/B std':>10} {'flash':>6} | {'flash µs: bytes':>15} {'FLOPs':>7}")
+traffic, intensity = {}, {}
 for d in (64, 128):
+    block_r, block_c = flash_blocks(d)
     for T in (1024, 4096, 16384):
-        standard, flash, block = traffic[d, T] = hbm_traffic(T, d)
-        print(f"{d:>4} {T:>6} {block:>6} | {standard / 1e6:11.1f} {flash / 1e6:9.1f} {standard / flash:6.1f} | "
-              f"{standard / HBM_BYTES_PER_S * 1e6:11.1f} {flash / HBM_BYTES_PER_S * 1e6:9.1f} | "
-              f"{flash * SRAM_BYTES / (T * T * d * d):14.1f}")
-# Theorem 2's claims, on this count: flash moves fewer bytes, ~4x more per doubling of T (T^2),
-# ~2x fewer per doubling of the SRAM (1/M), and the ratio standard / flash is ~M / (2 d^2 nbytes).
-assert all(standard > flash for standard, flash, _ in traffic.values())
+        standard, flash = traffic[d, T] = hbm_traffic(T, d)
+        flops = 4 * T * T * d  # Q K^T and P V, 2 T^2 d each
+        intensity[d, T] = (flops / standard, flops / flash)
+        print(f"{d:>4} {T:>6} {block_r:>4} {block_c:>4} | {standard / 1e6:11.1f} {flash / 1e6:9.1f} "
+              f"{standard / flash:6.1f} {4 * block_c / (3 * d):7.1f} | {intensity[d, T][0]:10.0f} "
+              f"{intensity[d, T][1]:6.0f} | {flash / HBM_BYTES_PER_S * 1e6:15.0f} {flops / PEAK_FLOPS * 1e6:7.0f}")
+# Theorem 2 on this count: flash moves fewer bytes, ~4x more per doubling of T (T^2), ~2x fewer per
+# doubling of the SRAM (1/M), and at large T the saving standard / flash approaches 4 B_c / 3d.
+assert all(standard > flash for standard, flash in traffic.values())
 assert 3.5 < hbm_traffic(8192, 64)[1] / hbm_traffic(4096, 64)[1] <= 4.0
 assert 0.5 <= hbm_traffic(4096, 64, 2 * SRAM_BYTES)[1] / hbm_traffic(4096, 64)[1] < 0.6
-assert abs(traffic[64, 16384][0] / traffic[64, 16384][1] / (SRAM_BYTES / (2 * 64**2 * FP16)) - 1) < 0.1
+for d in (64, 128):
+    assert abs(traffic[d, 16384][0] / traffic[d, 16384][1] / (4 * flash_blocks(d)[1] / (3 * d)) - 1) < 0.05
+assert all(std < ridge for std, _ in intensity.values())  # standard attention: always memory-bound
+assert intensity[64, 16384][1] > ridge > intensity[128, 16384][1]  # flash: compute-bound at d = 64 only
 
 # %% [markdown]
-# Two honest caveats. Real kernels use blocks of 64–128 rows (FlashAttention-2, §3.3: registers run
-# out before SRAM does), so they read `K` and `V` a few more times than this count. And our PyTorch
-# loops are **not** fused: each operation of the inner loop writes its tile back to main memory, so on
-# a CPU they win the footprint of section 1, not this traffic. The fused kernels get both: SDPA's
-# (measured in section 6) and the Triton kernel of section 9.
+# Read the last columns. Standard attention is memory-bound at every size: the `T × T` matrix's
+# round trips cost more time than its FLOPs. With the A100's SRAM, flash attention at `d = 64` and
+# long sequences moves few enough bytes that the matmuls set its time: it becomes **compute-bound**,
+# which is the point of FlashAttention. At `d = 128` the blocks are shorter and the saving smaller,
+# and on this count it stays memory-bound.
+#
+# Two honest caveats. Real kernels use blocks of 64–128 rows in FlashAttention-2's order, query
+# blocks outer (FlashAttention-2, §3.3: registers run out before SRAM does), so their count differs
+# from Algorithm 1's; FlashAttention-2 also trims the non-matmul FLOPs (the rescaling by `e^{m − m'}`),
+# which matters because a tensor core does matmuls about 16× faster than anything else. And our
+# PyTorch loops are **not** fused: each operation of the inner loop writes its tile back to main
+# memory, so on a CPU they win the footprint of section 1, not this traffic. The fused kernels get
+# both: SDPA's (measured in section 6) and the Triton kernel of section 9.
 #
 # ## 5 · The backward pass, by recomputation
 # Naive backward needs `P` (T × T) saved from the forward pass. Flash attention saves only `O`
@@ -437,13 +496,15 @@ assert abs(traffic[64, 16384][0] / traffic[64, 16384][1] / (SRAM_BYTES / (2 * 64
 #
 # - `dV_j += P_ijᵀ dO_i`
 # - `dP_ij = dO_i V_jᵀ`
-# - `dS_ij = P_ij ∘ (dP_ij − D_i)`, where `D_i = rowsum(dO_i ∘ O_i)` (the softmax Jacobian folded
+# - `dS_ij = P_ij ∘ (dP_ij − δ_i)`, where `δ_i = rowsum(dO_i ∘ O_i)` (the softmax Jacobian folded
 #   into one number per row: `Σ_j P_ij dP_ij = Σ_j P_ij (dO_i · v_j) = dO_i · O_i`, summed over
 #   *all* keys, so it is computed once from `O` before the loops)
 # - `dQ_i += dS_ij K_j / √D`,  `dK_j += dS_ijᵀ Q_i / √D`
 #
 # Recomputing costs one more `Q Kᵀ` per tile; on a GPU that is cheaper than writing and reading a
-# `T × T` matrix through HBM (section 4), and memory stays linear in `T`.
+# `T × T` matrix through HBM (section 4), and memory stays linear in `T`. Count the matmuls: the
+# forward does two of `2 T² d` FLOPs (`Q Kᵀ`, `P V`), the backward five (`S` again, `dP`, `dV`,
+# `dQ`, `dK`). So the backward costs about 2.5× the forward.
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 4 — one tile of the backward pass
@@ -464,7 +525,7 @@ def flash_backward_tile(q_i, k_j, v_j, do_i, lse_i, delta_i, future=None):
     probs = torch.exp(scores - lse_i[:, None])  # the forward's softmax, recomputed from the saved L_i
     dv_j = probs.T @ do_i  # (bk, D)
     dprobs = do_i @ v_j.T  # (bq, bk)
-    dscores = probs * (dprobs - delta_i[:, None])  # softmax backward; D_i covers all keys, not the tile
+    dscores = probs * (dprobs - delta_i[:, None])  # softmax backward; δ_i covers all keys, not the tile
     return dscores @ k_j * scale, dscores.T @ q_i * scale, dv_j
     # END SOLUTION
 
@@ -480,11 +541,11 @@ assert passed  # solutions-only
 # **Why it works.** It is the chain rule of `O_i = P_i V` restricted to the columns of key block `j`.
 # `exp(S_ij − L_i)` is the forward's softmax exactly, normalised over *all* keys, because `L_i` is the
 # log of the whole row's denominator. `dV_j` collects `P_ijᵀ dO_i`; the softmax Jacobian turns `dP`
-# into `P ∘ (dP − D_i)`, and `D_i = Σ_j P_ij dP_ij` runs over the whole row, which is why it comes in
+# into `P ∘ (dP − δ_i)`, and `δ_i = Σ_j P_ij dP_ij` runs over the whole row, which is why it comes in
 # precomputed from `O`. Every piece is linear in the tile, so the tiles' contributions add up to the
 # full gradients.
 #
-# **Wrong answers the check catches:** `dS = P ∘ dP` (forgetting to subtract `D_i`; named as such);
+# **Wrong answers the check catches:** `dS = P ∘ dP` (forgetting to subtract `δ_i`; named as such);
 # `P = exp(S)` without subtracting `L_i` (unnormalised: row `i` is `e^{L_i}` times too large); `P` as a softmax
 # over the tile alone (named as such: it renormalises each key block to sum to 1); `dQ` and `dK` without
 # the `1/√D` of the scores (named as such); `dV = P dO` instead of `Pᵀ dO` (a transpose: it fails on
@@ -511,7 +572,7 @@ def scratch_flash_backward(q, k, v, out, lse, grad_out, block_q=64, block_k=64):
     """Causal FlashAttention-2 backward, in the loop order of Algorithm 2: key/value blocks outer."""
     B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D)
-    delta = (grad_out * out).sum(dim=-1)  # D_i = rowsum(dO_i * O_i), (B, H, T): once, before the loops
+    delta = (grad_out * out).sum(dim=-1)  # δ_i = rowsum(dO_i * O_i), (B, H, T): once, before the loops
     dq = torch.zeros_like(q)  # in HBM: every key block adds into it (atomic adds on a GPU)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     for k_start in range(0, T, block_k):  # outer loop: key/value blocks, one GPU thread block each
@@ -544,7 +605,7 @@ sdpa_grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_caus
 for name, grads in (("key/value-outer (scratch)", kv_outer), ("query-outer (package)", q_outer)):
     errors = [(a - b).abs().max().item() for a, b in zip(grads, sdpa_grads)]
     print(f"{name:>26} vs SDPA: max |error| dq {errors[0]:.1e}, dk {errors[1]:.1e}, dv {errors[2]:.1e}")
-    assert max(errors) < 1e-12  # fp64 rounding; a missing D_i or scale is off by ~1e-1
+    assert max(errors) < 1e-12  # fp64 rounding; a missing δ_i or scale is off by ~1e-1
 print(f"{'the two orders':>26} differ by {max((a - b).abs().max().item() for a, b in zip(kv_outer, q_outer)):.1e}")
 
 # %% [markdown]

@@ -304,9 +304,10 @@ assert model_info(config).total_params == gelu_params
 # %% [markdown]
 # ## 6 · The blocks compared on Shakespeare
 # The modern block is `GPTConfig(norm="rmsnorm", position="rope", activation="swiglu", qk_norm="head")`:
-# the same attention and MLP slots, same names, same training loop. (It is the block of Llama,
-# Mixtral, Qwen3 and OLMoE; DeepSeek-V3 replaces the attention with multi-head latent attention, MLA,
-# which caches one compressed latent per token instead of sharing key/value heads.) Below, GPT-2's block and the
+# the same attention and MLP slots, same names, same training loop. (With `qk_norm="head"` it is
+# Qwen3's block; Llama and Mixtral have no QK-norm, and OLMoE normalises the whole query and key
+# projections, not each head. DeepSeek-V3 replaces the attention with multi-head latent attention,
+# MLA, which caches one compressed latent per token instead of sharing key/value heads.) Below, GPT-2's block and the
 # modern one at (almost) equal parameters (no position table; SwiGLU width 336 ≈ 8C/3), the `char`
 # recipe cut to 300 steps so that six runs fit in this notebook, three seeds each. A difference
 # under 2 sd of the difference is a tie. `benchmarks/modern_block.py` runs the full 1800-step

@@ -89,6 +89,16 @@ def val_losses(runs, comparison: str, budget) -> dict[str, list[float]]:
     return losses
 
 
+def summary_of(losses) -> tuple:
+    """(mean, sd, n) of the seeds' val losses (sd nan for a single seed)."""
+    return statistics.mean(losses), statistics.stdev(losses) if len(losses) > 1 else float("nan"), len(losses)
+
+
+def summaries(runs, comparison: str, budget) -> dict[str, tuple]:
+    """{variant: (mean, sd, n)} for one comparison and budget."""
+    return {v: summary_of(x) for v, x in val_losses(runs, comparison, budget).items()}
+
+
 def step_times(runs) -> dict[str, float]:
     """{variant: seconds per step} from the speed phase, which times every variant in one sitting."""
     return {r["variant"]: r["seconds_per_step"] for r in runs if r["comparison"] == "step_time"}
@@ -120,11 +130,14 @@ class Row:
 
 def verdict_vs(losses, dense) -> str:
     """The 2-sd rule (moe_tutorial.seeds) in the table's words: 'better' is a lower loss."""
-    if len(losses) < 2 or len(dense) < 2:
+    return verdict_of_summaries(summary_of(losses), summary_of(dense))
+
+
+def verdict_of_summaries(a, b) -> str:
+    """verdict_vs from (mean, sd, n, ...) summaries."""
+    if a[2] < 2 or b[2] < 2:
         return "n<2"  # one seed says nothing about noise: no verdict
-    call = verdict_of_stats(statistics.mean(losses), statistics.stdev(losses),
-                            statistics.mean(dense), statistics.stdev(dense))
-    return {"lower": "better", "higher": "worse", "tie": "tie"}[call]
+    return {"lower": "better", "higher": "worse", "tie": "tie"}[verdict_of_stats(a[0], a[1], b[0], b[1])]
 
 
 def summary(runs) -> list[Row]:

@@ -57,16 +57,28 @@ def _softmax_wrong_dim(scores):
     return F.softmax(scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), dim=-2)
 
 
+def _attend(q, k, v, scale, causal=True):  # written out: the wrong answers below must fail for their own mistake
+    scores = q @ k.transpose(-2, -1) * scale
+    if causal:
+        T = scores.size(-1)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
 def _head_unscaled(x, key, query, value):
-    return F.scaled_dot_product_attention(query(x), key(x), value(x), is_causal=True, scale=1.0)
+    return _attend(query(x), key(x), value(x), scale=1.0)
 
 
 def _head_not_causal(x, key, query, value):
-    return F.scaled_dot_product_attention(query(x), key(x), value(x))
+    return _attend(query(x), key(x), value(x), scale=key.out_features ** -0.5, causal=False)
 
 
 def _head_swapped(x, key, query, value):
-    return F.scaled_dot_product_attention(key(x), query(x), value(x), is_causal=True)
+    return _attend(key(x), query(x), value(x), scale=key.out_features ** -0.5)
+
+
+def _head_sdpa(x, key, query, value):  # right numbers, but the library does the exercise
+    return F.scaled_dot_product_attention(query(x), key(x), value(x), is_causal=True)
 
 
 def _probs_no_temperature(logits, temperature, top_k):
@@ -96,6 +108,11 @@ def _attend_no_online(q, k, v, block_k):  # softmax per block, no running max/su
     outs = [F.softmax(q @ k[s:s + block_k].T / q.size(-1) ** 0.5, -1) @ v[s:s + block_k]
             for s in range(0, k.size(0), block_k)]
     return sum(outs) / len(outs), torch.logsumexp(q @ k.T / q.size(-1) ** 0.5, -1)
+
+
+def _attend_full_softmax(q, k, v, block_k):  # right numbers, but ignores block_k: no tiling at all
+    s = q @ k.T / q.size(-1) ** 0.5
+    return F.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 
 def _attend_unscaled(q, k, v, block_k):
@@ -427,10 +444,10 @@ WRONG_ANSWERS = {
     "sigmoid_topk": [_sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled, _sigmoid_unnormalised,
                      _softmax_instead],
     "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2]],
-    "attention_head": [_head_unscaled, _head_not_causal, _head_swapped],
+    "attention_head": [_head_unscaled, _head_not_causal, _head_swapped, _head_sdpa],
     "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k],
     "merge_softmax_states": [_merge_no_rescale, _merge_min],
-    "attend_one_query_block": [_attend_no_online, _attend_unscaled],
+    "attend_one_query_block": [_attend_no_online, _attend_unscaled, _attend_full_softmax],
     "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag],
     "flash_backward_tile": [_tile_no_delta, _tile_unnormalised, _tile_softmax_per_tile, _tile_unscaled,
                             _tile_transposed, _tile_ignores_mask],

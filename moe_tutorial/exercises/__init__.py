@@ -31,6 +31,14 @@ def expect_shape(tensor, shape, what="result"):
            f"{what} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
 
 
+def refuse_library_call(fn, library_fn, why: str):
+    """The exercise is to write `library_fn` yourself: an answer that calls it (by its name, or by
+    another name bound to it) defeats the point."""
+    names = fn.__code__.co_names
+    if library_fn.__name__ in names or any(fn.__globals__.get(n) is library_fn for n in names):
+        raise CheckFailed(f"write it without calling {library_fn.__name__}: {why}")
+
+
 def expect_close(actual, expected, what="result", atol=1e-5, rtol=1e-4):
     expect_shape(actual, expected.shape, what)
     if not torch.allclose(actual.double(), expected.double(), atol=atol, rtol=rtol):

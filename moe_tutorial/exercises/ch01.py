@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..sampling import filter_logits
-from . import CheckFailed, check, expect, expect_close, expect_shape
+from . import CheckFailed, check, expect, expect_close, expect_shape, refuse_library_call
 
 
 @check("causal_attention_weights")
@@ -29,6 +29,8 @@ def check_causal_attention_weights(causal_attention_weights):
 @check("attention_head")
 def check_attention_head(attention_head):
     """One causal self-attention head: x (B, T, C) -> (B, T, head_size)."""
+    refuse_library_call(attention_head, F.scaled_dot_product_attention,
+                        "build the scores, the mask and the softmax yourself")
     torch.manual_seed(0)
     B, T, C, hs = 2, 5, 8, 4
     x = torch.randn(B, T, C)

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..attention import key_blocks
 from . import CheckFailed, check, expect, expect_close, expect_shape
@@ -43,11 +44,31 @@ def check_attend_one_query_block(attend_one_query_block):
     v = torch.randn(23, 8, generator=g, dtype=torch.float64)
     scores = q @ k.T / 8 ** 0.5
     for block_k in (23, 8, 5, 1):  # one block, ragged tails, single keys
-        result = attend_one_query_block(q, k, v, block_k)
+        with _ScoreRowWatch(rows=5, keys=23) as watch:
+            result = attend_one_query_block(q, k, v, block_k)
+        expect(block_k == 23 or not watch.seen,
+               f"with block_k={block_k} the answer made a (5, 23) tensor: scores against all 23 keys at once. "
+               f"Compute them one key block of at most {block_k} keys at a time")
         expect(isinstance(result, tuple) and len(result) == 2, "return a tuple (output, logsumexp)")
         out, lse = result
         expect_close(out, F.softmax(scores, dim=-1) @ v, f"the output with block_k={block_k}")
         expect_close(lse, torch.logsumexp(scores, dim=-1), f"the logsumexp with block_k={block_k}")
+
+
+class _ScoreRowWatch(TorchFunctionMode):
+    """Notes whether any tensor op produces a (rows, keys) tensor: the scores (or weights) of a query
+    block against every key at once, which the tiled loop never holds."""
+
+    def __init__(self, rows: int, keys: int):
+        super().__init__()
+        self.shape, self.seen = (rows, keys), False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == self.shape:
+                self.seen = True
+        return out
 
 
 @check("key_blocks_to_visit")
@@ -133,7 +154,7 @@ def check_flash_backward_tile(flash_backward_tile):
                               "before exponentiating")
         expect_close(dv, ref_dv, f"{case}: dV (over all key blocks, P_ij^T dO_i with P_ij = exp(S_ij - L_i))")
         if same_dk["no_delta"]:
-            raise CheckFailed(f"{case}: dS is P * dP; subtract D_i from each row: dS = P * (dP - D_i)")
+            raise CheckFailed(f"{case}: dS is P * dP; subtract δ_i = rowsum(dO * O) from each row: dS = P * (dP - δ_i)")
         if same_dk["unscaled"]:
             raise CheckFailed(f"{case}: dK and dQ miss the softmax scale: S = Q K^T / sqrt(D), so multiply "
                               f"dS K and dS^T Q by 1/sqrt(D)")

@@ -5,15 +5,7 @@ import torch.nn.functional as F
 
 from ..config import MoEConfig
 from ..router import Router, load_balancing_loss, positions_in_expert
-from . import CheckFailed, check, expect, expect_close, expect_shape
-
-
-def refuse_library_call(fn, library_fn, why: str):
-    """The exercise is to write `library_fn` yourself: an answer that calls it (by its name, or by
-    another name bound to it) defeats the point."""
-    names = fn.__code__.co_names
-    if library_fn.__name__ in names or any(fn.__globals__.get(n) is library_fn for n in names):
-        raise CheckFailed(f"write it without calling {library_fn.__name__}: {why}")
+from . import CheckFailed, check, expect, expect_close, expect_shape, refuse_library_call
 
 
 @check("top2_gates")
