@@ -76,7 +76,12 @@ for impl, pts in points.items():
 #   previous one is still referenced) and three `(H, bq, D)` blocks (the scaled queries, the
 #   accumulator, `P V` of the tile). Nothing grows like `T²`.
 #
-# The cell checks each measurement against its prediction, and the ratio of the two.
+# The cell checks each naive measurement against its prediction. Flash's few MiB are the size of
+# the allocator's noise (in a fresh process it may keep or return a few MiB it freed), so its
+# prediction is printed, not asserted point by point. What is asserted for flash is the claim itself:
+# from `T = 512` to `2048` its memory grows by less than a tenth of what naive's grows by, and at
+# `T = 2048` it needs under a tenth of naive's memory. A flash that stored the `(H, T, T)` scores
+# would fail both.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -106,12 +111,12 @@ print("naive memory growth per doubling of T:", [f"{g:.2f}x" for g in growth])
 T_max = seq_lens[-1]
 ratio, predicted_ratio = flash_mib[-1] / naive_mib[-1], flash_peak_mib(T_max) / naive_peak_mib(T_max)
 print(f"T={T_max}: flash uses {ratio:.3f}x naive's memory; the shapes predict {predicted_ratio:.3f}x")
-# The claims, with tolerances for the allocator's rounding: a regression that stores a T x T matrix in
-# flash, or a third T x T copy in naive, breaks them.
+# The claims. Naive: within the allocator's rounding of its prediction, ~4x per doubling (a third T x T
+# copy breaks it). Flash: storing the (H, T, T) scores (128 MiB at T = 2048) would break both bounds.
 assert all(3.5 < g < 4.5 for g in growth), "naive attention's memory should grow ~4x per doubling"
 assert all(0.9 < n / naive_peak_mib(T) < 1.2 for T, n in zip(seq_lens, naive_mib))
-assert all(0.7 < f / flash_peak_mib(T) < 1.5 for T, f in zip(seq_lens, flash_mib))
-assert 0.6 < ratio / predicted_ratio < 1.6
+assert flash_mib[-1] - flash_mib[0] < 0.1 * (naive_mib[-1] - naive_mib[0])
+assert ratio < 0.1
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for impl, pts in points.items():
@@ -132,10 +137,12 @@ plt.show()
 #
 # That needs the whole row before anything can be normalised. The **online softmax** processes the
 # row in chunks. Milakov & Gimelshein (2018) keep the running maximum and normaliser `(m, ℓ)`; Rabe
-# & Staats (2021) and FlashAttention also carry the output along, as a state `(m, ℓ, acc)`, where
-# `acc = Σ e^{x_j − m} v_j` is the not-yet-normalised output. When a new chunk raises the maximum
-# from `m` to `m'`, everything summed so far was exponentiated against the old maximum and is
-# simply rescaled by `e^{m − m'}`. At the end, the output is `acc / ℓ` — normalised once.
+# & Staats (2021) also carry the output along, as a state `(m, ℓ, acc)`, where
+# `acc = Σ e^{x_j − m} v_j` is the not-yet-normalised output. (FlashAttention renormalised its output
+# at every step; keeping `acc` unnormalised until the end is one of FlashAttention-2's changes.)
+# When a new chunk raises the maximum from `m` to `m'`, everything summed so far was exponentiated
+# against the old maximum and is simply rescaled by `e^{m − m'}`. At the end, the output is
+# `acc / ℓ`, normalised once.
 
 # %%
 x = torch.tensor([1.0, 3.0, 0.5, 7.0, 2.0, 6.5])
@@ -360,41 +367,48 @@ assert torch.allclose(out_scratch, out_sdpa, atol=1e-12)
 # ### What a real kernel must also get right
 # - **A row with no visible key.** With a padding mask, a query row can have every key masked. Its
 #   running maximum stays `−∞`, and `exp(−∞ − (−∞))` is NaN. Causal attention as written here never
-#   meets it (key 0 is in every row's first block), but a kernel must. Kernels use 0 as the maximum
-#   of such a row, so its weights are 0 and its output is 0:
+#   meets it (key 0 is in every row's first block), but a kernel must. Two guards: use 0 as the
+#   maximum of such a row, so its weights are 0; then its `ℓ` is 0 too, so divide by 1 instead, and
+#   its output is 0:
 
 # %%
 masked_row = torch.full((1, 4), float("-inf"))  # every key of this row is masked
-row_max = masked_row.amax(dim=-1, keepdim=True)
-naive = torch.exp(masked_row - row_max)
-guarded = torch.exp(masked_row - torch.where(torch.isinf(row_max), 0.0, row_max))
-print("naive:", naive.tolist(), " guarded:", guarded.tolist())
-assert torch.isnan(naive).all() and torch.equal(guarded, torch.zeros(1, 4))
+row_values = torch.randn(4, 3)
+row_max = masked_row.amax(dim=-1, keepdim=True)  # -inf
+p = torch.exp(masked_row - row_max)  # nan
+naive = (p @ row_values) / p.sum(dim=-1, keepdim=True)
+p = torch.exp(masked_row - torch.where(torch.isinf(row_max), 0.0, row_max))  # zeros
+l = p.sum(dim=-1, keepdim=True)  # 0
+guarded = (p @ row_values) / torch.where(l == 0, 1.0, l)
+print("naive output:", naive.tolist(), "  guarded output:", guarded.tolist())
+assert torch.isnan(naive).all() and torch.equal(guarded, torch.zeros(1, 3))
 
 # %% [markdown]
 # - **Precision.** In bf16 or fp16 the inputs and the matmuls are low precision, but `m`, `ℓ` and
 #   `acc` are kept in fp32: the rescaling by `e^{m − m'}` and long sums would lose digits otherwise.
 # - **Load balance.** Under a causal mask, the last query block visits every key block and the first
-#   only one. A GPU runs query blocks in parallel, so the long ones finish last; FlashAttention-2
-#   schedules them first.
+#   only one. A GPU runs query blocks in parallel, so a scheduler should start the long ones first,
+#   or they finish last and hold up the step.
 # - **Alignment when there are fewer queries than keys.** Decoding with a KV cache asks one new query
 #   to see all cached keys: the causal diagonal sits at the *bottom right*. `is_causal=True` in SDPA
 #   aligns it top left; PyTorch's `torch.nn.attention.bias.causal_lower_right` builds the
 #   bottom-right mask.
-#
+
+# %% [markdown]
 # ## 4 · Why tiling wins on a GPU: HBM and SRAM traffic
 # On a CPU, section 1 showed the **footprint**: flash attention never holds a `T × T` matrix. On a GPU
 # the bigger win is **traffic**. A GPU has two memories: HBM, its DRAM, and on each streaming
 # multiprocessor (SM) an on-chip SRAM. On an A100 (FlashAttention paper, §2.1): 40–80 GB of HBM at
-# 1.5–2.0 TB/s, against 192 KB of SRAM per SM with about ten times that bandwidth.
+# 1.5–2.0 TB/s, against 192 KB of SRAM per SM, about 19 TB/s over all 108 SMs together.
 #
 # - **Standard attention** (the paper's Algorithm 0) runs as separate kernels, and each one goes
 #   through HBM: compute `S = Q Kᵀ` and write it, read `S` and write `P = softmax(S)`, read `P` and
 #   `V` and write `O`. The `T × T` matrix crosses four times: `Θ(T d + T²)` accesses.
 # - **Flash attention** is one kernel. The paper's Algorithm 1 sizes its blocks from the SRAM: with
 #   room for `M` numbers, `B_c = ⌈M / 4d⌉` key rows and `B_r = min(B_c, d)` query rows, so that
-#   `K_j`, `V_j`, `Q_i` and `O_i` fit on chip. The `B_r × B_c` score tile must fit too; the rule
-#   leaves it out, so the code below lowers `B_c` until it does. Algorithm 1 loads each key block
+#   `K_j`, `V_j`, `Q_i`, `O_i` and the `B_r × B_c` score tile fit on chip up to a constant factor.
+#   Counted exactly, at `d = 128` `Q_i` and `O_i` push the total past `M`, so the code below lowers
+#   `B_c` until everything fits. Algorithm 1 loads each key block
 #   once and, for each, streams every query block through: it reads `Q` and reads and writes `O` once
 #   per key block, `T / B_c` times. That is `≈ 3 T² d / B_c` accesses; with `B_c ≈ M / 4d`,
 #   `12 T² d² / M`, Theorem 2's `Θ(T² d² / M)`. Against standard attention's `4 T²`, flash saves a
@@ -448,6 +462,7 @@ def hbm_traffic(T, d, sram_bytes=SRAM_BYTES, nbytes=FP16):
     return standard, flash
 
 
+# %%
 ridge = PEAK_FLOPS / HBM_BYTES_PER_S  # FLOP per byte where memory time equals compute time
 print(f"SRAM M = {SRAM_BYTES // 1024} KiB, HBM {HBM_BYTES_PER_S / 1e12:.1f} TB/s, peak {PEAK_FLOPS / 1e12:.0f} "
       f"TFLOP/s (ridge {ridge:.0f} FLOP/byte); fp16, one head, forward")
@@ -478,15 +493,19 @@ assert intensity[64, 16384][1] > ridge > intensity[128, 16384][1]  # flash: comp
 # round trips cost more time than its FLOPs. With the A100's SRAM, flash attention at `d = 64` and
 # long sequences moves few enough bytes that the matmuls set its time: it becomes **compute-bound**,
 # which is the point of FlashAttention. At `d = 128` the blocks are shorter and the saving smaller,
-# and on this count it stays memory-bound.
+# and on Algorithm 1's count it stays memory-bound. Real kernels do better than this count: they use
+# FlashAttention-2's order, with about `B_r` FLOPs per byte of `K` and `V` read, and the GPU's L2
+# cache serves repeated reads of `K` and `V` without HBM. Measured FlashAttention-2 runs faster per
+# FLOP at `d = 128` than at `d = 64`.
 #
 # Two honest caveats. Real kernels use blocks of 64–128 rows in FlashAttention-2's order, query
-# blocks outer (FlashAttention-2, §3.3: registers run out before SRAM does), so their count differs
-# from Algorithm 1's; FlashAttention-2 also trims the non-matmul FLOPs (the rescaling by `e^{m − m'}`),
-# which matters because a tensor core does matmuls about 16× faster than anything else. And our
-# PyTorch loops are **not** fused: each operation of the inner loop writes its tile back to main
-# memory, so on a CPU they win the footprint of section 1, not this traffic. The fused kernels get
-# both: SDPA's (measured in section 6) and the Triton kernel of section 9.
+# blocks outer (FlashAttention-2, §3.3: larger blocks spill registers or run out of shared
+# memory), so their count differs from Algorithm 1's; FlashAttention-2 also trims the non-matmul
+# FLOPs (the rescaling by `e^{m − m'}`), which matters because a tensor core does matmuls about 16×
+# faster than anything else. And our PyTorch loops are **not** fused: each operation of the inner
+# loop writes its tile back to main memory. On a CPU the caches play the SRAM's part, so tiles that
+# fit in cache still help (part of why our flash beats naive in time in section 6), but the fused
+# kernels get much more: SDPA's (measured in section 6) and the Triton kernel of section 9.
 #
 # ## 5 · The backward pass, by recomputation
 # Naive backward needs `P` (T × T) saved from the forward pass. Flash attention saves only `O`
@@ -559,7 +578,7 @@ assert passed  # solutions-only
 # thread block: it keeps `K_j, V_j` and its accumulators `dK_j, dV_j` in SRAM for the whole inner loop
 # and writes them to HBM once. `dQ_i` gets a contribution from every key block, so it stays in HBM and
 # each thread block adds into it; the paper (§3.2) uses atomic adds for exactly this, the only
-# gradient shared between thread blocks. `D` is computed once, before the loops.
+# gradient shared between thread blocks. `δ` is computed once, before the loops.
 #
 # Here it is for `(B, H, T, D)` tensors, causal, with the tile of exercise 4 inlined (so it runs even
 # before you solve the exercise). It skips the query blocks that end before the key block starts.

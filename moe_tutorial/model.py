@@ -223,7 +223,7 @@ class GPT(nn.Module):
                 layer.router.warmup_step += 1  # the balancing losses' ramp (MoEConfig.aux_loss_warmup_steps)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings excluded by default, as in GPT-2's papers."""
+        """Parameter count; position embeddings excluded by default, as nanoGPT counts."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()

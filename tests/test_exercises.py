@@ -115,6 +115,22 @@ def _attend_full_softmax(q, k, v, block_k):  # right numbers, but ignores block_
     return F.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 
+def _attend_full_transposed(q, k, v, block_k):  # the whole (T, bq) score matrix, built the other way round
+    st = k @ q.T / q.size(-1) ** 0.5
+    return (v.T @ st.softmax(0)).T, torch.logsumexp(st, 0)
+
+
+def _attend_sdpa(q, k, v, block_k):
+    s = q @ k.T / q.size(-1) ** 0.5
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0], torch.logsumexp(s, -1)
+
+
+def _blocks_library(q_start, q_end, T, block_k):
+    from moe_tutorial.attention import key_blocks
+
+    return list(key_blocks(q_start, q_end, T, block_k, causal=True))
+
+
 def _attend_unscaled(q, k, v, block_k):
     s = q @ k.T
     return F.softmax(s, -1) @ v, torch.logsumexp(s, -1)
@@ -447,8 +463,9 @@ WRONG_ANSWERS = {
     "attention_head": [_head_unscaled, _head_not_causal, _head_swapped, _head_sdpa],
     "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k],
     "merge_softmax_states": [_merge_no_rescale, _merge_min],
-    "attend_one_query_block": [_attend_no_online, _attend_unscaled, _attend_full_softmax],
-    "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag],
+    "attend_one_query_block": [_attend_no_online, _attend_unscaled, _attend_full_softmax, _attend_full_transposed,
+                               _attend_sdpa],
+    "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag, _blocks_library],
     "flash_backward_tile": [_tile_no_delta, _tile_unnormalised, _tile_softmax_per_tile, _tile_unscaled,
                             _tile_transposed, _tile_ignores_mask],
     "assign_with_capacity": [_kept_all, _kept_latest],

@@ -54,6 +54,7 @@ def check_attention_head(attention_head):
 @check("next_token_probs")
 def check_next_token_probs(next_token_probs):
     """logits (B, V), temperature, top_k -> probabilities (B, V) to sample the next token from."""
+    refuse_library_call(next_token_probs, filter_logits, "scale by the temperature and keep the top k yourself")
     torch.manual_seed(0)
     logits = torch.randn(3, 10) * 2
     for temperature, top_k in ((1.0, None), (0.5, None), (2.0, 3), (1.0, 1)):

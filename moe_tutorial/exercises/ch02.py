@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..attention import key_blocks
-from . import CheckFailed, check, expect, expect_close, expect_shape
+from . import CheckFailed, check, expect, expect_close, expect_shape, refuse_library_call
 
 
 def _softmax_state(scores, values):
@@ -38,6 +38,7 @@ def check_merge_softmax_states(merge_softmax_states):
 @check("attend_one_query_block")
 def check_attend_one_query_block(attend_one_query_block):
     """q_blk (bq, D), k and v (T, D) -> output (bq, D) and logsumexp (bq,), one key block at a time."""
+    refuse_library_call(attend_one_query_block, F.scaled_dot_product_attention, "the loop is the exercise")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 8, generator=g, dtype=torch.float64)
     k = torch.randn(23, 8, generator=g, dtype=torch.float64) * 2
@@ -47,8 +48,8 @@ def check_attend_one_query_block(attend_one_query_block):
         with _ScoreRowWatch(rows=5, keys=23) as watch:
             result = attend_one_query_block(q, k, v, block_k)
         expect(block_k == 23 or not watch.seen,
-               f"with block_k={block_k} the answer made a (5, 23) tensor: scores against all 23 keys at once. "
-               f"Compute them one key block of at most {block_k} keys at a time")
+               f"with block_k={block_k} the answer made a tensor of 5 queries x 23 keys: scores against all keys "
+               f"at once. Compute them one key block of at most {block_k} keys at a time")
         expect(isinstance(result, tuple) and len(result) == 2, "return a tuple (output, logsumexp)")
         out, lse = result
         expect_close(out, F.softmax(scores, dim=-1) @ v, f"the output with block_k={block_k}")
@@ -66,7 +67,7 @@ class _ScoreRowWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == self.shape:
+            if isinstance(t, torch.Tensor) and all(n in t.shape for n in self.shape):  # in any order
                 self.seen = True
         return out
 
@@ -74,6 +75,7 @@ class _ScoreRowWatch(TorchFunctionMode):
 @check("key_blocks_to_visit")
 def check_key_blocks_to_visit(key_blocks_to_visit):
     """(q_start, q_end, T, block_k) -> [(k_start, k_end, needs_mask)] for causal attention."""
+    refuse_library_call(key_blocks_to_visit, key_blocks, "that function is the answer")
     for q_start, q_end, T, block_k in ((0, 4, 16, 4), (4, 8, 16, 4), (8, 12, 10, 4), (0, 16, 16, 4),
                                        (12, 16, 16, 8), (5, 10, 20, 3), (16, 20, 18, 4)):
         expected = list(key_blocks(q_start, min(q_end, T), T, block_k, causal=True))
