@@ -290,10 +290,9 @@ def comparisons(runs) -> str:
     if best and best[0] in long and "dense" in long:
         b = best[0]
         lead = {STEPS: mean(steps["dense"]) - mean(steps[b]), LONG_STEPS: mean(long["dense"]) - mean(long[b])}
-        line(f"{b}, lead over dense at {LONG_STEPS} minus at {STEPS} steps", lead[LONG_STEPS] - lead[STEPS],
-             combined_sd(steps["dense"], steps[b], long["dense"], long[b]),
-             "tie" if abs(lead[LONG_STEPS] - lead[STEPS]) <= 2 * combined_sd(
-                 steps["dense"], steps[b], long["dense"], long[b]) else "differs")
+        change, sd = lead[LONG_STEPS] - lead[STEPS], combined_sd(steps["dense"], steps[b], long["dense"], long[b])
+        line(f"{b}, lead over dense at {LONG_STEPS} minus at {STEPS} steps", change, sd,
+             "tie" if abs(change) <= 2 * sd else "differs")
         doubling = mean(steps["dense"]) - mean(long["dense"])  # what twice the steps buys dense
         worth = 2 ** (lead[STEPS] / doubling)  # interpolating in log steps (an assumption)
         at_most = 2 ** ((lead[STEPS] + 2 * combined_sd(steps["dense"], steps[b]))
