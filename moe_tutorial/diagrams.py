@@ -243,13 +243,16 @@ def all_to_all_diagram(world_size=2, experts_per_rank=2, choices=None, ax=None):
         _arrow(ax, (3.3, top - (r + 1) * band + 0.3), (3.3, top - (r + 1) * band - 0.3), both_ways=True)
         ax.text(3.45, top - (r + 1) * band, "all_to_all_single\non the counts", ha="left", va="center", fontsize=7,
                 bbox=dict(facecolor="white", edgecolor="none", pad=1))
-    for r in range(W):  # 3. dispatch: block s of rank r's buffer goes to rank s
+    for r in range(W):  # 3. dispatch: block s of rank r's buffer goes to rank s (an empty block sends nothing)
         for s in range(W):
-            _arrow(ax, (4.3, count_y[r][s]), (5.7, receive_y[s][r]), color="tab:blue")
-    for s in range(W):  # 5. the return trip: rank s sends rank r's results home
-        for r in range(W):
-            _arrow(ax, (9.95, expert_anchor[s] - 0.25 - 0.15 * r), (11.3, out_y[r] + 0.15 - 0.3 * s / max(W - 1, 1)),
-                   color="tab:green")
+            if send[r][s]:
+                _arrow(ax, (4.3, count_y[r][s]), (5.7, receive_y[s][r]), color="tab:blue")
+    for s in range(W):  # 5. the return trip: each expert sends its results home, to the ranks whose rows it ran
+        for i in range(n_local):
+            for r in range(W):
+                if choices[r].count(s * n_local + i):
+                    _arrow(ax, (9.95, expert_anchor[s] - 0.55 * i), (11.3, out_y[r] + 0.2 - 0.4 * s / max(W - 1, 1)),
+                           color="tab:green")
     ax.text(5.0, -0.1, "blue: the rows, all_to_all_single with uneven splits", ha="center", va="top", fontsize=8,
             color="tab:blue")
     ax.text(10.6, -0.1, "green: the results, the same exchange with the splits swapped", ha="center", va="top",

@@ -1,5 +1,5 @@
 """Three ways to send tokens to their experts and bring the results back; same outputs
-(sort: notebook 03; einsum and loop: notebook 04). `model.Kernels(dispatch=...)` picks one.
+(sort: notebook 03; einsum and loop: notebook 05). `model.Kernels(dispatch=...)` picks one.
 
     einsum  dense one-hot dispatch and combine tensors (N, E, C), as in GShard / Mesh
             TensorFlow: simple and static-shaped, but memory grows as tokens x experts x capacity

@@ -10,8 +10,10 @@ gradients are averaged (all-reduce) before each optimizer step. Expert parallel:
 only n_experts / world_size experts of every MoE layer. Tokens are routed where they are, sent to
 the rank that owns their expert (all-to-all), processed, and sent back (all-to-all again).
 Everything except the experts stays data parallel; expert weights are never all-reduced: each
-rank's experts already saw every rank's tokens. Fully sharded data parallel (FSDP2, --fsdp): every
-rank trains on its slice of the batch as with DDP, but holds only a shard of every parameter.
+rank's experts already saw every rank's tokens. With more ranks than expert shards, each shard is
+replicated and its gradients are averaged over its replicas only (expert_parallel_groups).
+Fully sharded data parallel (FSDP2, --fsdp): every rank trains on its slice of the batch as with
+DDP, but holds only a shard of every parameter.
 """
 
 import os
@@ -175,6 +177,27 @@ def shard_experts(model, group=None):
         layer.experts = local.to(full.c_fc.device)
         layer.dispatch = ExpertParallelDispatch(group)
     return model
+
+
+def expert_parallel_groups(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Ranks of a run with more ranks than expert shards: (expert-parallel groups, replica groups).
+
+    Consecutive blocks of ep_size ranks each hold all the experts, sharded ep_size ways, and exchange
+    tokens among themselves (all-to-all). Shard s is then replicated on ranks s, s + ep_size, ...:
+    that replica ("expert data parallel") group averages the shard's gradients, while the non-expert
+    gradients are averaged over the whole world. ep_size = world_size: one expert-parallel group and
+    singleton replica groups (no expert all-reduce, what shard_experts does); ep_size = 1: plain
+    data parallelism, every rank holding every expert.
+
+    world 4, ep_size 2 -> ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    """
+    if world_size < 1 or ep_size < 1 or world_size % ep_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(f"ep_size={ep_size} does not divide world_size={world_size} into whole groups: "
+                         f"use a positive world_size and an ep_size among {divisors}")
+    ep_groups = [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
+    replica_groups = [list(range(shard, world_size, ep_size)) for shard in range(ep_size)]
+    return ep_groups, replica_groups
 
 
 def is_expert_parallel(param) -> bool:

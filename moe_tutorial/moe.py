@@ -12,7 +12,7 @@ factor, another top-k, experts pruned; `dropless(model)` lifts the capacity limi
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -40,6 +40,7 @@ class RoutingOverride:
     capacity_factor: float | str | None = None  # a factor, or DROPLESS
     top_k: int | None = None  # experts per token
     excluded: tuple = field(default_factory=tuple)  # experts no token may choose (pruned)
+    groups: tuple[int, int] | None = None  # (n_group, topk_group): group-limited routing imposed on a router
 
 
 class MoE(nn.Module):
@@ -74,7 +75,7 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # routing sees every token of the batch at once
         routing = self.router(flat, self.capacity_factor, seq_len=T, bounded=self.override.capacity_factor is None,
-                              top_k=self.override.top_k, excluded=self.override.excluded)
+                              top_k=self.override.top_k, excluded=self.override.excluded, groups=self.override.groups)
         out = self.dispatch(flat, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat, torch.tensor([flat.size(0)], device=flat.device))
@@ -87,9 +88,13 @@ class MoE(nn.Module):
 @contextmanager
 def override_routing(layers, **changes):
     """Route each MoE layer of `layers` (a model, a module, or a list of MoE layers) with the
-    RoutingOverride fields in `changes` (capacity_factor, top_k, excluded), then restore."""
+    RoutingOverride fields in `changes` (capacity_factor, top_k, excluded, groups), then restore."""
     if isinstance(layers, nn.Module):
         layers = [m for m in layers.modules() if isinstance(m, MoE)]
+    if changes.get("groups") is not None:
+        n_group, topk_group = changes["groups"]
+        for layer in layers:  # MoEConfig's own checks: the groups must split this router's experts
+            replace(layer.router.config, n_group=n_group, topk_group=topk_group)
     saved = [layer.override for layer in layers]
     for layer in layers:
         layer.override = RoutingOverride(**{**vars(layer.override), **changes})

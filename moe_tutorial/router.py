@@ -234,18 +234,18 @@ class Router(nn.Module):
         return logits
 
     def forward(self, x, capacity_factor, seq_len: int | None = None, bounded: bool = True, top_k: int | None = None,
-                excluded=()) -> Routing:
+                excluded=(), groups: tuple[int, int] | None = None) -> Routing:
         """Route x (N, C): the token-choice core of notebook 03, each option a method below.
         `seq_len`: tokens per sequence (for the sequence-wise loss); `bounded`: apply
-        min/max_capacity (capacity overrides such as dropless do not); `top_k` and `excluded`
-        (experts no token may choose): inference-time changes (moe.RoutingOverride), which leave
-        the router's own settings as they are."""
+        min/max_capacity (capacity overrides such as dropless do not); `top_k`, `excluded`
+        (experts no token may choose) and `groups` ((n_group, topk_group)): inference-time changes
+        (moe.RoutingOverride), which leave the router's own settings as they are."""
         k = top_k or self.top_k
         logits = self.logits(x)  # (N, E)
         probs = self.affinity(logits)  # (N, E)
         if self.expert_choice:
             return self._expert_choice(logits, probs, capacity_factor, k)
-        expert = self.select(probs, k, excluded)  # (N, k) chosen experts, best first
+        expert = self.select(probs, k, excluded, groups)  # (N, k) chosen experts, best first
         gate = self._weights(probs.gather(1, expert), k)  # (N, k)
         active = self.random_second_expert(gate) if self.config.second_expert == "random" else None
         if self.training:
@@ -262,13 +262,15 @@ class Router(nn.Module):
         or an independent sigmoid per expert (DeepSeek-V3)."""
         return torch.sigmoid(logits) if self.config.scoring == "sigmoid" else F.softmax(logits, dim=-1)
 
-    def select(self, probs, k: int, excluded=()):
+    def select(self, probs, k: int, excluded=(), groups: tuple[int, int] | None = None):
         """The k experts each token goes to (N, k), best first. The aux-loss-free bias (zero unless
         trained or loaded) shifts which experts are chosen, never their weights; group-limited routing
-        keeps a token within its best groups; `excluded` experts (pruned at inference) are never chosen."""
+        keeps a token within its best groups (`groups` imposes them at inference); `excluded` experts (pruned
+        at inference) are never chosen."""
         scores = probs + self.selection_bias
-        if self.config.n_group > 1:
-            scores = limit_to_groups(scores, self.config.n_group, self.config.topk_group)
+        n_group, topk_group = groups or (self.config.n_group, self.config.topk_group)
+        if n_group > 1:
+            scores = limit_to_groups(scores, n_group, topk_group)
         if len(excluded):
             scores = scores.index_fill(1, torch.as_tensor(list(excluded), device=scores.device), float("-inf"))
         if k == 1:

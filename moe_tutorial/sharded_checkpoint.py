@@ -40,10 +40,11 @@ META, SHA256 = "meta.json", "sha256.json"
 
 
 def optimizer_parts(optimizer) -> dict:
-    """The torch optimizers inside the training optimizer: {"": AdamW}, or Muon and AdamW by name."""
+    """The torch optimizers inside the training optimizer: {"": AdamW}, or Muon, AdamW (and the
+    experts' Muon, with TrainConfig.muon_experts) by name."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return {"": optimizer}
-    return {"muon": optimizer.muon, "adamw": optimizer.adamw}  # optimizers.MuonWithAdamW
+    return optimizer.parts  # optimizers.MuonWithAdamW
 
 
 def _ordered_params(optimizer: torch.optim.Optimizer) -> list:
@@ -158,6 +159,11 @@ def load_sharded(folder, model, optimizer) -> dict:
         raise ValueError(f"{folder} was saved by {meta['world_size']} ranks and this run has "
                          f"{dist.get_world_size()}: resume with --nproc_per_node={meta['world_size']}, or "
                          f"consolidate it (python -m moe_tutorial.sharded_checkpoint) and train on one process")
+    saved, now = set(meta["param_groups"]), set(optimizer_parts(optimizer))
+    if saved != now:  # checked here: DCP would fail on the missing tensors with a long message of its own
+        raise ValueError(f"{folder} holds the state of {_describe(saved)} and this run's optimizer is "
+                         f"{_describe(now)}: resume with the checkpoint's TrainConfig.optimizer and muon_experts, "
+                         f"or start a fresh run in another out_dir")
     _initialise_optimizer_state(model, optimizer)
     tensors, sliced = tensors_to_save(model, optimizer)
     template = {name: t.detach().clone() for name, t in tensors.items()}  # loaded here, copied in by restore()
@@ -165,6 +171,12 @@ def load_sharded(folder, model, optimizer) -> dict:
     template["rng.batches"] = torch.get_rng_state().clone()
     dcp.load(as_global(template, sliced, _mesh()), checkpoint_id=Path(folder))
     return single_process_layout(meta, template, rank=dist.get_rank())
+
+
+def _describe(parts) -> str:
+    """Optimizer parts (optimizer_parts' names) in words, e.g. "Muon + AdamW + Muon for the experts"."""
+    words = {"": "AdamW", "muon": "Muon", "adamw": "AdamW", "expert_muon": "Muon for the experts"}
+    return " + ".join(words[part] for part in words if part in parts)
 
 
 def single_process_layout(meta: dict, tensors: dict, rank: int = 0) -> dict:

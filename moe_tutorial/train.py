@@ -38,6 +38,7 @@ class TrainConfig:
     lr_decay_iters: int | None = None  # None: decay over the whole run
     weight_decay: float = 0.1  # on 2-D weights only; biases and norms are not decayed
     optimizer: str = "adamw"  # "muon": Muon for the blocks' 2-D matrices, AdamW for the rest (notebook 07)
+    muon_experts: bool = False  # with "muon": Muon for each expert's matrices too (Moonlight, Kimi K2), not AdamW
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -65,6 +66,11 @@ class TrainConfig:
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"TrainConfig.optimizer='muon' needs torch.optim.Muon (PyTorch >= 2.9); this is "
                              f"PyTorch {torch.__version__}: use optimizer='adamw'")
+        if not isinstance(self.muon_experts, bool):
+            raise ValueError(f"TrainConfig.muon_experts must be True or False, got {self.muon_experts!r}")
+        if self.muon_experts and self.optimizer != "muon":
+            raise ValueError(f"TrainConfig.muon_experts=True gives the experts' weights Muon, which needs "
+                             f"optimizer='muon' (got {self.optimizer!r}): set optimizer='muon' or muon_experts=False")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 

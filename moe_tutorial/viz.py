@@ -19,6 +19,8 @@ from .evaluate import evaluating
 from .moe import override_capacity
 from .router import Routing, capacity, positions_in_expert
 
+NO_EXPERT = -1  # the explorer's "highlight" menu: no expert highlighted
+
 
 @dataclass
 class Assignment:
@@ -383,8 +385,9 @@ class RoutingExplorer:
         self.layer.options = [(f"MoE layer {i}", i) for i in range(n_layers)]
         self.layer.value = 0 if n_layers else None
         n_experts = self.model.moe_layers()[0].router.n_experts if n_layers else 0
-        self.highlight.options = [("no expert", None)] + [(f"expert {e}", e) for e in range(n_experts)]
-        self.highlight.value = None
+        # -1, not None: a Dropdown whose value is None shows no selection (a blank menu)
+        self.highlight.options = [("no expert", NO_EXPERT)] + [(f"expert {e}", e) for e in range(n_experts)]
+        self.highlight.value = NO_EXPERT
         self._set_expert_buttons(n_experts)
 
     def _set_expert_buttons(self, n_experts: int):
@@ -401,7 +404,7 @@ class RoutingExplorer:
             button.style.button_color = colors[e] + "59"
             button.style.font_size = "11px"
             button.add_class("moe-expert-button")
-            button.on_click(lambda _, e=e: setattr(self.highlight, "value", None if self.highlight.value == e else e))
+            button.on_click(lambda _, e=e: self._toggle_highlight(e))
             buttons.append(button)
         self.expert_buttons.children = buttons
 
@@ -423,10 +426,18 @@ class RoutingExplorer:
         detail = html.escape(token_detail(self.routing, i))
         self.detail.value = f'<pre class="moe-detail" style="font-size:11px;margin:0">{detail}</pre>'
 
+    def _toggle_highlight(self, expert: int):
+        self.highlight.value = NO_EXPERT if self.highlight.value == expert else expert
+
+    @property
+    def highlighted(self) -> int | None:
+        """The expert whose characters stand out, or None."""
+        return None if self.highlight.value == NO_EXPERT else self.highlight.value
+
     def _text_panels(self) -> str:
         """The coloured text: of the chosen layer, of every MoE layer, or of every model at this layer."""
         if self.view.value == "this layer":
-            return routing_html(self.routing, self.highlight.value)
+            return routing_html(self.routing, self.highlighted)
         if self.view.value == "every layer":
             panels = {f"MoE layer {i}": (self.model, i) for i in range(len(self.model.moe_layers()))}
         else:
@@ -437,7 +448,7 @@ class RoutingExplorer:
             r = route_text(model, self.tokenizer, self.text.value, layer, self.capacity.value, self.priority.value)
             parts.append(f'<div class="moe-panel" style="font-size:11px;margin-bottom:6px"><b>{html.escape(title)}'
                          f'</b> · dropped {r.n_dropped} · {r.capacity} slots per expert'
-                         f'{routing_html(r, self.highlight.value)}</div>')
+                         f'{routing_html(r, self.highlighted)}</div>')
         return "".join(parts)
 
     def static_html(self) -> str:

@@ -507,6 +507,7 @@ def one_line_error(err):
     (["--max-iters", "0"], "--max-iters: must be >= 1"),
     (["--batch-size", "x"], "'x' is not an integer"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--preset", "char", "--muon-experts", "--max-iters", "1"], "needs optimizer='muon'"),
 ])
 def test_cli_refuses_bad_flags(cli, args, words):
     code, out, err = cli(*args)

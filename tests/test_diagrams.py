@@ -122,19 +122,22 @@ def test_moe_layer_diagram_drops_the_token_over_capacity():
     assert_readable(fig)
 
 
-def assert_all_to_all_exchanges(ax, world_size):
-    """Blue: each rank's count box "n → rank s" joins rank s's box "n from rank r", with the same n.
-    Green: each rank's experts send results to every rank's output, one arrow per pair."""
+def assert_all_to_all_exchanges(ax, experts_per_rank, choices):
+    """Blue: each rank's count box "n → rank s" joins rank s's box "n from rank r", with the same n, for
+    every pair that exchanges rows. Green: each expert sends results to exactly the ranks whose rows it ran."""
+    sends = {(f"rank {r}", f"rank {e // experts_per_rank}") for r, rank in enumerate(choices) for e in rank}
     blue = [a for a in arrows(ax) if a.color == to_hex("tab:blue")]
-    assert len(blue) == world_size**2
+    assert {(a.source[0], a.target[0]) for a in blue} == sends and len(blue) == len(sends)
     for a in blue:
         (sender, sent), (receiver, got) = a.source, a.target
         n, _, to_rank = sent.partition(" → ")
         m, _, from_rank = got.partition(" from ")
         assert (to_rank, from_rank, n) == (receiver, sender, m), f"{sent!r} in {sender} joins {got!r} in {receiver}"
-    green = Counter((a.source[0], a.target[0]) for a in arrows(ax) if a.color == to_hex("tab:green"))
-    ranks = [f"rank {r}" for r in range(world_size)]
-    assert green == {(s, r): 1 for s in ranks for r in ranks}
+    green = Counter((a.source, a.target[0]) for a in arrows(ax) if a.color == to_hex("tab:green"))
+    served = {(f"rank {e // experts_per_rank}", f"e{e}", f"rank {r}")  # an expert, its rank, a rank whose row it ran
+              for r, rank in enumerate(choices) for e in rank}
+    drawn = {(source[0], source[-1].partition(":")[0], target) for source, target in green}
+    assert drawn == served and len(green) == len(served) and set(green.values()) == {1}
 
 
 def test_all_to_all_diagram_shows_counts_dispatch_and_return():
@@ -148,7 +151,7 @@ def test_all_to_all_diagram_shows_counts_dispatch_and_return():
                     (("rank 0", "1 row → rank 1"), ("rank 1", "1 row from rank 0")),
                     (("rank 1", "1 row → rank 0"), ("rank 0", "1 row from rank 1")),
                     (("rank 1", "4 rows → rank 1"), ("rank 1", "4 rows from rank 1"))}
-    assert_all_to_all_exchanges(ax, 2)
+    assert_all_to_all_exchanges(ax, 2, choices)  # 2 experts per rank
     # what arrived goes to the local expert it was routed to
     gray = {(a.source[1], a.target[1]) for a in drawn if a.color == to_hex("gray")}
     assert gray == {("3 rows from rank 0", "e0: 3 rows"), ("3 rows from rank 0", "e1: 1 row"),
@@ -170,7 +173,7 @@ def test_all_to_all_diagram_fits_for_other_shapes(world_size, experts_per_rank):
     (ax,) = fig.axes
     assert [label for label, _ in boxes(ax) if label.startswith("rank")] == [f"rank {r}" for r in range(world_size)]
     assert {f"e{e}" for e in range(world_size * experts_per_rank)} <= {t.partition(":")[0] for t in texts(fig)}
-    assert_all_to_all_exchanges(ax, world_size)
+    assert_all_to_all_exchanges(ax, experts_per_rank, diagrams.example_routing(world_size, experts_per_rank))
     assert len([a for a in arrows(ax) if a.heads == 2]) == world_size - 1  # counts, between neighbouring ranks
     assert_readable(fig)
 

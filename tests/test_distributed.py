@@ -367,3 +367,27 @@ def test_all_to_all_volume_formula():
     # 8 ranks, 1024 tokens each, top-2, 768 channels, bf16: 7/8 of 2048 rows leave and come back.
     assert distributed.all_to_all_bytes(1024, 768, 2, 8, 2) == 2 * 2048 * 7 / 8 * 768 * 2
     assert distributed.all_to_all_bytes(1024, 768, 2, 1) == 0  # one rank: nothing to send
+
+
+def test_expert_parallel_groups_split_the_world_into_shards_and_replicas():
+    assert distributed.expert_parallel_groups(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    assert distributed.expert_parallel_groups(8, 4) == ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]])
+    # ep_size = world: one expert-parallel group, no replicas (no expert all-reduce)
+    assert distributed.expert_parallel_groups(4, 4) == ([[0, 1, 2, 3]], [[0], [1], [2], [3]])
+    # ep_size = 1: every rank holds all the experts, and all ranks average their gradients
+    assert distributed.expert_parallel_groups(3, 1) == ([[0], [1], [2]], [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("world, ep", [(1, 1), (6, 2), (6, 3), (12, 4), (16, 8)])
+def test_every_rank_is_in_one_group_of_each_kind(world, ep):
+    ep_groups, replica_groups = distributed.expert_parallel_groups(world, ep)
+    for groups, size in ((ep_groups, ep), (replica_groups, world // ep)):
+        assert sorted(r for g in groups for r in g) == list(range(world)) and {len(g) for g in groups} == {size}
+    for ep_group in ep_groups:  # an expert-parallel group holds each shard exactly once
+        assert sorted(r % ep for r in ep_group) == list(range(ep))
+
+
+@pytest.mark.parametrize("world, ep", [(4, 3), (4, 0), (4, -2), (4, 8), (0, 1)])
+def test_expert_parallel_groups_refuse_sizes_that_do_not_divide(world, ep):
+    with pytest.raises(ValueError, match=f"ep_size={ep} does not divide world_size={world}"):
+        distributed.expert_parallel_groups(world, ep)

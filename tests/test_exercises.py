@@ -43,8 +43,18 @@ def solution_namespace(notebook):
 
 
 # Wrong answers for each exercise: each check must reject every one of them.
+def _normalised_exp(x, dim=-1):  # a stable softmax written out: the wrong answers below fail for their own mistake
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def _masked(scores):
+    T = scores.size(-1)
+    return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+
+
 def _no_mask(scores):
-    return F.softmax(scores, dim=-1)
+    return _normalised_exp(scores)
 
 
 def _mask_no_softmax(scores):
@@ -53,8 +63,47 @@ def _mask_no_softmax(scores):
 
 
 def _softmax_wrong_dim(scores):
-    T = scores.size(-1)
-    return F.softmax(scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), dim=-2)
+    return _normalised_exp(_masked(scores), dim=-2)
+
+
+def _weights_unstable(scores):  # no maximum subtracted: exp(1000) is inf
+    e = torch.exp(_masked(scores))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _weights_global_max(scores):  # one maximum for the whole tensor: rows far below it underflow to 0 / 0
+    e = torch.exp(_masked(scores) - scores.max())
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _weights_f_softmax(scores):
+    return F.softmax(_masked(scores), dim=-1)
+
+
+def _weights_torch_softmax(scores):
+    return torch.softmax(_masked(scores), dim=-1)
+
+
+def _weights_softmax_method(scores):
+    return _masked(scores).softmax(dim=-1)
+
+
+def _weights_log_softmax(scores):
+    return _masked(scores).log_softmax(dim=-1).exp()
+
+
+def _weights_softmax_in_helper(scores):  # the library softmax one call away
+    return _weights_f_softmax(scores)
+
+
+def _weights_logsumexp(scores):  # exp(s - logsumexp(s)): a library softmax by another name
+    s = _masked(scores)
+    return torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))
+
+
+def _weights_logsumexp_method(scores):  # the same through Tensor.logsumexp
+    s = _masked(scores)
+    return (s - s.logsumexp(dim=-1, keepdim=True)).exp()
 
 
 def _attend(q, k, v, scale, causal=True):  # written out: the wrong answers below must fail for their own mistake
@@ -81,6 +130,18 @@ def _head_sdpa(x, key, query, value):  # right numbers, but the library does the
     return F.scaled_dot_product_attention(query(x), key(x), value(x), is_causal=True)
 
 
+def _head_naive_attention(x, key, query, value):  # right numbers, but the package does the exercise
+    from moe_tutorial.attention import naive_attention
+
+    return naive_attention(query(x), key(x), value(x))
+
+
+def _head_package_attention(x, key, query, value):  # the package's entry point, causal by default
+    import moe_tutorial.attention
+
+    return moe_tutorial.attention.attention(query(x), key(x), value(x))
+
+
 def _probs_no_temperature(logits, temperature, top_k):
     return F.softmax(logits, dim=-1)
 
@@ -91,6 +152,12 @@ def _probs_times_temperature(logits, temperature, top_k):
 
 def _probs_ignores_top_k(logits, temperature, top_k):
     return F.softmax(logits / temperature, dim=-1)
+
+
+def _probs_filter_logits(logits, temperature, top_k):  # right numbers, but the package keeps the top k
+    from moe_tutorial.sampling import filter_logits
+
+    return F.softmax(filter_logits(logits / temperature, top_k), dim=-1)
 
 
 # notebook 02
@@ -104,10 +171,19 @@ def _merge_min(a, b):
     return m, a[1] * sa + b[1] * sb, a[2] * sa[:, None] + b[2] * sb[:, None]
 
 
+def _merge_nan_when_empty(a, b):  # right for non-empty states, NaN when both are empty
+    m = torch.maximum(a[0], b[0])
+    sa, sb = torch.exp(a[0] - m), torch.exp(b[0] - m)
+    return m, a[1] * sa + b[1] * sb, a[2] * sa[:, None] + b[2] * sb[:, None]
+
+
 def _attend_no_online(q, k, v, block_k):  # softmax per block, no running max/sum: wrong for >1 block
-    outs = [F.softmax(q @ k[s:s + block_k].T / q.size(-1) ** 0.5, -1) @ v[s:s + block_k]
-            for s in range(0, k.size(0), block_k)]
-    return sum(outs) / len(outs), torch.logsumexp(q @ k.T / q.size(-1) ** 0.5, -1)
+    outs, lse = [], torch.full((q.size(0),), float("-inf"), dtype=q.dtype)
+    for s in range(0, k.size(0), block_k):
+        scores = q @ k[s:s + block_k].T / q.size(-1) ** 0.5
+        outs.append(F.softmax(scores, -1) @ v[s:s + block_k])
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, -1))  # the logsumexp is right: only the output is wrong
+    return sum(outs) / len(outs), lse
 
 
 def _attend_full_softmax(q, k, v, block_k):  # right numbers, but ignores block_k: no tiling at all
@@ -120,9 +196,80 @@ def _attend_full_transposed(q, k, v, block_k):  # the whole (T, bq) score matrix
     return (v.T @ st.softmax(0)).T, torch.logsumexp(st, 0)
 
 
+def _attend_row_by_row(q, k, v, block_k):  # one query row at a time, each against all keys: no key blocks
+    outs, lses = [], []
+    for i in range(q.size(0)):
+        s = q[i:i + 1] @ k.T / q.size(-1) ** 0.5  # (1, T)
+        outs.append(F.softmax(s, -1) @ v)
+        lses.append(torch.logsumexp(s, -1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attend_row_by_row_elementwise(q, k, v, block_k):  # the same, with the scores as a product and a sum
+    outs, lses = [], []
+    for i in range(q.size(0)):
+        s = (q[i] * k).sum(-1) / q.size(-1) ** 0.5  # (T,)
+        outs.append(F.softmax(s, -1) @ v)
+        lses.append(torch.logsumexp(s, -1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _attend_two_pass(q, k, v, block_k):  # the maximum over all key blocks first, then the sums: two passes
+    scale = q.size(-1) ** -0.5
+    m = torch.full((q.size(0),), float("-inf"), dtype=q.dtype)
+    for s in range(0, k.size(0), block_k):
+        m = torch.maximum(m, (q @ k[s:s + block_k].T * scale).amax(-1))
+    l, acc = torch.zeros_like(m), torch.zeros_like(q)
+    for s in range(0, k.size(0), block_k):
+        p = torch.exp(q @ k[s:s + block_k].T * scale - m[:, None])
+        l, acc = l + p.sum(-1), acc + p @ v[s:s + block_k]
+    return acc / l[:, None], m + torch.log(l)
+
+
+def _attend_two_pass_transposed(q, k, v, block_k):  # two passes, the scores computed as k_blk @ q^T
+    scale = q.size(-1) ** -0.5
+    m = torch.full((q.size(0),), float("-inf"), dtype=q.dtype)
+    for s in range(0, k.size(0), block_k):
+        m = torch.maximum(m, (k[s:s + block_k] @ (q * scale).T).amax(0))
+    l, acc = torch.zeros_like(m), torch.zeros_like(q)
+    for s in range(0, k.size(0), block_k):
+        p = torch.exp(k[s:s + block_k] @ (q * scale).T - m).T
+        l, acc = l + p.sum(-1), acc + p @ v[s:s + block_k]
+    return acc / l[:, None], m + torch.log(l)
+
+
 def _attend_sdpa(q, k, v, block_k):
     s = q @ k.T / q.size(-1) ** 0.5
     return F.scaled_dot_product_attention(q[None], k[None], v[None])[0], torch.logsumexp(s, -1)
+
+
+def _attend_package_forward(q, k, v, block_k):  # right numbers, one pass, but the package does the exercise
+    from moe_tutorial.attention import flash_attention_forward
+
+    out, lse = flash_attention_forward(q[None, None], k[None, None], v[None, None], causal=False,
+                                       block_q=q.size(0), block_k=block_k)
+    return out[0, 0], lse[0, 0]
+
+
+def _attend_package_flash(q, k, v, block_k):  # the package's autograd function, the logsumexp block by block
+    from moe_tutorial.attention import flash_attention
+
+    lse = torch.full((q.size(0),), float("-inf"), dtype=q.dtype)
+    for s in range(0, k.size(0), block_k):
+        lse = torch.logaddexp(lse, torch.logsumexp(q @ k[s:s + block_k].T / q.size(-1) ** 0.5, -1))
+    return flash_attention(q[None, None], k[None, None], v[None, None], False, q.size(0), block_k)[0, 0], lse
+
+
+def _attend_two_pass_batched(q, k, v, block_k):  # two passes, the scores from batched (3-D and 4-D) matmuls
+    scale = q.size(-1) ** -0.5
+    m = torch.full((q.size(0),), float("-inf"), dtype=q.dtype)
+    for s in range(0, k.size(0), block_k):
+        m = torch.maximum(m, torch.bmm(q[None], k[s:s + block_k].T[None])[0].amax(-1) * scale)
+    l, acc = torch.zeros_like(m), torch.zeros_like(q)
+    for s in range(0, k.size(0), block_k):
+        p = torch.exp(q[None, None] @ k[None, None, s:s + block_k].transpose(-2, -1) * scale - m[:, None])[0, 0]
+        l, acc = l + p.sum(-1), acc + p @ v[s:s + block_k]
+    return acc / l[:, None], m + torch.log(l)
 
 
 def _blocks_library(q_start, q_end, T, block_k):
@@ -192,6 +339,22 @@ def _kept_latest(expert, n_experts, capacity):  # keeps the last tokens instead 
     return (pos < capacity).flip(0)
 
 
+def _kept_library(expert, n_experts, capacity):
+    from moe_tutorial.router import positions_in_expert
+
+    return positions_in_expert(expert[:, None], n_experts)[:, 0] < capacity
+
+
+def _lb_switch_library(probs):
+    from moe_tutorial.router import load_balancing_loss
+
+    return load_balancing_loss(probs, probs.argmax(-1))
+
+
+def _lb_layers_argmax(probs, first):  # ignores the given first choices
+    return sum(_switch_loss(p, p.argmax(-1)) for p in probs)
+
+
 def _lb_soft_f(probs):
     return probs.size(1) * (probs.mean(0) * probs.mean(0)).sum()
 
@@ -201,36 +364,67 @@ def _lb_no_scale(probs):
     return (f * probs.mean(0)).sum()
 
 
-def _z_mean_sq_logits(logits):
-    return logits.square().mean()
+def _zg_mean_sq_logits(logits):  # the gradient of mean(l^2)
+    return 2 * logits / logits.size(0)
 
 
-def _z_naive(logits):
-    return torch.log(torch.exp(logits).sum(-1)).square().mean()
+def _zg_no_mean(logits):
+    return 2 * torch.logsumexp(logits, -1, keepdim=True) * F.softmax(logits, -1)
 
 
-def _z_no_square(logits):
-    return torch.logsumexp(logits, -1).mean()
+def _zg_no_softmax(logits):
+    return (2 * torch.logsumexp(logits, -1, keepdim=True) / logits.size(0)).expand_as(logits)
+
+
+def _zg_naive(logits):  # right formula, exp written out: overflows
+    e = torch.exp(logits)
+    return 2 * torch.log(e.sum(-1, keepdim=True)) * e / e.sum(-1, keepdim=True) / logits.size(0)
+
+
+def _zg_autograd(logits):
+    logits = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        torch.logsumexp(logits, -1).square().mean().backward()
+    return logits.grad
 
 
 # notebook 04
-def _top2_raw(logits):
-    p = F.softmax(logits, -1)
-    g, e = torch.topk(p, 2, -1)
-    return e, g
+def _aux_free(probs, bias, k, rate, gates_from=None, load_of=None, step=None):
+    expert = (probs + bias).topk(k, dim=-1).indices
+    gate = (probs if gates_from is None else gates_from(probs, bias)).gather(1, expert)
+    counted = expert if load_of is None else load_of(probs, expert, k)
+    load = torch.bincount(counted.reshape(-1), minlength=probs.size(1)).float()
+    move = torch.sign(load.mean() - load) if step is None else step(load)
+    return expert, gate / gate.sum(-1, keepdim=True), bias + rate * move
 
 
-def _top2_worst_first(logits):
-    e, g = _top2_raw(logits)
-    return e.flip(-1), (g / g.sum(-1, keepdim=True)).flip(-1)
+def _aux_free_biased_gates(probs, bias, k, rate):
+    return _aux_free(probs, bias, k, rate, gates_from=lambda p, b: p + b)
 
 
-def _bias_reversed(bias, load, rate):
-    return bias - rate * torch.sign(load.mean() - load)
+def _aux_free_unnormalised(probs, bias, k, rate):
+    expert, _, new_bias = _aux_free(probs, bias, k, rate)
+    return expert, probs.gather(1, expert), new_bias
 
 
-def _bias_proportional(bias, load, rate):
-    return bias + rate * (load.mean() - load)
+def _aux_free_unbiased_load(probs, bias, k, rate):
+    return _aux_free(probs, bias, k, rate, load_of=lambda p, e, k: p.topk(k, dim=-1).indices)
+
+
+def _aux_free_first_choices(probs, bias, k, rate):
+    return _aux_free(probs, bias, k, rate, load_of=lambda p, e, k: e[:, 0])
+
+
+def _aux_free_reversed(probs, bias, k, rate):
+    return _aux_free(probs, bias, k, rate, step=lambda load: torch.sign(load - load.mean()))
+
+
+def _aux_free_proportional(probs, bias, k, rate):
+    return _aux_free(probs, bias, k, rate, step=lambda load: load.mean() - load)
+
+
+def _aux_free_no_bias(probs, bias, k, rate):
+    return _aux_free(probs, torch.zeros_like(bias), k, rate)
 
 
 def _mask_with_dropped(expert, position, kept, n_experts, capacity):
@@ -324,12 +518,58 @@ def _upcycle_shared_memory(mlp, n_experts):
             mlp.c_proj.weight.data.t().expand(n_experts, -1, -1))
 
 
+def _params_model_info(L, C, V, T):
+    from moe_tutorial.config import GPTConfig
+    from moe_tutorial.costs import model_info
+
+    return model_info(GPTConfig(n_layer=L, n_embd=C, vocab_size=V, block_size=T, n_head=1, bias=True)).total_params
+
+
+def _decode_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _moe_private_parts(m, attention):
+    from moe_tutorial import serving
+
+    parts = serving._parts(m)
+    expert = parts.pop("expert")
+    always = sum(parts.values())
+    return always + m.n_moe_layers * m.n_experts * expert, always + m.n_moe_layers * m.top_k * expert
+
+
 def _decode_top_left_mask(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def _decode_unscaled(q, k, v):
     return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def _moe_params(m, attention, all_active=False, shared=True, dense_layers=True, tied=True, routers=True, norms=True):
+    C, swiglu = m.hidden_size, 3 * m.hidden_size * m.expert_hidden
+    moe_layers = m.n_moe_layers if dense_layers else m.n_layers
+    always = m.vocab_size * C * (1 if m.tie_embeddings and tied else 2) + m.n_layers * attention
+    always += (2 * m.n_layers + 1) * C * norms + (m.n_dense_layers * 3 * C * m.dense_hidden) * dense_layers
+    always += moe_layers * (m.n_experts * C * routers + m.n_shared_experts * swiglu * shared)
+    routed = moe_layers * swiglu
+    total = always + m.n_experts * routed
+    return total, total if all_active else always + m.top_k * routed
+
+
+def _moe_wrong(**mistake):
+    """A published-MoE count with one mistake, named after it."""
+    def wrong(m, attention):
+        return _moe_params(m, attention, **mistake)
+
+    wrong.__name__ = "_moe_" + "_".join(f"{key}_{value}" for key, value in mistake.items())
+    return wrong
+
+
+def _moe_library(m, attention):
+    from moe_tutorial.serving import parameter_counts
+
+    return parameter_counts(m)
 
 
 # notebook 06
@@ -339,6 +579,12 @@ def _splits_per_expert(expert, n_experts, world_size):
 
 def _splits_even(expert, n_experts, world_size):
     return [len(expert) // world_size] * world_size
+
+
+def _volume_library(*args, **kwargs):
+    from moe_tutorial.distributed import all_to_all_bytes
+
+    return all_to_all_bytes(*args, **kwargs)
 
 
 def _volume_one_way(tokens, n_embd, top_k, world_size, nbytes):
@@ -388,6 +634,12 @@ def _kv_unchanged(kv, n_rep):
 def _kv_time_scrambled(kv, n_rep):  # repeats along the wrong axis, then reshapes: heads right, positions wrong
     B, KV, T, D = kv.shape
     return kv[:, :, :, None].expand(B, KV, T, n_rep, D).reshape(B, KV * n_rep, T, D)
+
+
+def _sigmoid_bias_inside(logits, bias, top_k, scaling):  # sigmoid(logits + bias) selects other experts
+    experts = torch.sigmoid(logits + bias).topk(top_k, dim=-1).indices
+    weights = torch.sigmoid(logits).gather(1, experts)
+    return experts, scaling * weights / weights.sum(-1, keepdim=True)
 
 
 def _sigmoid_unbiased_choice(logits, bias, top_k, scaling):
@@ -457,31 +709,40 @@ WRONG_ANSWERS = {
     "token_consistency": [_consistency_global_expert, _consistency_per_id_mean],
     "rope": [_rope_from_zero, _rope_interleaved, _rope_backwards, _rope_fixed_theta],
     "repeat_kv": [_kv_tiled, _kv_unchanged, _kv_time_scrambled],
-    "sigmoid_topk": [_sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled, _sigmoid_unnormalised,
-                     _softmax_instead],
-    "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2]],
-    "attention_head": [_head_unscaled, _head_not_causal, _head_swapped, _head_sdpa],
-    "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k],
-    "merge_softmax_states": [_merge_no_rescale, _merge_min],
+    "sigmoid_topk": [_sigmoid_bias_inside, _sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled,
+                     _sigmoid_unnormalised, _softmax_instead],
+    "causal_attention_weights": [_no_mask, _mask_no_softmax, _softmax_wrong_dim, lambda s: s[:, :2], _weights_unstable,
+                                 _weights_global_max, _weights_f_softmax, _weights_torch_softmax,
+                                 _weights_softmax_method, _weights_log_softmax, _weights_softmax_in_helper,
+                                 _weights_logsumexp, _weights_logsumexp_method],
+    "attention_head": [_head_unscaled, _head_not_causal, _head_swapped, _head_sdpa, _head_naive_attention,
+                       _head_package_attention],
+    "next_token_probs": [_probs_no_temperature, _probs_times_temperature, _probs_ignores_top_k, _probs_filter_logits],
+    "merge_softmax_states": [_merge_no_rescale, _merge_min, _merge_nan_when_empty],
     "attend_one_query_block": [_attend_no_online, _attend_unscaled, _attend_full_softmax, _attend_full_transposed,
-                               _attend_sdpa],
+                               _attend_sdpa, _attend_row_by_row, _attend_row_by_row_elementwise, _attend_two_pass,
+                               _attend_two_pass_transposed, _attend_package_forward, _attend_package_flash,
+                               _attend_two_pass_batched],
     "key_blocks_to_visit": [_blocks_all, _blocks_no_mask_flag, _blocks_library],
     "flash_backward_tile": [_tile_no_delta, _tile_unnormalised, _tile_softmax_per_tile, _tile_unscaled,
                             _tile_transposed, _tile_ignores_mask],
-    "assign_with_capacity": [_kept_all, _kept_latest],
-    "switch_load_balancing_loss": [_lb_soft_f, _lb_no_scale],
-    "router_z_loss": [_z_mean_sq_logits, _z_naive, _z_no_square],
-    "top2_gates": [_top2_raw, _top2_worst_first],
-    "update_selection_bias": [_bias_reversed, _bias_proportional],
+    "assign_with_capacity": [_kept_all, _kept_latest, _kept_library],
+    "switch_load_balancing_loss": [_lb_soft_f, _lb_no_scale, _lb_switch_library],
+    "z_loss_gradient": [_zg_mean_sq_logits, _zg_no_mean, _zg_no_softmax, _zg_naive, _zg_autograd],
+    "aux_free_step": [_aux_free_biased_gates, _aux_free_unnormalised, _aux_free_unbiased_load, _aux_free_first_choices,
+                      _aux_free_reversed, _aux_free_proportional, _aux_free_no_bias],
     "priority_slots": [_slots_token_major, _slots_library, _slots_library_renamed, _slots_two_choices_only],
-    "balancing_loss_over_layers": [_lb_concatenated, _lb_mean_over_layers, _lb_library],
+    "balancing_loss_over_layers": [_lb_concatenated, _lb_mean_over_layers, _lb_library, _lb_layers_argmax],
     "expert_choice_kept": [_ec_token_choice, _ec_global_top],
     "dispatch_mask": [_mask_with_dropped],
-    "gpt2_param_count": [_params_untied, _params_no_position, _params_no_biases],
+    "gpt2_param_count": [_params_untied, _params_no_position, _params_no_biases, _params_model_info],
     "upcycle_mlp": [_upcycle_no_transpose, _upcycle_shared_memory],
-    "decode_attention": [_decode_top_left_mask, _decode_unscaled],
+    "decode_attention": [_decode_top_left_mask, _decode_unscaled, _decode_sdpa],
+    "published_moe_params": [_moe_wrong(all_active=True), _moe_wrong(shared=False), _moe_wrong(dense_layers=False),
+                             _moe_wrong(tied=False), _moe_wrong(routers=False), _moe_wrong(norms=False), _moe_library,
+                             _moe_private_parts],
     "send_splits": [_splits_per_expert, _splits_even],
-    "all_to_all_volume": [_volume_one_way, _volume_all_rows],
+    "all_to_all_volume": [_volume_one_way, _volume_all_rows, _volume_library],
 }
 
 WALKTHROUGHS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -528,3 +789,17 @@ def test_later_cells_use_the_learners_function_only_when_solved(capsys):
     assert "your solution" in capsys.readouterr().out
     assert learner_or_package(False, mine, package, "demo") is package
     assert "package version" in capsys.readouterr().out
+
+
+def test_refuse_library_call_catches_the_library_itself_and_reads_what_it_can():
+    from functools import partial
+
+    from moe_tutorial import router
+    from moe_tutorial.exercises import CheckFailed, refuse_library_call
+
+    with pytest.raises(CheckFailed):  # the library function handed in as the answer
+        refuse_library_call(router.positions_in_expert, router.positions_in_expert, "write it")
+    with pytest.raises(CheckFailed):  # called inside the answer
+        refuse_library_call(lambda e, n: router.positions_in_expert(e, n), router.positions_in_expert, "write it")
+    positions_in_expert = router.positions_in_expert
+    refuse_library_call(partial(torch.add, 1), positions_in_expert, "write it")  # no code to read: no crash

@@ -11,7 +11,7 @@ from moe_tutorial.config import GPTConfig, MoEConfig
 from moe_tutorial.costs import model_info
 from moe_tutorial.kv_cache import KVCache
 from moe_tutorial.model import GPT, MLP
-from moe_tutorial.moe import MoE
+from moe_tutorial.moe import MoE, override_routing
 from moe_tutorial.norms import RMSNorm
 from moe_tutorial.rope import RotaryEmbedding, apply_rope
 from moe_tutorial.router import Router, limit_to_groups, sequence_balance_loss
@@ -223,6 +223,22 @@ def test_group_limited_routing_uses_only_the_best_groups():
     routing = router(torch.randn(300, 8), 10.0)
     groups_used = (routing.expert // 4).sort(1).values
     assert ((groups_used[:, 1:] != groups_used[:, :-1]).sum(1) + 1).max() <= 2  # at most 2 groups a token
+
+
+def test_groups_imposed_at_inference_route_as_if_trained_with_them_and_leave_the_router_alone():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_embd=8, n_head=2, vocab_size=11, moe=MoEConfig(n_experts=16, top_k=4, scoring="sigmoid"))
+    layer = MoE(cfg).eval()
+    limited = MoE(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, n_group=4, topk_group=2))).eval()
+    limited.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 8)
+    with torch.no_grad(), override_routing(layer, groups=(4, 2)):
+        imposed = layer(x).routing
+    assert torch.equal(imposed.expert, limited(x).routing.expert)
+    assert layer.router.config.n_group == 1 and layer.override.groups is None  # nothing left behind
+    assert not torch.equal(layer(x).routing.expert, imposed.expert)  # and the limit did change something
+    with pytest.raises(ValueError, match="n_group"), override_routing(layer, groups=(3, 2)):
+        pass  # 16 experts cannot be split into 3 groups
 
 
 def test_sequence_balance_loss_follows_the_paper():

@@ -231,7 +231,8 @@ def test_clicking_an_experts_button_under_its_bar_highlights_it(model_and_tokeni
     buttons[2].click()
     assert explorer.highlight.value == 2 and "opacity:0.25" in explorer.text_view.value
     buttons[2].click()  # a second click clears it
-    assert explorer.highlight.value is None and "opacity:0.25" not in explorer.text_view.value
+    assert explorer.highlighted is None and "opacity:0.25" not in explorer.text_view.value
+    assert explorer.highlight.label == "no expert"  # the menu says so (a None value would show it blank)
     explorer.model_choice.value = "expert choice"  # another model: one button per expert of its own
     assert len(explorer.expert_buttons.children) == explorer.routing.n_experts
     assert number_under_bar in explorer.static_html()  # the saved view keeps the numbers under the bars

@@ -34,7 +34,10 @@ def expect_shape(tensor, shape, what="result"):
 def refuse_library_call(fn, library_fn, why: str):
     """The exercise is to write `library_fn` yourself: an answer that calls it (by its name, or by
     another name bound to it) defeats the point."""
-    names = fn.__code__.co_names
+    if fn is library_fn:
+        raise CheckFailed(f"write it without calling {library_fn.__name__}: {why}")
+    code = getattr(fn, "__code__", None)  # a partial or a builtin has no code to read: nothing to refuse
+    names = code.co_names if code is not None else ()
     if library_fn.__name__ in names or any(fn.__globals__.get(n) is library_fn for n in names):
         raise CheckFailed(f"write it without calling {library_fn.__name__}: {why}")
 

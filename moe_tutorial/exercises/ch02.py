@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..attention import key_blocks
+from ..attention import attention, flash_attention, flash_attention_forward, key_blocks, naive_attention
 from . import CheckFailed, check, expect, expect_close, expect_shape, refuse_library_call
 
 
@@ -33,43 +33,102 @@ def check_merge_softmax_states(merge_softmax_states):
     expect_close(l, full_l, "the merged row sum l")
     expect_close(acc, full_acc, "the merged accumulator acc")
     expect_close(acc / l[:, None], F.softmax(scores, dim=-1) @ values, "acc / l (the attention output)")
+    # A row that sees no key of a chunk keeps the starting state (-inf, 0, 0): rows 0-1 see nothing in
+    # chunk A, rows 0 and 2 nothing in chunk B; row 0 sees no key at all and must stay empty, not NaN.
+    empty_a = tuple(t.clone() for t in a)
+    empty_b = tuple(t.clone() for t in b)
+    for state, rows in ((empty_a, [0, 1]), (empty_b, [0, 2])):
+        state[0][rows], state[1][rows], state[2][rows] = float("-inf"), 0.0, 0.0
+    m, l, acc = merge_softmax_states(empty_a, empty_b)
+    for name, t in (("m", m), ("l", l), ("acc", acc)):
+        if torch.isnan(t).any():
+            raise CheckFailed(f"NaN in the merged {name} where a state is empty (m = -inf, l = 0, acc = 0): "
+                              "exp(-inf - (-inf)) is NaN; subtract 0 where the merged m is -inf")
+    expect(bool(m[0] == float("-inf")) and bool(l[0] == 0) and bool((acc[0] == 0).all()),
+           "two empty states merge to an empty state (-inf, 0, 0)")
+    expect_close(torch.stack([l[1], l[2], l[3]]), torch.stack([b[1][1], a[1][2], full_l[3]]),
+                 "l where one of the two states is empty (the other state's l)")
+    expect_close(acc[1:3], torch.stack([b[2][1], a[2][2]]), "acc where one of the two states is empty")
 
 
 @check("attend_one_query_block")
 def check_attend_one_query_block(attend_one_query_block):
     """q_blk (bq, D), k and v (T, D) -> output (bq, D) and logsumexp (bq,), one key block at a time."""
-    refuse_library_call(attend_one_query_block, F.scaled_dot_product_attention, "the loop is the exercise")
+    for library_fn in (F.scaled_dot_product_attention, flash_attention_forward, flash_attention, naive_attention,
+                       attention):  # the package's attention (with q[None, None]) does the whole exercise
+        refuse_library_call(attend_one_query_block, library_fn, "the loop is the exercise")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 8, generator=g, dtype=torch.float64)
     k = torch.randn(23, 8, generator=g, dtype=torch.float64) * 2
     v = torch.randn(23, 8, generator=g, dtype=torch.float64)
     scores = q @ k.T / 8 ** 0.5
     for block_k in (23, 8, 5, 1):  # one block, ragged tails, single keys
-        with _ScoreRowWatch(rows=5, keys=23) as watch:
+        with _ScoreWatch(q, k) as watch:
             result = attend_one_query_block(q, k, v, block_k)
-        expect(block_k == 23 or not watch.seen,
-               f"with block_k={block_k} the answer made a tensor of 5 queries x 23 keys: scores against all keys "
-               f"at once. Compute them one key block of at most {block_k} keys at a time")
+        expect(block_k == 23 or watch.wide is None,
+               f"with block_k={block_k} the answer made a tensor of shape {watch.wide}: scores (or weights) against "
+               f"all 23 keys at once, for the block or for one query row. Compute them one key block of at most "
+               f"{block_k} keys at a time")
+        most = int(watch.coverage.max())
+        expect(most <= 1, f"with block_k={block_k} some scores were computed {most} times (a first pass for the "
+                          f"maximum, then another for the sums?). The online softmax needs one pass: each key block's "
+                          f"scores once, rescaling l and acc by exp(m - m_new) when the maximum grows")
         expect(isinstance(result, tuple) and len(result) == 2, "return a tuple (output, logsumexp)")
         out, lse = result
         expect_close(out, F.softmax(scores, dim=-1) @ v, f"the output with block_k={block_k}")
         expect_close(lse, torch.logsumexp(scores, dim=-1), f"the logsumexp with block_k={block_k}")
 
 
-class _ScoreRowWatch(TorchFunctionMode):
-    """Notes whether any tensor op produces a (rows, keys) tensor: the scores (or weights) of a query
-    block against every key at once, which the tiled loop never holds."""
+_MATMULS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "linear", "inner", "mv", "tensordot",
+            "addmm", "baddbmm", "dot"}
 
-    def __init__(self, rows: int, keys: int):
+
+class _ScoreWatch(TorchFunctionMode):
+    """Watches the tensor ops of an answer computing attention of queries q (bq, D) over keys k (T, D).
+
+    `wide`: the shape of a float tensor with a dimension of all T keys that is not K or V themselves (in any
+    layout): scores or weights against every key at once, for the whole block (bq, T) or one row at a time (T,).
+    `coverage[i, j]`: how many matmuls produced the score of query i and key j, scaled by 1/sqrt(D) or not, for
+    a whole key block or one query row of it, in either layout, in a 2-D output or in any (bq, bk) slice of a
+    batched one (bmm, a 4-D matmul). One pass of the online softmax computes each score once."""
+
+    def __init__(self, q, k):
         super().__init__()
-        self.shape, self.seen = (rows, keys), False
+        self.keys, self.wide = k.size(0), None
+        self.kv_dims = sorted(n for n in k.shape if n != 1)
+        unscaled = q @ k.T
+        self.scores = (unscaled, unscaled / q.size(-1) ** 0.5)
+        self.coverage = torch.zeros(q.size(0), k.size(0), dtype=torch.long)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and all(n in t.shape for n in self.shape):  # in any order
-                self.seen = True
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                continue
+            if self.keys in t.shape and sorted(n for n in t.shape if n != 1) != self.kv_dims:
+                self.wide = tuple(t.shape)
+            if getattr(func, "__name__", "") in _MATMULS and t.dim() >= 1 and t.numel() > 0:
+                t = t.detach()
+                for tile in (t,) if t.dim() == 1 else t.reshape(-1, *t.shape[-2:]):  # each 2-D slice of a batch
+                    self._count_scores(tile)
         return out
+
+    def _count_scores(self, t):
+        rows = self.coverage.size(0)
+        for block in (t.reshape(1, -1),) if t.dim() == 1 else (t, t.T):
+            r, n = block.shape
+            if r not in (1, rows) or n > self.keys:
+                continue
+            for reference in self.scores:
+                windows = reference.unfold(1, n, 1)  # (rows, T - n + 1, n): every run of n consecutive keys
+                diff = (windows - block[:, None, :]).abs().amax(dim=-1)  # (rows, T - n + 1)
+                if r == rows:
+                    diff = diff.amax(dim=0, keepdim=True)  # the whole block must match
+                close = diff <= 1e-9 * (1 + reference.abs().max())
+                if close.any():
+                    i, start = close.nonzero()[0].tolist()
+                    self.coverage[slice(None) if r == rows else i, start:start + n] += 1
+                    return
 
 
 @check("key_blocks_to_visit")

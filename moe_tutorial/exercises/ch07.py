@@ -69,6 +69,9 @@ def check_sigmoid_topk(route):
         unbiased = torch.sigmoid(logits).topk(2, dim=1).indices.sort(1).values
         if torch.equal(order.values, unbiased):
             raise CheckFailed("the bias must shift which experts are chosen: select by sigmoid(logits) + bias")
+        if torch.equal(order.values, torch.sigmoid(logits + bias).topk(2, dim=1).indices.sort(1).values):
+            raise CheckFailed("the bias is added to the sigmoid scores, not to the logits: select by "
+                              "sigmoid(logits) + bias")
         raise CheckFailed("wrong experts: choose the top_k of sigmoid(logits) + bias")
     weights = weights.gather(1, order.indices)
     expected = r.weights.gather(1, their_order.indices)

@@ -325,6 +325,8 @@ def test_explorer_shows_what_each_router_kept_every_layer_and_an_experts_charact
     assert panels.first.locator("span").count() == len(page.locator(".moe-routing-explorer textarea").input_value())
 
     dropdown(page, "show").select_option(label="this layer")
+    unselected = dropdown(page, "highlight").evaluate("s => s.selectedIndex < 0 ? '' : s.options[s.selectedIndex].text")
+    assert unselected.replace("\xa0", " ") == "no expert"  # not a blank menu
     page.locator(".moe-routing-explorer .moe-expert-button").nth(1).click()  # the button under expert 1's bar
     page.wait_for_function("() => [...document.querySelectorAll('.moe-routing-explorer .moe-text span')]"
                            ".some(s => s.style.opacity == '0.25')", timeout=15_000)
