@@ -76,9 +76,10 @@ for impl, pts in points.items():
 #   previous one is still referenced) and three `(H, bq, D)` blocks (the scaled queries, the
 #   accumulator, `P V` of the tile). Nothing grows like `T²`.
 #
-# The cell checks each naive measurement against its prediction. Flash's few MiB are the size of
-# the allocator's noise (in a fresh process it may keep or return a few MiB it freed), so its
-# prediction is printed, not asserted point by point. What is asserted for flash is the claim itself:
+# The cell checks each naive measurement against its prediction. Flash's measured memory runs above
+# its shape model by a few MiB, more at larger `T` (the allocator keeps freed blocks, and the loop
+# holds more temporaries than the model counts), so its prediction is printed, not asserted point by
+# point. What is asserted for flash is the claim itself:
 # from `T = 512` to `2048` its memory grows by less than a tenth of what naive's grows by, and at
 # `T = 2048` it needs under a tenth of naive's memory. A flash that stored the `(H, T, T)` scores
 # would fail both.
@@ -164,7 +165,8 @@ assert torch.allclose(acc / l, F.softmax(x, dim=0) @ values, rtol=1e-6, atol=0)
 # Two states `a = (m_a, ℓ_a, acc_a)` and `b = (m_b, ℓ_b, acc_b)` summarise two disjoint sets of
 # keys, for a batch of rows: `m` and `ℓ` have shape `(N,)`, `acc` has shape `(N, D)`. Return the
 # state of all keys together. (This merge is also how split-K / "flash-decoding" kernels combine
-# partial results computed in parallel.)
+# partial results computed in parallel.) A state can be empty: a chunk whose keys a row cannot see
+# leaves the starting state `(−∞, 0, 0)`. Merging two empty states must give an empty state, not NaN.
 
 # %% solutions
 def merge_softmax_states(a, b):
@@ -173,7 +175,8 @@ def merge_softmax_states(a, b):
     m_b, l_b, acc_b = b
     # BEGIN SOLUTION
     m = torch.maximum(m_a, m_b)
-    scale_a, scale_b = torch.exp(m_a - m), torch.exp(m_b - m)
+    m_safe = torch.where(torch.isinf(m), 0.0, m)  # both empty: exp(-inf - (-inf)) would be NaN
+    scale_a, scale_b = torch.exp(m_a - m_safe), torch.exp(m_b - m_safe)
     return m, l_a * scale_a + l_b * scale_b, acc_a * scale_a[:, None] + acc_b * scale_b[:, None]
     # END SOLUTION
 
@@ -189,12 +192,15 @@ assert passed  # solutions-only
 # **Why it works.** Each state's `ℓ` and `acc` are sums of `e^{x − m}` against its *own* maximum.
 # Multiplying by `e^{m_a − m}` re-expresses A's sums against the common maximum `m = max(m_a, m_b)`
 # (and B's likewise); sums against the same maximum simply add. Taking the larger maximum keeps every
-# exponent `≤ 0`, so nothing overflows.
+# exponent `≤ 0`, so nothing overflows. When both states are empty, `m = −∞` and `m_a − m` is
+# `−∞ − (−∞)`, which is NaN; subtracting 0 instead gives `e^{−∞} = 0`, and the empty state survives
+# (the same guard as the fully masked row in section 3).
 #
 # **Wrong answers the check catches:** adding `ℓ_a + ℓ_b` and `acc_a + acc_b` without rescaling (named
 # as such: it is only right when both maxima are equal, and the check makes row 0's maximum sit in B);
 # merging with the *minimum* of the two maxima (the merged `m` must equal the row maximum over all
-# keys); and any `acc / ℓ` that is not `softmax(x) @ values` over all ten keys.
+# keys); any `acc / ℓ` that is not `softmax(x) @ values` over all ten keys; and NaN where a row
+# has no visible key in either chunk, or where one chunk is empty.
 
 # %% [markdown]
 # ## 3 · The tiled forward pass
@@ -203,14 +209,15 @@ assert passed  # solutions-only
 # state of every query row in the block. Only one `block_q × block_k` tile of scores exists at a
 # time. When the query block is done, its output is normalised once, and its **logsumexp**
 # `m + log ℓ` is kept for the backward pass. (The first FlashAttention had the loops the other way
-# round; FlashAttention-2, §3.2, made query blocks outer so that they run in parallel without
-# sharing anything.)
+# round. FlashAttention-2 made query blocks outer: its Algorithm 1, §3.1, is this loop order, and
+# §3.2 gives the reason: query blocks then run in parallel without sharing anything.)
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 2 — the inner loop
 # For one block of queries `q_blk` `(bq, D)` and all keys and values `(T, D)`, loop over key
 # blocks of `block_k` rows (the last may be shorter) with the online softmax (non-causal; scale
-# the scores by `1/√D`). Return the output `(bq, D)` and the logsumexp `(bq,)`.
+# the scores by `1/√D`). Return the output `(bq, D)` and the logsumexp `(bq,)`. Make it one pass:
+# each key block's scores are computed once, and no tensor ever holds scores against all keys.
 
 # %% solutions
 def attend_one_query_block(q_blk, k, v, block_k):
@@ -249,9 +256,13 @@ assert passed  # solutions-only
 # **Wrong answers the check catches:** a softmax *per key block* with the blocks' outputs averaged (no
 # running max and sum: right only when there is one block, and the check also uses blocks of 8, 5 and
 # 1 keys); scores not scaled by `1/√D` (the output and the logsumexp differ from the reference's);
-# a logsumexp that is not `torch.logsumexp` of the scaled scores; and a plain softmax over all keys
-# that ignores `block_k` (right numbers, no tiling: the check watches for a score tensor against all
-# 23 keys at once).
+# a logsumexp that is not `torch.logsumexp` of the scaled scores; a plain softmax over all keys
+# that ignores `block_k`, for the whole block or one query row at a time (right numbers, no tiling:
+# the check watches for any score tensor against all 23 keys at once); two passes over the key
+# blocks, the first for the maximum, the second for the sums (right numbers, but every score is
+# computed twice: the check counts the matmuls that produce each score, 2-D or batched); and a call
+# to SDPA or to the package's `flash_attention_forward`, `flash_attention`, `naive_attention` or
+# `attention` (on `q[None, None]`, say), which do the loop for you.
 
 # %% [markdown]
 # ### Causal attention: skip the future
@@ -384,8 +395,12 @@ print("naive output:", naive.tolist(), "  guarded output:", guarded.tolist())
 assert torch.isnan(naive).all() and torch.equal(guarded, torch.zeros(1, 3))
 
 # %% [markdown]
-# - **Precision.** In bf16 or fp16 the inputs and the matmuls are low precision, but `m`, `ℓ` and
-#   `acc` are kept in fp32: the rescaling by `e^{m − m'}` and long sums would lose digits otherwise.
+# - **The same row in the backward.** The backward (section 5) recomputes `P = exp(S − L)` from the
+#   saved logsumexp `L`. For a row with no visible key, `L = −∞`, and `exp(−∞ − (−∞))` is NaN again.
+#   The same guard applies: use 0 for such a row's `L`, so its `P` is 0, and so is its gradient.
+# - **Precision.** In bf16 or fp16, tensor cores take inputs rounded to bf16/fp16 (`Q`, `K`, `V`,
+#   and `P` before the `P V` matmul) but accumulate each matmul in fp32. `m`, `ℓ` and `acc` are kept
+#   in fp32 as well: the rescaling by `e^{m − m'}` and long sums would lose digits otherwise.
 # - **Load balance.** Under a causal mask, the last query block visits every key block and the first
 #   only one. A GPU runs query blocks in parallel, so a scheduler should start the long ones first,
 #   or they finish last and hold up the step.
@@ -415,7 +430,10 @@ assert torch.isnan(naive).all() and torch.equal(guarded, torch.zeros(1, 3))
 #   factor of about **`4 B_c / 3d ≈ M / 3d²`**: large while `d²` is small against the SRAM, small
 #   for wide heads.
 #
-# The picture, for one step of the forward (`moe_tutorial.diagrams.flash_tiling_diagram`):
+# The picture, for one step of the forward (`moe_tutorial.diagrams.flash_tiling_diagram`), shows
+# FlashAttention-2's order of section 3, not Algorithm 1's: `Q_i` is loaded once and kept, `K_j`
+# and `V_j` stream through. Algorithm 1 swaps the roles: `K_j`, `V_j` stay, and the query blocks,
+# with their outputs, stream.
 
 # %%
 from moe_tutorial.diagrams import flash_tiling_diagram
@@ -425,10 +443,16 @@ plt.show()
 
 # %% [markdown]
 # The count, in code, for one head of the forward pass in fp16, non-causal, with the paper's A100
-# figures. The SRAM budget includes the score tile. Bytes are not the whole story: the time is the
-# larger of bytes ÷ bandwidth and FLOPs ÷ peak. Both matmuls, `Q Kᵀ` and `P V`, cost `2 T² d` FLOPs
-# each. A kernel whose **arithmetic intensity** (FLOPs per byte moved) is above the machine's ratio of
-# peak FLOP/s to bandwidth is compute-bound, below it memory-bound: the roofline.
+# figures. The SRAM budget includes the score tile. It is the whole 192 KB of an SM, as in the
+# paper's count; in practice one A100 thread block can use at most about 164 KB of it as shared
+# memory (the rest serves as L1 cache). The code counts both loop orders: Algorithm 1's, and
+# FlashAttention-2's of section 3 (*FA2*). Each gets blocks sized for the block it keeps on chip.
+# The first table gives the bytes, the second the roofline.
+#
+# Bytes are not the whole story: the time is the larger of bytes ÷ bandwidth and FLOPs ÷ peak. Both
+# matmuls, `Q Kᵀ` and `P V`, cost `2 T² d` FLOPs each. A kernel whose **arithmetic intensity** (FLOPs
+# per byte moved) is above the machine's ratio of peak FLOP/s to bandwidth is compute-bound, below it
+# memory-bound: the roofline.
 
 # %%
 SRAM_BYTES = 192 * 1024  # on-chip SRAM per SM of an A100 (FlashAttention paper, §2.1)
@@ -462,55 +486,110 @@ def hbm_traffic(T, d, sram_bytes=SRAM_BYTES, nbytes=FP16):
     return standard, flash
 
 
+def fa2_blocks(d, sram_bytes=SRAM_BYTES, nbytes=FP16):
+    """(B_r, B_c) sized for FlashAttention-2's order, where the query block stays on chip: B_r ≈ M / 4d query
+    rows, B_c = min(B_r, d) key rows. The SRAM holds the same five things (Q_i, O_i, K_j, V_j, the score
+    tile), so the budget is Algorithm 1's with the roles of B_r and B_c swapped."""
+    block_c, block_r = flash_blocks(d, sram_bytes, nbytes)
+    return block_r, block_c
+
+
+def fa2_order_traffic(T, d, sram_bytes=SRAM_BYTES, nbytes=FP16, block_r=None):
+    """Bytes of the same forward in FlashAttention-2's order, query blocks outer, with blocks sized for that
+    order (or block_r query rows): Q read and O written once; K and V read once per query block."""
+    block_r = block_r or fa2_blocks(d, sram_bytes, nbytes)[0]
+    return nbytes * (2 * T * d  # read Q, write O
+                     + math.ceil(T / block_r) * 2 * T * d)  # per query block: read K and V
+
+
 # %%
 ridge = PEAK_FLOPS / HBM_BYTES_PER_S  # FLOP per byte where memory time equals compute time
 print(f"SRAM M = {SRAM_BYTES // 1024} KiB, HBM {HBM_BYTES_PER_S / 1e12:.1f} TB/s, peak {PEAK_FLOPS / 1e12:.0f} "
-      f"TFLOP/s (ridge {ridge:.0f} FLOP/byte); fp16, one head, forward")
-print(f"{'d':>4} {'T':>6} {'B_r':>4} {'B_c':>4} | {'standard MB':>11} {'flash MB':>9} {'ratio':>6} {'4B_c/3d':>7} | "
-      f"{'FLOP/B std':>10} {'flash':>6} | {'flash µs: bytes':>15} {'FLOPs':>7}")
-traffic, intensity = {}, {}
+      f"TFLOP/s; fp16, one head, forward")
 for d in (64, 128):
-    block_r, block_c = flash_blocks(d)
+    print(f"d = {d:>3}: Algorithm 1's blocks B_r = {flash_blocks(d)[0]}, B_c = {flash_blocks(d)[1]}; "
+          f"FlashAttention-2's order B_r = {fa2_blocks(d)[0]}, B_c = {fa2_blocks(d)[1]}")
+print(f"\n{'d':>4} {'T':>6} | {'standard MB':>11} {'Alg. 1 MB':>9} {'FA2 MB':>7} | {'standard / Alg. 1':>17} "
+      f"{'4B_c/3d':>7} | {'FA2 / Alg. 1':>12}")
+traffic = {}  # (d, T) -> bytes moved by (standard, Algorithm 1, FlashAttention-2's order)
+for d in (64, 128):
+    block_c = flash_blocks(d)[1]
     for T in (1024, 4096, 16384):
-        standard, flash = traffic[d, T] = hbm_traffic(T, d)
-        flops = 4 * T * T * d  # Q K^T and P V, 2 T^2 d each
-        intensity[d, T] = (flops / standard, flops / flash)
-        print(f"{d:>4} {T:>6} {block_r:>4} {block_c:>4} | {standard / 1e6:11.1f} {flash / 1e6:9.1f} "
-              f"{standard / flash:6.1f} {4 * block_c / (3 * d):7.1f} | {intensity[d, T][0]:10.0f} "
-              f"{intensity[d, T][1]:6.0f} | {flash / HBM_BYTES_PER_S * 1e6:15.0f} {flops / PEAK_FLOPS * 1e6:7.0f}")
+        traffic[d, T] = (*hbm_traffic(T, d), fa2_order_traffic(T, d))
+        standard, flash, fa2 = traffic[d, T]
+        print(f"{d:>4} {T:>6} | {standard / 1e6:11.1f} {flash / 1e6:9.1f} {fa2 / 1e6:7.1f} | "
+              f"{standard / flash:17.1f} {4 * block_c / (3 * d):7.1f} | {fa2 / flash:12.2f}")
+
+print(f"\nroofline: ridge {ridge:.0f} FLOP/byte; time = the larger of bytes / bandwidth and FLOPs / peak")
+print(f"{'d':>4} {'T':>6} | {'FLOP/byte: standard':>19} {'Alg. 1':>6} {'FA2':>5} | "
+      f"{'µs: bytes Alg. 1':>16} {'bytes FA2':>9} {'FLOPs':>6}")
+intensity = {}  # (d, T) -> FLOP per byte of (standard, Algorithm 1, FlashAttention-2's order)
+for (d, T), moved in traffic.items():
+    flops = 4 * T * T * d  # Q K^T and P V, 2 T^2 d each
+    intensity[d, T] = tuple(flops / moved_bytes for moved_bytes in moved)
+    print(f"{d:>4} {T:>6} | {intensity[d, T][0]:19.0f} {intensity[d, T][1]:6.0f} {intensity[d, T][2]:5.0f} | "
+          f"{moved[1] / HBM_BYTES_PER_S * 1e6:16.0f} {moved[2] / HBM_BYTES_PER_S * 1e6:9.0f} "
+          f"{flops / PEAK_FLOPS * 1e6:6.0f}")
+real_blocks = 4 * 16384**2 * 128 / fa2_order_traffic(16384, 128, block_r=128)
+print(f"FlashAttention-2's order with 128-row query blocks, d = 128, T = 16384: {real_blocks:.0f} FLOP/byte")
 # Theorem 2 on this count: flash moves fewer bytes, ~4x more per doubling of T (T^2), ~2x fewer per
 # doubling of the SRAM (1/M), and at large T the saving standard / flash approaches 4 B_c / 3d.
-assert all(standard > flash for standard, flash in traffic.values())
+assert all(standard > flash for standard, flash, _ in traffic.values())
 assert 3.5 < hbm_traffic(8192, 64)[1] / hbm_traffic(4096, 64)[1] <= 4.0
 assert 0.5 <= hbm_traffic(4096, 64, 2 * SRAM_BYTES)[1] / hbm_traffic(4096, 64)[1] < 0.6
 for d in (64, 128):
     assert abs(traffic[d, 16384][0] / traffic[d, 16384][1] / (4 * flash_blocks(d)[1] / (3 * d)) - 1) < 0.05
-assert all(std < ridge for std, _ in intensity.values())  # standard attention: always memory-bound
-assert intensity[64, 16384][1] > ridge > intensity[128, 16384][1]  # flash: compute-bound at d = 64 only
+assert all(std < ridge for std, _, _ in intensity.values())  # standard attention: always memory-bound
+assert intensity[64, 16384][1] > ridge > intensity[128, 16384][1]  # Algorithm 1: compute-bound at d = 64 only
+# FlashAttention-2's order, each order sized for its own resident block: a bit fewer bytes than Algorithm 1
+# at every size (2 T^2 d / B_r against 3 T^2 d / B_c, with B_r here = B_c there: ~2/3 at long T), about B_r
+# FLOP per byte, and the same verdict as Algorithm 1 at T = 16384: compute-bound at d = 64, not at d = 128
+assert all(fa2 < flash for _, flash, fa2 in traffic.values())
+assert all(abs(traffic[d, 16384][2] / traffic[d, 16384][1] - 2 / 3) < 0.02 for d in (64, 128))
+assert all(0.95 < intensity[d, 16384][2] / fa2_blocks(d)[0] <= 1 for d in (64, 128))
+assert intensity[64, 16384][2] > ridge > intensity[128, 16384][2]
+assert real_blocks < ridge  # 128-row blocks: memory-bound on this count, which leaves out the L2 cache
 
 # %% [markdown]
-# Read the last columns. Standard attention is memory-bound at every size: the `T × T` matrix's
+# Read the roofline table. Standard attention is memory-bound at every size: the `T × T` matrix's
 # round trips cost more time than its FLOPs. With the A100's SRAM, flash attention at `d = 64` and
 # long sequences moves few enough bytes that the matmuls set its time: it becomes **compute-bound**,
 # which is the point of FlashAttention. At `d = 128` the blocks are shorter and the saving smaller,
-# and on Algorithm 1's count it stays memory-bound. Real kernels do better than this count: they use
-# FlashAttention-2's order, with about `B_r` FLOPs per byte of `K` and `V` read, and the GPU's L2
-# cache serves repeated reads of `K` and `V` without HBM. Measured FlashAttention-2 runs faster per
-# FLOP at `d = 128` than at `d = 64`.
+# and on this count it stays memory-bound.
 #
-# Two honest caveats. Real kernels use blocks of 64–128 rows in FlashAttention-2's order, query
-# blocks outer (FlashAttention-2, §3.3: larger blocks spill registers or run out of shared
-# memory), so their count differs from Algorithm 1's; FlashAttention-2 also trims the non-matmul
-# FLOPs (the rescaling by `e^{m − m'}`), which matters because a tensor core does matmuls about 16×
-# faster than anything else. And our PyTorch loops are **not** fused: each operation of the inner
-# loop writes its tile back to main memory. On a CPU the caches play the SRAM's part, so tiles that
-# fit in cache still help (part of why our flash beats naive in time in section 6), but the fused
-# kernels get much more: SDPA's (measured in section 6) and the Triton kernel of section 9.
+# The two loop orders. Algorithm 1 keeps a key block on chip, so `O` is read and written `T / B_c`
+# times. FlashAttention-2's order (section 3, and the picture above) keeps `Q_i` and its accumulator
+# on chip and streams `K_j` and `V_j` past them. Sized for that, the query block gets the
+# `≈ M / 4d` rows and the key block `min(B_r, d)`: the same budget with the roles swapped. `Q` is
+# read once and `O` written once, but `K` and `V` are read `T / B_r` times: `≈ 2 T² d / B_r`, that
+# is `≈ 8 T² d² / M` accesses, against Algorithm 1's `≈ 12 T² d² / M`. So when each order is sized
+# for its own resident block, the two move similar traffic, `Θ(T² d² / M)`. FlashAttention-2's
+# order moves less, because `O` never goes back and forth: it re-reads two blocks (`K_j`, `V_j`)
+# where Algorithm 1 moves three (`Q_i` read, `O_i` read and written). At long `T` that is about two
+# thirds of Algorithm 1's bytes (column *FA2 / Alg. 1*). In fp16 it is about `B_r` FLOPs per byte.
+# On this count, at long sequences, both orders are compute-bound at `d = 64` and memory-bound at
+# `d = 128`.
 #
+# Real kernels do not use these blocks. FlashAttention-2 uses blocks of 64–128 rows (§3.3): the
+# accumulator lives in registers, and larger blocks spill registers or run out of shared memory.
+# With 128-row query blocks at `d = 128`, the count gives about 128 FLOPs per byte, below the
+# ridge (the last printed line). Yet measured FlashAttention-2 reaches higher TFLOP/s at `d = 128`
+# than at `d = 64` (FlashAttention-2, §4.1), which this HBM-only count does not explain. What it does
+# leave out is the GPU's L2 cache (40 MB on an A100): the query blocks of one head run at the same
+# time on different SMs and read the same `K_j` and `V_j`, so many of those repeated reads come from
+# L2, not HBM, and the intensity HBM sees is higher than this count's, at both head sizes.
+#
+# Two more caveats. FlashAttention-2 also trims the non-matmul FLOPs (the rescaling by
+# `e^{m − m'}`), which matters because a tensor core does matmuls about 16× faster than anything
+# else. And our PyTorch loops are **not** fused: each operation of the inner loop writes its tile
+# back to main memory. Section 6 times them on this CPU. The fused kernels are SDPA's (also timed
+# in section 6) and the Triton kernel of section 9.
+
+# %% [markdown]
 # ## 5 · The backward pass, by recomputation
-# Naive backward needs `P` (T × T) saved from the forward pass. Flash attention saves only `O`
-# and the logsumexp `L` (one number per row) and, block by block, **recomputes**
-# `P_ij = exp(S_ij − L_i)` — exactly the forward's softmax, without storing it. With
+# Naive backward needs `P` (T × T) saved from the forward pass. Besides its inputs `Q`, `K`, `V`,
+# flash attention saves only `O` and the logsumexp `L` (one number per row) and, block by block,
+# **recomputes** `P_ij = exp(S_ij − L_i)` — exactly the forward's softmax, without storing it. With
 # `dO` the gradient of the output and `S_ij = Q_i K_jᵀ / √D`:
 #
 # - `dV_j += P_ijᵀ dO_i`
@@ -691,13 +770,30 @@ log2_axes(axes[1], block_sizes, logy=False)
 axes[1].set(xlabel="block size (bq = bk)", ylabel="ms", title=f"our flash forward, T={T_max}", ylim=(0, None))
 plt.show()
 at = {impl: pts[-1] for impl, pts in points.items()}
-print(f"T={T_max}: flash takes {at['flash']['seconds'] / at['sdpa']['seconds']:.1f}x SDPA's time and "
-      f"{at['flash']['seconds'] / at['naive']['seconds']:.2f}x naive's; package default block: {DEFAULT_BLOCK_Q}")
+print(f"T={T_max}, time relative to flash's:")
+for impl in ("naive", "flash", "sdpa"):
+    print(f"  {impl:>6}: {at[impl]['seconds'] / at['flash']['seconds']:5.2f}x")
+print("package default block:", DEFAULT_BLOCK_Q)
 
 # %% [markdown]
-# SDPA is one fused C++ kernel; our flash attention is a Python loop launching several small
-# operations per tile, so it trails SDPA on time; on memory, both grow linearly in `T` (section 1).
-# The README keeps the last full benchmark.
+# SDPA is one fused C++ kernel. Our flash runs each step of a tile as its own PyTorch operation:
+# `amax`, subtract, `exp`, `masked_fill`, `sum`, the rescaling of `ℓ` and `acc`. Each is an
+# elementwise pass that reads a tile from memory and writes a new one; SDPA's kernel does the same
+# steps on data already in registers and cache. Those extra passes, more than the Python loop's
+# per-tile overhead, are why our flash trails SDPA on time: even the largest blocks, with only a few
+# tiles, leave the gap. On memory, flash and SDPA both grow linearly in `T` (section 1).
+#
+# Against naive, our flash wins at the longer lengths of section 1; at the shortest, naive can be as
+# fast or faster (the left plot shows which in this run). Where flash wins, the work it skips
+# explains it. Under the causal mask it skips the future tiles, about half the work, while naive
+# computes every score, allocates two `T × T` tensors and makes several elementwise passes over
+# them. Whether the CPU's cache helps too (small tiles that stay in cache, `T × T` tensors that do
+# not), this notebook does not test: the sweep changes the tile size, but also the number of calls
+# and the masked work on the diagonal.
+#
+# CPU timings of the same setting vary between runs on a loaded machine. Flash at the longest `T`
+# with the package's default block is timed twice, in section 1 and in the sweep, and the two need
+# not agree. So the notebook prints times and asserts none. The README keeps the last full benchmark.
 #
 # ## 7 · In practice: `F.scaled_dot_product_attention`
 # - **Backends.** On CUDA, SDPA picks FlashAttention-2, memory-efficient attention (xFormers'
@@ -759,12 +855,16 @@ losses = {}
 for impl in ("sdpa", "flash"):
     torch.manual_seed(0)
     losses[impl] = train(GPT(model_cfg, Kernels(attention=impl)), dataset, train_cfg)
-    print(f"{impl:>5}: final train loss {losses[impl].loss[-1]:.5f}, val loss "
-          + ", ".join(f"{v:.5f} at step {s}" for s, v in zip(losses[impl].eval_step, losses[impl].val_loss)))
 step_gaps = [abs(a - b) for a, b in zip(losses["sdpa"].loss, losses["flash"].loss)]
 val_gaps = [abs(a - b) for a, b in zip(losses["sdpa"].val_loss, losses["flash"].val_loss)]
-print(f"train-loss gap: first 10 steps {max(step_gaps[:10]):.1e}, largest {max(step_gaps):.1e} "
-      f"(step {step_gaps.index(max(step_gaps))}); val-loss gaps {[f'{g:.1e}' for g in val_gaps]}")
+print(f"{'':<30}{'sdpa':>10}{'flash':>10}{'|gap|':>10}")
+print(f"{'train loss, last step':<30}{losses['sdpa'].loss[-1]:>10.5f}{losses['flash'].loss[-1]:>10.5f}"
+      f"{step_gaps[-1]:>10.1e}")
+for step, a, b, gap in zip(losses["sdpa"].eval_step, losses["sdpa"].val_loss, losses["flash"].val_loss, val_gaps):
+    print(f"{f'val loss, step {step}':<30}{a:>10.5f}{b:>10.5f}{gap:>10.1e}")
+print(f"\n{'largest train-loss |gap|':<30}{'at step':>10}{'|gap|':>10}")
+print(f"{'in the first 10 steps':<30}{step_gaps.index(max(step_gaps[:10])):>10}{max(step_gaps[:10]):>10.1e}")
+print(f"{'over the whole run':<30}{step_gaps.index(max(step_gaps)):>10}{max(step_gaps):>10.1e}")
 assert max(step_gaps[:10]) < 1e-4  # before rounding has compounded, the two runs are the same run
 assert max(val_gaps) < 2e-2  # and they stay close (a broken kernel is caught by the logits check above)
 
@@ -794,8 +894,16 @@ print(textwrap.dedent(kernel).strip())
 #   `V_j`, computes the score tile with `tl.dot` (tensor cores), masks, and rescales by `correction`
 #   exactly as in exercise 2. Under `CAUSAL`, `k_stop` ends the loop at the diagonal: the skipped
 #   future blocks of exercise 3.
-# - The two `tl.store`s write `O_i = acc / row_sum` and the logsumexp `L_i` **once**: the traffic
-#   counted in section 4.
+# - The two `tl.store`s write `O_i = acc / row_sum` and the logsumexp `L_i` **once**. That is
+#   FlashAttention-2's order (the picture of section 4, and its *FA2* column), not Algorithm 1's,
+#   where `O` goes back and forth through HBM once per key block. Here `K` and `V` are the ones read
+#   again, by every query block.
+# - The kernel masks every tile with `tl.where`, also the tiles fully below the diagonal.
+#   FlashAttention-2 splits those out: only the diagonal tiles pay for the mask (exercise 3's
+#   `needs_mask`). That is a speed difference, not a difference in the numbers.
+# - With fp32 inputs, `tl.dot` runs in TF32 on Ampere and later GPUs (Triton's default): the inputs
+#   are rounded to about 3 decimal digits before the multiply. The GPU check below uses bf16. The
+#   interpreter of the next cell computes `tl.dot` in full fp32, on the CPU.
 #
 # Where Triton is installed (it is optional), the kernel also runs on a CPU through Triton's
 # interpreter (`TRITON_INTERPRET=1`, in a subprocess since the variable is read when Triton compiles);
@@ -814,7 +922,7 @@ else:
         import torch, torch.nn.functional as F
         from moe_tutorial.triton_attention import triton_flash_attention
         torch.manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))  # T=100: a ragged last block of 16
+        q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))  # T=100 in blocks of 16: a ragged last block of 4
         out = triton_flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
         print((out - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max().item())
     """)
@@ -847,14 +955,18 @@ else:
 
 # %% [markdown]
 # ## Summary
-# - Naive attention's memory grows 4× per doubling of `T` — the `T × T` matrix — and both naive's and
-#   flash's measured peaks match what the tensor shapes predict (section 1).
+# - Naive attention's memory grows 4× per doubling of `T` — the `T × T` matrix — and its measured
+#   peak matches what the tensor shapes predict. Flash's grows only with `T`, not `T²`: above its
+#   shape model by a few MiB that grow with `T`, and under a tenth of naive's (section 1).
 # - The online softmax keeps `(m, ℓ, acc)` per row and rescales by `e^{m − m'}` when the maximum
 #   grows; two states merge the same way (exercise 1).
 # - FlashAttention-2's forward: query blocks outer, key blocks inner (exercise 2), skip future blocks
 #   under a causal mask (exercise 3), normalise once, save the logsumexp.
-# - On a GPU, tiling cuts HBM traffic from `Θ(T d + T²)` to `Θ(T² d² / M)` (section 4); our unfused
-#   PyTorch loops only win the footprint.
+# - On a GPU, tiling cuts HBM traffic from `Θ(T d + T²)` to `Θ(T² d² / M)` (section 4), in either
+#   loop order when each is sized for the block it keeps on chip; FlashAttention-2's order moves
+#   about two thirds as much as Algorithm 1's. Our unfused PyTorch loops win the footprint; on this
+#   CPU they also beat naive in time at the longer lengths, by skipping the future tiles and the
+#   `T × T` passes, but trail SDPA's fused kernel (section 6).
 # - Backward: recompute `P` from the logsumexp, one tile at a time (exercise 4). FlashAttention-2 loops
 #   key/value blocks outer so `dK_j, dV_j` stay on chip and only `dQ` needs atomic adds; the package's
 #   CPU version loops query blocks outer. Both match SDPA's gradients to fp64 rounding.
@@ -891,4 +1003,6 @@ else:
 #   a FlashAttention-2 forward *and* backward in Triton, the grown-up version of section 9's kernel.
 # - [Dao-AILab/flash-attention](https://github.com/Dao-AILab/flash-attention): the reference kernels;
 #   `flash_attn/flash_attn_triton.py` is the readable one: its `_bwd_kernel_one_col_block` is section 5's
-#   key/value-outer backward, one key block per program, with `dQ` accumulated by atomic adds.
+#   key/value-outer backward for one key block. With `SEQUENCE_PARALLEL=True` each program takes one key
+#   block and adds into `dQ` with atomic adds; otherwise one program per (batch, head) loops over all key
+#   blocks and adds into `dQ` with plain loads and stores.

@@ -48,8 +48,8 @@ plt.show()
 # `capacity` per expert in arrival order (token 4 finds expert 1 full and is dropped); each expert
 # is an ordinary MLP run on its group; outputs are scaled by their gates and put back in token
 # order. For the char model of notebook 01 with an MoE of 8 full-width experts in every block (the
-# course's `"Switch top-1"` variant; in notebook 04's experts sweep top-1 with 4 or 8 experts ties
-# dense, and 4 and 8 tie each other):
+# course's `"Switch top-1"` variant; in notebook 04's experts sweep top-1 with 4 or 8 experts is
+# slightly better than dense on every seed, within the noise: a tie):
 
 # %%
 from moe_tutorial.config import GPTConfig, MoEConfig
@@ -118,7 +118,8 @@ print("the package's Router agrees")
 # outputs zero for them and the residual connection carries them to the next block unchanged.
 # The package's defaults, training at capacity factor 1.25 and evaluating at 2.0, are ST-MoE's;
 # the Switch paper sweeps 1.0 to 2.0.
-# Generation never drops (notebook 04 explains why): three capacities, so a loss must say which.
+# Generation never drops (notebook 04 explains why). So there are three capacities, training (1.25),
+# evaluation (2.0) and generation (dropless), and a loss must say which it was measured at.
 
 # %%
 from moe_tutorial.router import capacity
@@ -214,9 +215,10 @@ assert drop[96, 1.0] > 0.02 and drop[96, 1.25] < 0.001  # the char model's 96 pe
 # Why this form? The gradient with respect to `P_i` is `α·E·f_i`: experts that receive many tokens
 # get their probability pushed down hardest. With a uniform router `f_i = P_i = 1/E`, so
 # `E · Σ 1/E² = 1`: the loss is `α` when balanced. It is at most `α·E`, reached when every token
-# picks one expert with certainty (`f_1 = P_1 = 1`). Its value alone does not prove balance:
-# `f = (1, 0, …)` with a uniform `P` also gives 1. What balances is the gradient. `α = 0.01` by
-# default.
+# picks one expert with certainty (`f_1 = P_1 = 1`). Its value alone does not prove balance: with 2
+# experts, 3/4 of the tokens barely preferring expert 0 (probabilities ≈ (½, ½)) and 1/4 sure of
+# expert 1 give `f = (¾, ¼)`, `P = (⅜, ⅝)` and a loss of 0.875, *below* 1, though the first choices
+# are uneven. What balances is the gradient. `α = 0.01` by default.
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 2 — the load-balancing loss
@@ -250,18 +252,78 @@ assert passed  # solutions-only
 # `f`: `E·Σ P_i²`, whose gradient is wrong), and the loss without the factor `E` (1/E when balanced).
 
 # %% [markdown]
+# What moves the router is the gradient on its logits. For token `n`, through the softmax,
+# `∂L/∂l_nj = (α·E/N) · p_nj · (f_j − Σ_i p_ni f_i)`: an expert busier than the token's average of
+# `f`, weighted by its own probabilities, is pushed down, a quieter one up, each in proportion to its
+# probability. On a
+# router whose first choices pile onto expert 0:
+
+# %%
+from moe_tutorial.router import load_balancing_loss
+
+logits = torch.tensor([[2.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [0.5, 0.0, 0.0, 1.0]], requires_grad=True)
+probs = F.softmax(logits, dim=-1)  # (N, E): first choices 0, 0, 3
+f = torch.bincount(probs.argmax(-1), minlength=4).float() / 3  # (E,) = (2/3, 0, 0, 1/3)
+load_balancing_loss(probs, probs.argmax(-1)).backward()
+by_hand = 4 / 3 * probs * (f - (probs * f).sum(-1, keepdim=True))  # alpha = 1
+print("f:", [round(v, 2) for v in f.tolist()])
+print("gradient on token 0's logits:", [round(g, 3) for g in logits.grad[0].tolist()])
+assert torch.allclose(logits.grad, by_hand, atol=1e-6)
+assert logits.grad[0, 0] > 0 and (logits.grad[0, 1:] < 0).all()  # expert 0 pushed down, the others up
+
+# %% [markdown]
 # Three details of how the loss is used:
 # - **One loss per layer.** Each MoE layer has its own router and its own loss, computed on that
-#   layer's tokens; the model adds them. (Notebook 04's exercise 3 shows why pooling the layers into
-#   one loss fails.)
+#   layer's tokens; the model adds them. Hugging Face's `load_balancing_loss_func` (Mixtral,
+#   Qwen-MoE) pools every layer's router outputs into one loss instead: exercise 3 shows what that
+#   hides.
 # - **The batch it balances.** `f_i` and `P_i` are taken over the tokens the layer sees in one
 #   forward pass. Under data parallelism that is each device's micro-batch, which is stricter than
-#   balancing the global batch: a device with a run of code tokens must still spread them.
+#   balancing the global batch: a device with a run of code tokens must still spread them. Qwen's
+#   team (2025) argues it is too strict for experts to specialise, and balances the global batch.
 # - **A quiet start.** Switch initialises weights with a tenth of the usual scale `s` (a variance
 #   factor): a truncated normal with std `√(0.1 / fan_in)`, about 0.028 for this router's 128 inputs, close to the
 #   0.02 of GPT-2's init that the package uses. Small logits mean near-uniform routing at first.
 #   Switch also multiplies the router's input by noise from `[1 − ε, 1 + ε]` in training
 #   (`MoEConfig.jitter`, off by default here).
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 3 — the balancing loss of a whole model
+# Given each MoE layer's router probabilities `(N, E)` and first choices `(N,)` (two lists, one
+# entry per layer), return the model's total balancing loss: each layer's Switch loss
+# `E · Σ_i f_i P_i` on its own tokens, added over layers. Compute `f_i` and `P_i` yourself, as in
+# exercise 2, not with the package's `load_balancing_loss`.
+
+# %% solutions
+def balancing_loss_over_layers(probs, first):
+    """probs: [(N, E)] per layer, first: [(N,)] per layer -> total loss (0-dim tensor)."""
+    # BEGIN SOLUTION
+    total = 0.0
+    for p, f in zip(probs, first):  # each layer on its own tokens
+        E = p.size(1)
+        share = torch.bincount(f, minlength=E).float() / len(f)  # f_i: a count, no gradient
+        total = total + E * (share * p.mean(dim=0)).sum()  # P_i: the mean probability
+    return total
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch03 import check_balancing_loss_over_layers
+
+passed = check_balancing_loss_over_layers(balancing_loss_over_layers)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** Each router only sees its own layer: its `f_i` and `P_i` must count its own
+# tokens. In the check, layer 0 sends every token to expert 0 and layer 1 every token to expert 1.
+# Each layer's loss is high: it is collapsed. Concatenated, the two halves look like an even split
+# over two experts, so the pooled loss is lower, and its gradient also pushes down experts that a
+# layer never chose.
+#
+# **Wrong answers the check catches:** one loss over the concatenated layers, the mean over layers
+# instead of the sum (the package adds each layer's loss, each with the same α), and a call to the
+# package's `load_balancing_loss`.
 
 # %% [markdown]
 # ## 5 · The router z-loss
@@ -276,34 +338,73 @@ assert passed  # solutions-only
 # caps every logit near or below 0 — it bounds the logits' *level*. (A softmax ignores a common shift,
 # so the level is what floats and what the z-loss fixes; whether the distribution gets flatter or
 # sharper is a separate question.) Section 7 measures `z`, the largest logit, and the logits' spread.
+#
+# The rounding, in numbers: the same two logits half a unit apart, small and large, stored in bf16.
+
+# %%
+for pair in ([2.0, 2.5], [200.0, 200.5]):
+    exact, rounded = torch.tensor(pair), torch.tensor(pair).bfloat16().float()
+    print(f"logits {pair} -> bf16 {rounded.tolist()}: softmax {[round(p, 4) for p in F.softmax(exact, -1).tolist()]}"
+          f" -> {[round(p, 4) for p in F.softmax(rounded, -1).tolist()]}")
+assert torch.tensor([200.0, 200.5]).bfloat16()[1] == 200  # near 200 bf16's step is 1: the half unit is lost
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 3 — the z-loss
-# Return the z-loss (without its coefficient) of router logits `(N, E)` as a scalar tensor.
+# ### ✍️ Exercise 4 — the z-loss's gradient, by hand
+# Return the gradient of the z-loss `mean_n z_n²` (without its coefficient) with respect to router
+# logits `(N, E)`, shape `(N, E)`. Derive it; do not call autograd. It must stay finite for logits
+# of 1000.
 
 # %% solutions
-def router_z_loss(logits):
-    """logits (N, E) -> mean over tokens of logsumexp(logits)^2."""
+def z_loss_gradient(logits):
+    """logits (N, E) -> d/dlogits of mean over tokens of logsumexp(logits)^2, (N, E)."""
     # BEGIN SOLUTION
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1): stable, it subtracts the row max
+    return 2 * z * F.softmax(logits, dim=-1) / logits.size(0)  # (N, E)
     # END SOLUTION
 
 
 # %% solutions
 # NBVAL_CHECK_OUTPUT
-from moe_tutorial.exercises.ch03 import check_router_z_loss
+from moe_tutorial.exercises.ch03 import check_z_loss_gradient
 
-passed = check_router_z_loss(router_z_loss)
-assert passed  # solutions-only
+z_solved = check_z_loss_gradient(z_loss_gradient)
+assert z_solved  # solutions-only
 
 # %% [markdown] solutions-only
-# **Why it works.** `torch.logsumexp` computes `log Σ_i e^{l_i}` stably (it subtracts the row's max
-# first), so large logits do not overflow; squaring per token and then averaging is ST-MoE's
-# definition.
+# **Why it works.** The chain rule, one token at a time: `∂z²/∂l_i = 2z · ∂z/∂l_i`, and the
+# derivative of `logsumexp` is the softmax. The mean over `N` tokens divides each token's gradient
+# by `N`. `torch.logsumexp` and `F.softmax` both subtract the row's maximum first, so logits of
+# 1000 give finite numbers.
 #
-# **Wrong answers the check catches:** the mean of the squared logits (not the logsumexp),
-# `log(exp(l).sum())` written out (overflows to `inf` for large logits), and the logsumexp without
-# the square.
+# **Wrong answers the check catches:** the gradient of `mean(l²)` (`2l/N`), the sum over tokens
+# instead of the mean (no `1/N`), the factor 2 forgotten, the same push for every expert (the
+# softmax left out), the softmax over the tokens, `exp` written out (it overflows), and autograd.
+
+# %% [markdown]
+# On one token, the gradient says what the loss does. Its log-partition is positive, so every
+# logit is pushed down; the push on each is proportional to its probability, so the winner is pushed
+# hardest. The same logits shifted down until `z < 0` are pushed up instead.
+
+# %%
+from moe_tutorial.exercises import learner_or_package
+from moe_tutorial.router import z_loss
+
+
+def package_z_loss_gradient(logits):  # autograd through the package's loss
+    logits = logits.detach().requires_grad_()
+    z_loss(logits).backward()
+    return logits.grad
+
+
+z_gradient = learner_or_package(z_solved, z_loss_gradient, package_z_loss_gradient, "z-loss gradient (exercise 4)")
+token = torch.tensor([[4.0, 2.0, 0.0, -1.0]])
+print(f"{'logits':<30}{'z':>7}   gradient")
+for logits in (token, token - 6):
+    grad = z_gradient(logits)
+    print(f"{str(logits[0].tolist()):<30}{torch.logsumexp(logits, -1).item():>7.2f}   "
+          f"{[round(g, 3) for g in grad[0].tolist()]}")
+    assert torch.allclose(grad / grad.sum(), F.softmax(logits, -1))  # in proportion to the probabilities
+assert (z_gradient(token) > 0).all() and (z_gradient(token - 6) < 0).all()  # z > 0: all down; z < 0: all up
 
 # %% [markdown]
 # ## 6 · The whole layer, from scratch, against the package
@@ -314,7 +415,6 @@ assert passed  # solutions-only
 # (`moe_tutorial.dispatch.sort_dispatch`).
 
 # %%
-from moe_tutorial.exercises import learner_or_package
 from moe_tutorial.moe import MoE
 from moe_tutorial.router import positions_in_expert
 
@@ -356,11 +456,10 @@ assert torch.allclose(ours, theirs, atol=1e-6)
 # ## 7 · Training: what each auxiliary loss does
 # Notebook 01's model and recipe (`"char"` preset), fewer steps, with the Switch MoE above: 8
 # full-width experts in every block, top-1, so the same compute per token. Then the same MoE
-# without the load-balancing loss, without the z-loss, and with neither loss, no capacity limit
-# (capacity factor = E: no token can be dropped) and a higher learning rate — the setting most
-# likely to collapse. One seed each, so the asserts below only check several-fold
-# differences in routing, and nothing here compares validation losses: whether an MoE beats the
-# dense model is a question for 3 seeds, answered in notebook 04.
+# without the z-loss. Then a 2 × 2 of the two brakes on collapse: with or without the load-balancing
+# loss, with or without a capacity limit (capacity factor = E: no token can be dropped). One seed
+# each: the asserts check several-fold differences in routing, and a loss only where the gap is many
+# times the spread between seeds that notebook 04 measures (about 0.02 for this variant, top-1 E=8).
 
 # %%
 from dataclasses import replace
@@ -371,29 +470,26 @@ from moe_tutorial.moe import dropless
 from moe_tutorial.presets import preset
 from moe_tutorial.train import train
 
-STEPS = 800
-COLLAPSE_LR = 1e-2
+STEPS = 600
 dataset = shakespeare_dataset(progress=False)
 switch = MOE_VARIANTS["Switch top-1"]
-runs = {  # name: (MoE layers, learning rate or None for the recipe's)
-    "Switch MoE": (switch, None),
-    "no aux loss": (replace(switch, aux_loss_coef=0.0), None),
-    "no z-loss": (replace(switch, z_loss_coef=0.0), None),
-    "neither, no cap": (replace(switch, aux_loss_coef=0.0, z_loss_coef=0.0,
-                                capacity_factor_train=float(switch.n_experts)), COLLAPSE_LR),
+no_cap = float(switch.n_experts)  # capacity factor E: room for every token
+runs = {  # name: the MoE layers
+    "Switch MoE": switch,
+    "no z-loss": replace(switch, z_loss_coef=0.0),
+    "no aux loss": replace(switch, aux_loss_coef=0.0),
+    "no cap": replace(switch, capacity_factor_train=no_cap),
+    "no aux, no cap": replace(switch, aux_loss_coef=0.0, capacity_factor_train=no_cap),
 }
 histories, models = {}, {}
-for name, (moe, lr) in runs.items():
-    overrides = {"learning_rate": lr} if lr else {}
+for name, moe in runs.items():
     model_cfg, train_cfg = preset("char", dataset.tokenizer.vocab_size, max_iters=STEPS, eval_interval=200,
-                                  progress=False, **overrides)
+                                  progress=False)
     model_cfg = GPTConfig(**{**model_cfg.to_dict(), "moe": moe})
     torch.manual_seed(train_cfg.seed)
     models[name] = GPT(model_cfg)
     histories[name] = train(models[name], dataset, train_cfg)
-recipe_steps, recipe_lr = preset("char", 65)[1].max_iters, preset("char", 65)[1].learning_rate
-print(f"{STEPS} steps each (the recipe trains {recipe_steps}); learning rate {recipe_lr:g}, "
-      f"{COLLAPSE_LR:g} for the last run")
+print(f"{STEPS} steps each (the recipe trains {preset('char', 65)[1].max_iters})")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -411,11 +507,6 @@ def router_logit_stats(model, ids):
     return [torch.stack(col).mean().item() for col in zip(*rows)]
 
 
-val_ids = dataset.val[:64 * 64].view(64, 64)  # 64 validation windows
-val_batches = fixed_batches(dataset.val, 20, 12, 64, seed=0)
-_, eval_cfg = preset("char", dataset.tokenizer.vocab_size)
-
-
 @torch.no_grad()
 def eval_drop_pct(model, batches):
     """% of tokens no expert processed, mean over MoE layers and batches, at the model's eval capacity."""
@@ -424,77 +515,98 @@ def eval_drop_pct(model, batches):
     return 100 * torch.stack(dropped).mean().item()
 
 
-def layer0_max_share(history):  # the busiest expert's share of MoE layer 0's first choices, last 100 steps
-    return torch.tensor(history.expert_load[-100:])[:, 0].amax(-1).mean().item()
+def busiest_share_per_layer(history):  # (L,) the busiest expert's share of first choices, last 100 steps
+    return torch.tensor(history.expert_load[-100:]).amax(-1).mean(0)
 
 
-print(f"{'':<17}{'training, last 100 steps':<41}{'validation batches, eval mode':<40}")
-print(f"{'run':<17}{'dropped %':>10}{'load CV':>9}{'max share':>11}{'layer 0':>9}   {'loss cf 2':>10}{'dropless':>9}"
-      f"{'dropped %':>10}{'z':>7}{'max logit':>10}{'spread':>7}{'top prob':>9}")
+val_ids = dataset.val[:64 * 64].view(64, 64)  # 64 validation windows
+val_batches = fixed_batches(dataset.val, 20, 12, 64, seed=0)
+_, eval_cfg = preset("char", dataset.tokenizer.vocab_size)
 stats = {}
 for name, h in histories.items():
     with dropless(models[name]):
         free = estimate_loss(models[name], val_batches, eval_cfg)
-    stats[name] = {**h.routing_summary(), "val_loss": estimate_loss(models[name], val_batches, eval_cfg),
+    busiest = busiest_share_per_layer(h)
+    stats[name] = {**h.routing_summary(), "layer0_max_share": busiest[0].item(), "any_layer_max_share":
+                   busiest.max().item(), "val_loss": estimate_loss(models[name], val_batches, eval_cfg),
                    "dropless_loss": free, "eval_dropped_pct": eval_drop_pct(models[name], val_batches),
-                   "layer0_max_share": layer0_max_share(h),
                    **dict(zip(("z", "max_logit", "spread", "top_prob"), router_logit_stats(models[name], val_ids)))}
-    s_ = stats[name]
-    print(f"{name:<17}{s_['dropped_pct']:>10.1f}{s_['load_cv']:>9.2f}{s_['max_share']:>11.2f}"
-          f"{s_['layer0_max_share']:>9.2f}   "
-          f"{s_['val_loss']:>10.3f}{s_['dropless_loss']:>9.3f}{s_['eval_dropped_pct']:>10.1f}{s_['z']:>7.2f}"
+
+print("training, last 100 steps: the router's demand, and what training capacity cut")
+print(f"{'run':<17}{'dropped %':>10}{'load CV':>9}{'busiest expert: mean':>22}{'layer 0':>9}{'worst layer':>13}")
+for name, s_ in stats.items():
+    print(f"{name:<17}{s_['dropped_pct']:>10.1f}{s_['load_cv']:>9.2f}{s_['max_share']:>22.2f}"
+          f"{s_['layer0_max_share']:>9.2f}{s_['any_layer_max_share']:>13.2f}")
+print("\nvalidation batches, eval mode: the loss at capacity factor 2.0 and dropless, and the router's logits")
+print(f"{'run':<17}{'loss cf 2':>10}{'dropless':>9}{'dropped %':>10}{'z':>7}{'max logit':>10}{'spread':>7}"
+      f"{'top prob':>9}")
+for name, s_ in stats.items():
+    print(f"{name:<17}{s_['val_loss']:>10.3f}{s_['dropless_loss']:>9.3f}{s_['eval_dropped_pct']:>10.1f}{s_['z']:>7.2f}"
           f"{s_['max_logit']:>10.2f}{s_['spread']:>7.2f}{s_['top_prob']:>9.2f}")
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
-for ax, name in zip(axes, ("Switch MoE", "no aux loss", "neither, no cap")):
-    load = torch.tensor(histories[name].expert_load)[:, 0]  # (steps, E) for the first MoE layer
-    smooth = F.avg_pool1d(load.T[None], 25, stride=5)[0].T  # moving average over 25 steps
-    ax.stackplot(range(0, 5 * len(smooth), 5), smooth.T.numpy(), labels=[f"expert {e}" for e in range(load.size(1))])
-    ax.set(xlabel="step", ylabel="share of first choices", ylim=(0, 1), title=f"{name}: MoE layer 0")
-axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+panels = (("Switch MoE", "no cap"), ("no aux loss", "no aux, no cap"))  # rows: balancing loss on, off
+fig, axes = plt.subplots(2, 2, figsize=(12, 5.4), sharex=True, sharey=True)
+for row, names in zip(axes, panels):
+    for ax, name in zip(row, names):
+        load = torch.tensor(histories[name].expert_load)[:, 0]  # (steps, E) for the first MoE layer
+        smooth = F.avg_pool1d(load.T[None], 25, stride=5)[0].T  # moving average over 25 steps
+        ax.stackplot(range(12, 12 + 5 * len(smooth), 5), smooth.T.numpy(),  # each window at its centre
+                     labels=[f"expert {e}" for e in range(load.size(1))])
+        ax.set(ylim=(0, 1), title=f"{name}: MoE layer 0")
+for ax in axes[1]:
+    ax.set_xlabel("step")
+for ax in axes[:, 0]:
+    ax.set_ylabel("share of first choices")
+axes[0, 1].legend(loc="center left", bbox_to_anchor=(1.02, 0.0), fontsize=8)
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Read the table. "Load CV" is the coefficient of variation of the experts' shares of first
-# choices (0 = even; `moe_tutorial.router.load_cv`), "max share" the busiest expert's share (1/8 is
-# even), averaged over the MoE layers, and "layer 0" that share in the first MoE layer. They
-# measure the router's demand, before capacity cuts it, over the last 100 training steps; the first
-# "dropped %" is what training capacity cut. The rest is measured on the same validation batches in
-# eval mode: the loss at capacity factor 2.0 and dropless, and what capacity 2.0 drops.
+# Read the tables. "Load CV" is the coefficient of variation of the experts' shares of first
+# choices (0 = even; `moe_tutorial.router.load_cv`); "busiest expert" is the busiest expert's share
+# (1/8 is even), averaged over the MoE layers, in layer 0, and in the worst layer. They measure the
+# router's demand, before capacity cuts it.
 #
 # - **The load-balancing loss** keeps demand even. Without it the load CV is several times higher,
-#   and several times more tokens are dropped in training. The busiest expert still takes under
-#   half the first choices in any layer: at this budget the router drifts but does not collapse.
-#   Its training drops cost it even when evaluated dropless: its loss is well above the Switch
-#   MoE's. Its evaluation drops, on the other hand, barely move its loss (the two loss columns
-#   agree): trained with about a third of its tokens dropped, it seems to have learned to do
-#   without the expert on many tokens. (Its tokens per second, above, are one noisy run each; a dropped token skips its
-#   expert's matmul, which can only make it faster.)
+#   and several times more tokens are dropped in training. In its worst layer one expert is the first
+#   choice of most tokens, but no layer goes all the way.
+# - **Capacity is the other brake.** Lift the limit without the balancing loss and in MoE layer 0 one
+#   expert becomes the first choice of almost every token (bottom right). With the balancing loss,
+#   lifting the limit collapses nothing (top right): either brake alone prevents total collapse, and
+#   only the balancing loss keeps demand even. A plausible reason
+#   capacity works: a dropped token outputs 0 whatever its gate, so an expert gets no gate gradient
+#   from tokens it has no room for. Dropless MoEs (MegaBlocks, Mixtral) rely on the balancing loss
+#   alone.
+# - **Drops, not imbalance, cost the run without the balancing loss.** Its loss is far above the
+#   Switch MoE's even dropless (a gap many times the seed spread), while the run that is even more
+#   imbalanced but drops nothing in training is not. Its evaluation drops barely move its loss:
+#   trained with many of its tokens dropped, it seems to have learned to do without the expert on
+#   them. (Tokens per second, above, are one run each and say little on a CPU; the fastest run also
+#   skips the experts for the tokens it drops. Under expert parallelism the device with the busiest
+#   expert would set the pace, notebook 06.)
 # - **The z-loss** pins the log-partition `z` near 0, and with it the largest logit. The logits'
 #   spread and the router's probability for its choice are one seed each: no claim either way. In
 #   fp32 on a CPU this run cannot show the z-loss's real purpose, stability in bf16.
-# - **Collapse.** With neither loss, no capacity limit and a higher learning rate, one expert is the
-#   first choice of most tokens in MoE layer 0 (the right plot). That run changes three things at
-#   once; which of them was needed is not tested here. A plausible reason to lift the capacity: a
-#   dropped token outputs 0 whatever its gate, so it adds nothing to that expert's gate gradient.
 # - **Say which capacity.** The collapsed model trained with room for every token. Evaluated at
 #   capacity factor 2.0 it drops many of its tokens, and its loss is worse than a uniform guess over
 #   the 65 characters. Dropless, as it trained, its loss is close to the Switch MoE's: one expert
-#   does most of the work, so the other experts' parameters are wasted rather than harmful. A loss
-#   means little without the capacity it was measured at.
+#   does most of layer 0's work, so the other experts' parameters are wasted rather than harmful. A
+#   loss means little without the capacity it was measured at.
 
 # %%
-with_aux, no_aux, no_z, collapsed = (stats[n] for n in ("Switch MoE", "no aux loss", "no z-loss", "neither, no cap"))
+with_aux, no_aux, no_z = stats["Switch MoE"], stats["no aux loss"], stats["no z-loss"]
+only_aux, collapsed = stats["no cap"], stats["no aux, no cap"]
 assert with_aux["load_cv"] < 0.5 * no_aux["load_cv"]  # the balancing loss evens the demand ...
 assert no_aux["dropped_pct"] > 3 * with_aux["dropped_pct"]  # ... and without it several times more is dropped
-assert no_aux["max_share"] < 0.5 and no_aux["layer0_max_share"] < 0.5  # ... but no collapse at this budget
-assert no_aux["dropless_loss"] > with_aux["dropless_loss"] + 0.1  # its training drops cost it, even dropless
+assert 0.5 < no_aux["any_layer_max_share"] < 0.9  # ... most first choices in its worst layer, not all
+assert collapsed["layer0_max_share"] > 0.9  # collapse: in MoE layer 0 one expert takes almost every first choice
+assert only_aux["any_layer_max_share"] < 0.5  # the balancing loss alone prevents it
+assert no_aux["dropless_loss"] > with_aux["dropless_loss"] + 0.1  # the run that drops is far behind ...
+assert collapsed["dropless_loss"] < no_aux["dropless_loss"] - 0.1  # ... the imbalanced one that drops nothing is not
 assert no_aux["eval_dropped_pct"] > 1 and abs(no_aux["val_loss"] - no_aux["dropless_loss"]) < 0.005
 assert abs(with_aux["z"]) < 0.5 * abs(no_z["z"])  # the z-loss pins the log-partition near 0
 assert with_aux["max_logit"] < no_z["max_logit"]
-assert collapsed["layer0_max_share"] > 0.5  # collapse: in MoE layer 0 one expert is the first choice of most tokens
 assert collapsed["eval_dropped_pct"] > 25  # capacity 2.0 cuts what it trained to send to one expert
 assert collapsed["dropless_loss"] < math.log(65) < collapsed["val_loss"]  # worse than uniform only at cf 2.0
 assert abs(collapsed["dropless_loss"] - with_aux["dropless_loss"]) < 0.1  # dropless, close to the Switch MoE
@@ -539,15 +651,19 @@ for capacity_factor in (1.0, 0.5):
 # capacity. The outlined part above the dashed line is what was dropped (the assert checks that the
 # drops are exactly the demand over capacity). The explorer's "slots by: highest gate" shows what
 # batch priority routing (V-MoE, Riquelme et al. 2021) would keep instead: the highest-gated
-# characters, wherever they sit in the batch.
+# characters, wherever they sit in the batch. That makes a character's fate depend on later
+# characters of its own sequence too: fine for an encoder, not causal for a decoder.
 #
 # ## Summary
 # - MoE multiplies parameters (the ratio is printed in section 1) at constant compute per token.
 # - Switch routing: softmax router in fp32, top-1 expert, output scaled by the gate.
 # - Capacity `ceil(cf · N / E)`; late tokens over capacity are dropped and ride the residual.
-# - Load balancing `α·E·Σ f_i P_i` (= α when uniform, α·E when collapsed) evens the demand; the
-#   z-loss `mean(logsumexp²)` pins each token's log-partition near 0, bounding the logits' level.
-#   Section 7 measures both, and a setting that collapses.
+# - Load balancing `α·E·Σ f_i P_i` (α when uniform, α·E when every token is sure of one expert)
+#   evens the demand through its gradient on the logits; the
+#   z-loss `mean(logsumexp²)` pins each token's log-partition near 0, bounding the logits' level;
+#   its gradient pushes each logit by its probability (exercise 4). Each layer has its own loss
+#   (exercise 3). Section 7: the balancing loss and the capacity limit are each a brake on
+#   collapse; without both, routing collapses.
 # - Our from-scratch layer equals `moe_tutorial.moe.MoE`.
 #
 # **Where the finalized code lives:** `moe_tutorial/config.py` (`MoEConfig`), `router.py` (routing,

@@ -25,7 +25,6 @@ import time
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from IPython.display import Markdown
 
 torch.manual_seed(0)
 torch.set_num_threads(2)  # same thread count, same floats: reruns reproduce exactly
@@ -41,8 +40,10 @@ torch.set_num_threads(2)  # same thread count, same floats: reruns reproduce exa
 # - **active parameters** — what one token actually runs through (compute): an MoE layer counts
 #   its router and `top_k` experts, not all of them;
 # - **training FLOPs per token** ≈ 6 × active weights (2 forward, 4 backward) + 12·L·C·T for attention;
-# - **training memory** for weights, gradients and AdamW's two moments — 16 bytes per parameter in
-#   fp32, 8 in pure bf16 — *before* activations.
+# - **training memory** for weights, gradients and AdamW's two moments, *before* activations: 16
+#   bytes per parameter in fp32. Standard bf16 mixed precision keeps fp32 master weights and moments,
+#   so it needs about as much. The `bf16` column (8 bytes) assumes everything in bf16, which few
+#   real setups do.
 
 # %%
 from moe_tutorial.costs import model_info
@@ -83,10 +84,13 @@ plt.show()
 
 # %%
 moe16, base = infos["gpt2-moe-16x"], infos["gpt2"]
-Markdown(f"The 16-expert MoE on GPT-2 124M stores {moe16.total_params / base.total_params:.1f}× the parameters "
-         f"(and needs as many times the optimizer memory) for "
-         f"{100 * (moe16.train_flops_per_token / base.train_flops_per_token - 1):+.2f}% FLOPs per token (the routers). "
-         f"That is the trade: quality per FLOP bought with memory, and, on many devices, communication (notebook 06).")
+print(f"16-expert MoE against GPT-2 124M: {moe16.total_params / base.total_params:.1f}x the parameters, "
+      f"{100 * (moe16.train_flops_per_token / base.train_flops_per_token - 1):+.2f}% training FLOPs per token")
+
+# %% [markdown]
+# The 16-expert MoE stores several times GPT-2's parameters, and needs as many times the optimizer
+# memory, for almost the same FLOPs per token: only the routers are added. That is the trade:
+# quality per FLOP, bought with memory and, across devices, communication (notebook 06).
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 1 — count GPT-2's parameters by hand
@@ -122,6 +126,86 @@ assert passed  # solutions-only
 #
 # **Wrong answers the check catches:** counting an untied output layer (`+V·C`), forgetting the
 # position embeddings, and forgetting the biases.
+
+# %% [markdown]
+# ### Getting tokens to their experts
+# An MoE layer's cost is more than its FLOPs: the tokens must be gathered per expert and put back,
+# and at GPT-2's sizes a step routes thousands of tokens. Three ways to get tokens to experts and
+# back (`moe_tutorial.dispatch`), with identical outputs:
+# - **einsum** (GShard, Mesh TensorFlow): build one-hot *dispatch* and gate-weighted *combine*
+#   tensors of shape `(N, E, C)` and use einsums. Static shapes (good for TPUs), but memory and
+#   time grow with tokens × experts × capacity — and capacity itself grows with tokens.
+# - **sort**: sort the kept assignments by expert, run one grouped matmul pair over contiguous
+#   slices, scatter-add back. The package's default.
+# - **loop**: one expert at a time on its own tokens (Hugging Face's Mixtral block).
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 2 — the dispatch mask
+# Build the one-hot dispatch tensor `(N, E, C)` from each assignment's expert, its slot (`position`)
+# and whether it was kept: `mask[n, expert[n, j], position[n, j]] = 1` for kept assignments only.
+
+# %% solutions
+def dispatch_mask(expert, position, kept, n_experts, capacity):
+    """expert, position, kept (N, k) -> one-hot (N, E, capacity) float tensor."""
+    # BEGIN SOLUTION
+    N, k = expert.shape
+    mask = torch.zeros(N, n_experts, capacity)
+    token, choice = torch.where(kept)
+    mask[token, expert[token, choice], position[token, choice]] = 1.0
+    return mask
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch05 import check_dispatch_mask
+
+passed = check_dispatch_mask(dispatch_mask)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** `torch.where(kept)` lists the (token, choice) pairs that got a slot; indexing
+# the mask with each pair's token, expert and slot sets exactly one entry per kept assignment, so
+# `einsum("nec,nd->ecd", mask, x)` gathers every expert's batch in slot order.
+#
+# **Wrong answers the check catches:** a mask that also marks dropped assignments (the check counts
+# the ones: there must be exactly as many as kept assignments), and any misplaced entry.
+
+# %%
+from moe_tutorial.config import GPTConfig, MoEConfig
+from moe_tutorial.dispatch import DISPATCH
+from moe_tutorial.measure import dispatch_point
+from moe_tutorial.moe import MoE
+
+torch.manual_seed(0)
+layer = MoE(GPTConfig(vocab_size=65, n_embd=128, n_head=4, moe=MoEConfig(n_experts=8, top_k=2))).train()
+x = torch.randn(12, 64, 128, requires_grad=True)  # one char-model batch: 768 tokens, C = 128
+outputs = {}
+for name, fn in DISPATCH.items():
+    layer.dispatch = fn
+    torch.manual_seed(0)
+    outputs[name] = layer(x).out
+for name in ("einsum", "loop"):
+    assert torch.allclose(outputs[name], outputs["sort"], atol=1e-5)
+print("all three give the same output (to 1e-5)")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+timing = {(name, tokens): dispatch_point(name, tokens, n_experts=8, repeats=3)["seconds"]
+          for tokens in (768, 3072) for name in DISPATCH}
+print(f"{'strategy':<8}" + "".join(f"{f'{t} tokens, ms':>18}" for t in (768, 3072)))
+for name in DISPATCH:
+    print(f"{name:<8}" + "".join(f"{1e3 * timing[name, t]:>18.1f}" for t in (768, 3072)))
+ratio = {t: timing["einsum", t] / timing["sort", t] for t in (768, 3072)}
+print(f"einsum / sort: {ratio[768]:.1f}x at 768 tokens, {ratio[3072]:.1f}x at 3072")
+
+# %% [markdown]
+# The einsum's one-hot tensors grow with the square of the tokens (capacity grows with them);
+# sort's work grows only with the tokens. The plain loop is a real contender at these sizes: eight
+# experts are eight matmuls, and sort pays for sorting and scattering. Which of the two is faster
+# here depends on the machine and on the run (this cell's timings are not checked).
+# `benchmarks/moe_dispatch.py` measures time and memory up to 8,192 tokens, each point in a fresh
+# process, with repeats (the README shows its table).
 
 # %% [markdown]
 # ## 2 · GPT-2's tokenizer
@@ -221,7 +305,7 @@ print(f"{dense.num_params():,} parameters")
 #   gate is our device, not the paper's (which upcycles with top-2 or expert choice).
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 2 — experts from a dense MLP
+# ### ✍️ Exercise 3 — experts from a dense MLP
 # Return the stacked expert weights `c_fc (E, C, 4C)` and `c_proj (E, 4C, C)` (the layout of
 # `moe_tutorial.experts.Experts`), every expert a *copy* of the dense MLP (no biases here).
 # Mind the layouts: `nn.Linear.weight` is `(out, in)`.
@@ -311,6 +395,14 @@ print(f"router gradient from the task loss at step 0: top-2 {router_grads[2]:.1e
 assert router_grads[2] < 1e-6 * router_grads[1]
 
 # %% [markdown]
+# **Upcycling in practice.** Identical experts must be pushed apart before they can specialise. Over
+# long runs an upcycled MoE learns more slowly than one trained from scratch and ends behind it
+# (Nakamura et al. 2025): upcycling pays when the extra budget is small. Their Drop-Upcycling
+# re-initialises a random part of each copy's hidden units (half, in their best setting); others add
+# noise to the copies. Qwen1.5-MoE upcycled into *fine-grained* experts, each a slice of the dense
+# MLP's hidden units rather than a whole copy.
+
+# %% [markdown]
 # ## 5 · Fine-tuning: continued dense training vs the upcycled MoE, at equal compute
 # The upcycling claim: for the same extra training *compute*, the upcycled MoE beats simply training
 # the dense model longer. The MoE is top-2 with 8 experts in the 2nd and 4th blocks: each token runs
@@ -384,24 +476,25 @@ ax.set(xlabel="fine-tuning compute (GFLOP)", ylabel="validation loss",
 ax.legend()
 plt.show()
 
+# %% [markdown]
+# **The finding.** At this budget, upcycling ties continued dense training at equal compute: the
+# difference is within the seeds' noise (the line printed above). Seed by seed, the MoE ends a little
+# behind each time; three seeds cannot say whether that is real. At equal *wall time* on this CPU
+# the dense model would get even more steps. Two things to read in the curves:
+# - Fine-tuning re-warms the learning rate above the one at which pretraining ended. The first
+#   evaluation sits *above* the starting point: the first steps at the higher rate undo some of the
+#   decay's polish before the loss falls again.
+# - The experts start identical, so the MoE can only gain once they have diverged.
+#
+# The paper's gains (Komatsuzaki et al.) come from T5 and ViT models of hundreds of millions to
+# billions of parameters, upcycled with extra training of up to about half their dense pretraining
+# cost.
+
 # %%
-Markdown(f"**The finding:** {upcycling_finding}. " + {
-    "tie": "At this budget, upcycling does not beat continued dense training at equal compute: the "
-           "difference is within the seeds' noise.",
-    "lower": "At equal compute the upcycled MoE ends lower, by more than 2 sd of the seeds' noise.",
-    "higher": "At equal compute the upcycled MoE ends *higher*: the dense model's extra steps are worth more "
-              "than the MoE's extra parameters at this budget."}[upcycling_call]
-    + f" At equal *wall time* on this CPU the dense model would get even more steps (the cell above prints the "
-      f"ratio). Two things to read in the curves. Fine-tuning re-warms the learning rate to "
-      f"{finetune_config(1, 0).learning_rate:g}, above the {preset('char', 65)[1].min_lr:g} at which pretraining "
-      f"ended: " + ("the first evaluation is *above* the starting point (printed above) — the first steps at the "
-                    "higher rate undo some of the decay's polish before the loss falls again"
-                    if min(first_eval.values()) > start_loss else
-                    "a higher rate can undo some of the decay's polish, though here the first evaluation is "
-                    "already below the starting point (printed above)")
-    + "; and the experts start identical, so the MoE can only gain once they have diverged. The paper's gains "
-      "(Komatsuzaki et al.) come from T5 and ViT models of hundreds of millions to billions of parameters, "
-      "upcycled with extra training of up to about half their dense pretraining cost.")
+assert upcycling_call == "tie"
+assert all(moe > dense for moe, dense in zip(finals["MoE"], finals["dense"]))  # behind on every seed
+assert finetune_config(1, 0).learning_rate > preset("char", 65)[1].min_lr  # the rate is re-warmed
+assert min(first_eval.values()) > start_loss  # the first evaluation sits above the start
 
 # %% [markdown]
 # ## 6 · Generation with a KV cache
@@ -413,7 +506,7 @@ Markdown(f"**The finding:** {upcycling_finding}. " + {
 # recomputes the window, exactly like the uncached path.)
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 3 — one decoding step of attention
+# ### ✍️ Exercise 4 — one decoding step of attention
 # Given the newest token's query `q (B, nh, 1, hs)` and the cached keys and values `(B, nh, T, hs)`
 # (the new token's own included), return its attention output `(B, nh, 1, hs)`.
 # Careful: `scaled_dot_product_attention(..., is_causal=True)` aligns its mask to the *top left*.
@@ -466,18 +559,126 @@ print(f"57 new tokens: {timings[False] * 1e3:.0f} ms without cache, {timings[Tru
 
 # %% [markdown]
 # The cell above prints the speed-up on this tiny model (it varies by machine, so it is not checked):
-# at 0.8M parameters each step is dominated by per-layer overheads, not by the prefix. On GPT-2 124M
+# on a model this small (the upcycled MoE of section 5) each step is dominated by per-layer overheads,
+# not by the prefix. On GPT-2 124M
 # the saving is larger and grows with the length: `benchmarks/generate.py` measures it (the README
 # shows its table).
 
+# %% [markdown]
+# ### What decoding costs a real MoE
+# A decoding step makes one token for each sequence of the batch, and it is bound by memory
+# bandwidth: its cost is the bytes of weights it reads. The dense weights are read once per step,
+# whatever the batch. An expert is read if at least one token of the batch chose it: with uniform
+# routing, a layer of `E` experts with top-`k` reads `E·(1 − (1 − k/E)^B)` of them at batch `B`. At
+# batch 1 a step reads the active weights; by a batch of a few dozen to a few hundred tokens (more
+# for more experts) it reads nearly every expert, and the cost per token follows the *total*
+# parameters divided by the batch. This counts weights only: every sequence also reads its KV cache,
+# its bytes per token times its context, which at long contexts outweighs the weights (MLA's point,
+# notebook 07). And at large batches the dense parts turn compute-bound. The four MoEs below are
+# counted from their published configs (`moe_tutorial/serving.py`, each count tested equal to a
+# tiny version built with transformers' own classes).
+
 # %%
-Markdown(f"""## 7 · Training the big presets
-On GPUs the same `GPT` and `train()` apply with `TrainConfig(device="cuda", dtype="bfloat16")`: bf16 autocast
-(the routers stay fp32), SDPA's flash kernels, and `torch.compile`. `benchmarks/train_gpt2_moe.py` measures
-tokens/s and model-FLOPs utilisation of GPT-2 124M and the 16-expert MoE on one GPU. Beyond one GPU's memory — the
-2.4B MoE needs {infos["gpt2-large-moe-8x-top2"].memory_bytes["float32"]["total"] / 2**30:.0f} GiB for fp32 weights,
-grads and AdamW before any activation — experts are spread over devices: **notebook 06** (expert parallelism with
-`torch.distributed`).""")
+from moe_tutorial.serving import (
+    PUBLISHED,
+    expected_experts_read,
+    kv_cache_bytes_per_token,
+    parameter_counts,
+    weight_bytes_per_token,
+)
+
+BATCHES = (1, 8, 64, 512)
+print(f"{'model':<16}{'total':>8}{'active':>8}{'KV cache':>10}   bf16 weights read per token (GB) at batch "
+      + ", ".join(map(str, BATCHES)))
+for name, m in PUBLISHED.items():
+    total, active = parameter_counts(m)
+    per_token = [weight_bytes_per_token(m, b) / 1e9 for b in BATCHES]
+    print(f"{name:<16}{total / 1e9:>7.1f}B{active / 1e9:>7.1f}B{kv_cache_bytes_per_token(m) / 1024:>7.0f} KiB   "
+          + "  ".join(f"{g:>7.3f}" for g in per_token))
+    assert all(a > b for a, b in zip(per_token, per_token[1:]))  # a larger batch shares the reads
+    assert per_token[0] <= 2 * active / 1e9  # batch 1: at most the active weights
+v3 = PUBLISHED["DeepSeek-V3"]
+print(f"DeepSeek-V3: experts read per MoE layer at batch 1, 8, 64: "
+      f"{[round(expected_experts_read(v3.n_experts, v3.top_k, b), 1) for b in (1, 8, 64)]} of {v3.n_experts}")
+assert expected_experts_read(v3.n_experts, v3.top_k, 64) > 0.85 * v3.n_experts
+v3_active_bytes = 2 * parameter_counts(v3)[1]
+assert 0.9 * v3_active_bytes < weight_bytes_per_token(v3, 1) <= v3_active_bytes  # batch 1: the active weights
+assert weight_bytes_per_token(v3, 64) > 10 * v3_active_bytes / 64  # a dense model of that size: active / 64
+assert kv_cache_bytes_per_token(v3) < kv_cache_bytes_per_token(PUBLISHED["Mixtral-8x7B"])
+
+fig, ax = plt.subplots(figsize=(6.5, 3.4))
+batch = [2 ** i for i in range(10)]
+for name, m in PUBLISHED.items():
+    ax.plot(batch, [weight_bytes_per_token(m, b) / 1e9 for b in batch], "o-", ms=3, label=name)
+ax.set(xscale="log", yscale="log", xlabel="decoding batch (sequences)", ylabel="weight GB read per token (bf16)",
+       title="Decoding: bytes per token fall with the batch")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# At batch 1 DeepSeek-V3 reads about its active weights per token. At a batch of 64 it reads most of
+# its 256 experts in every layer, and a token costs more than ten times what a dense model of its
+# active size would (whose reads the 64 tokens would share). Serving an MoE cheaply needs large
+# batches, and the whole model in fast memory. (DeepSeek-V3 ships FP8 weights, half these bf16
+# bytes.) The KV cache goes the other way: DeepSeek-V3's latent attention (notebook 07) caches less
+# per token than Mixtral, a model more than ten times smaller.
+
+# %% [markdown] solutions
+# ### ✍️ Exercise 5 — count a published MoE
+# From a `PublishedMoE` `m` and one layer's attention parameters `attention` (given: its formula
+# depends on GQA or MLA), return `(total, active)` parameters: token embedding, lm head (none if
+# `m.tie_embeddings`), attention in every layer, two RMSNorms per layer and a final one, SwiGLU MLPs
+# (`3 · C · width` each): one dense MLP of `m.dense_hidden` in each of the first `m.n_dense_layers`
+# layers, and in every other layer a router (`E · C`), `m.n_experts` routed experts and
+# `m.n_shared_experts` shared ones of `m.expert_hidden`. Active: everything but the routed experts a
+# token does not run (it runs `m.top_k` of them per MoE layer). The check runs the four models above.
+
+# %% solutions
+def published_moe_params(m, attention):
+    """m: PublishedMoE, attention: one layer's attention parameters -> (total, active)."""
+    # BEGIN SOLUTION
+    C = m.hidden_size
+
+    def swiglu(width):
+        return 3 * C * width
+
+    always = m.vocab_size * C * (1 if m.tie_embeddings else 2) + m.n_layers * attention + (2 * m.n_layers + 1) * C
+    always += m.n_dense_layers * swiglu(m.dense_hidden)
+    always += m.n_moe_layers * (m.n_experts * C + m.n_shared_experts * swiglu(m.expert_hidden))  # routers, shared
+    routed = m.n_moe_layers * swiglu(m.expert_hidden)  # one routed expert in every MoE layer
+    return always + m.n_experts * routed, always + m.top_k * routed
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch05 import check_published_moe_params
+
+passed = check_published_moe_params(published_moe_params)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** Everything but the routed experts runs for every token: embeddings, attention,
+# norms, routers, dense and shared MLPs. Of each MoE layer's routed experts a token runs `top_k`.
+# DeepSeek-V3 shows why each term matters: its 3 dense layers and its shared expert are active for
+# every token, and 256 routed experts make its total eighteen times its active count.
+#
+# **Wrong answers the check catches:** every expert counted as active, the shared experts forgotten,
+# the dense first layers counted as MoE layers, a tied lm head counted twice, the routers or the
+# norms forgotten, and a call to `serving.parameter_counts`.
+
+# %% [markdown]
+# ## 7 · Training the big presets
+# On GPUs the same `GPT` and `train()` apply with `TrainConfig(device="cuda", dtype="bfloat16")`:
+# bf16 autocast (the routers stay fp32), SDPA's flash kernels, and `torch.compile`.
+# `benchmarks/train_gpt2_moe.py` measures tokens/s and model-FLOPs utilisation of GPT-2 124M and the
+# 16-expert MoE on one GPU.
+#
+# The course's largest preset still fits one 80 GB GPU for training (section 1's table). Real MoEs do
+# not. Mixtral-8x7B has 46.7B parameters: at 16 bytes per parameter (fp32 master weights, gradients
+# and Adam's two moments, as bf16 mixed precision keeps them) that is about 750 GB before any
+# activation. DeepSeek-V3 has 671B. Their experts are spread over devices: **notebook 06** (expert
+# parallelism with `torch.distributed`).
 
 # %% [markdown]
 # ## Summary
@@ -489,9 +690,12 @@ grads and AdamW before any activation — experts are spread over devices: **not
 #   without drops (asserted); a top-2 router gets no task-loss gradient at step 0 (measured). Upcycled
 #   MoE vs continued dense training at equal compute over 3 seeds: the verdict is printed in section 5.
 # - `generate()` uses a KV cache; same tokens as without it (asserted).
+# - Three dispatch strategies, same outputs (exercise 2). Decoding a real MoE reads about its active
+#   weights at batch 1 and nearly all of them at a few dozen tokens (`serving.py`).
 #
 # **Where the finalized code lives:** `moe_tutorial/costs.py`, `presets.py`, `tokenizers.py`,
-# `pretrained.py`, `upcycle.py`, `kv_cache.py`, `seeds.py`, `cached_models.py` (notebook 01's model). Next:
+# `pretrained.py`, `upcycle.py`, `kv_cache.py`, `dispatch.py`, `serving.py`, `seeds.py`, `cached_models.py`
+# (notebook 01's model). Next:
 # **06 · distributed MoE**.
 #
 # ## Further reading
@@ -504,6 +708,8 @@ grads and AdamW before any activation — experts are spread over devices: **not
 #   [arXiv:2001.08361](https://arxiv.org/abs/2001.08361).
 # - Komatsuzaki et al. 2023, *Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints*:
 #   [arXiv:2212.05055](https://arxiv.org/abs/2212.05055).
+# - Nakamura et al. 2025, *Drop-Upcycling: Training Sparse Mixture of Experts with Partial
+#   Re-initialization*: [arXiv:2502.19261](https://arxiv.org/abs/2502.19261).
 # - Pope et al. 2022, *Efficiently Scaling Transformer Inference* — KV caches and decoding costs:
 #   [arXiv:2211.05102](https://arxiv.org/abs/2211.05102).
 # - Holtzman et al. 2020, *The Curious Case of Neural Text Degeneration* (nucleus sampling):

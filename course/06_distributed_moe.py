@@ -36,7 +36,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Markdown
 
 import moe_tutorial
 
@@ -52,9 +51,10 @@ torch.set_num_threads(2)
 #   all-reduce of activations, in forward and backward, so it is usually kept on a node's fast links.
 # - **Expert parallel.** Attention and everything else stay data parallel; each MoE layer's *experts*
 #   are divided among the ranks. A token is routed where it is, sent to the rank that owns its expert
-#   (**all-to-all**), processed, and sent back (another all-to-all). Expert weights are not
-#   all-reduced: each rank's experts already saw every rank's tokens (section 3 shows what that
-#   means for their gradients).
+#   (**all-to-all**), processed, and sent back (another all-to-all). When the experts are split over
+#   all ranks, expert weights are not all-reduced: each rank's experts already saw every rank's
+#   tokens (section 3 shows what that means for their gradients). With more ranks than expert
+#   shards, each shard has replicas, and those average its gradients (section 4).
 
 # %%
 from moe_tutorial.diagrams import all_to_all_diagram, parallelism_diagram
@@ -229,11 +229,30 @@ left = sum(n for rank, to in sent for dest, n in enumerate(to) if dest != rank) 
 full = sum(n == W * cap for n in expert_rows)
 n_moe_layers = sum(switch_cfg.is_moe_layer(i) for i in range(switch_cfg.n_layer))
 assert len(table) == 5 * n_moe_layers * W and max(expert_rows) <= W * cap  # a row per step, MoE layer and rank
-Markdown(f"Of all the rows the ranks routed in these 5 steps, **{left:.0%} left their rank** (even routing "
-         f"would send {(W - 1) / W:.0%}: the `(W−1)/W` of exercise 2). Capacity is counted per rank: "
-         f"{switch_cfg.moe.capacity_factor_train} × {tokens_per_rank} tokens / {switch_cfg.moe.n_experts} experts "
-         f"= {cap} slots on each rank, so an expert can receive up to {W} × {cap} = {W * cap} rows; "
-         f"{full} of the {len(expert_rows)} expert-steps in the table were full.")
+print(f"rows that left their rank: {left:.0%} (even routing: (W-1)/W = {(W - 1) / W:.0%})")
+print(f"slots per expert on each rank: {switch_cfg.moe.capacity_factor_train} x {tokens_per_rank} tokens / "
+      f"{switch_cfg.moe.n_experts} experts = {cap}; most rows an expert can receive: {W} x {cap} = {W * cap}")
+print(f"expert-steps that were full: {full} of {len(expert_rows)}")
+routed = len(table) * tokens_per_rank  # every rank routes its tokens in every step and MoE layer (top-1)
+dropped = 1 - sum(expert_rows) / routed
+work = [sum(int(n) for n in rows.split(",")) for *_, rows in table]  # rows each rank's experts processed
+busiest = [max(work[i:i + W]) / (sum(work[i:i + W]) / W) for i in range(0, len(work), W)]  # per step and layer
+print(f"rows processed: {sum(expert_rows):,} of {routed:,} routed ({dropped:.1%} dropped)")
+print(f"busiest rank's rows / the ranks' mean, per step and layer: mean {sum(busiest) / len(busiest):.2f}, "
+      f"max {max(busiest):.2f}")
+assert abs(left - (W - 1) / W) < 0.1 and 0 < full < len(expert_rows)
+assert 0.03 < dropped < 0.25 and max(busiest) > 1.05
+
+# %% [markdown]
+# About `(W−1)/W` of the rows leave their rank, as even routing would send (exercise 2). Capacity is
+# counted per rank: each rank gives every expert `cf · tokens / E` slots for its own rows, so an
+# expert can receive up to `W` times that. Some experts were full in some steps, and at capacity
+# factor 1.25 about a tenth of all rows were dropped.
+#
+# The ranks' work is uneven too. In each step and layer one rank's experts process more rows than
+# the other's, and the other waits for it at the next all-to-all: **the busiest rank sets the step's
+# time**. The ratio printed above is how much longer than an even split each MoE layer takes, before
+# communication. Balancing matters more once experts live on different devices.
 
 # %% [markdown]
 # ### 3.2 What changes in the optimizer step
@@ -505,8 +524,9 @@ assert abs(val_loss - single_val) < TOLERANCE
 # - **Backend.** `setup()` picks **nccl** when CUDA is present; each rank drives one GPU
 #   (`LOCAL_RANK`). `all_to_all_single` maps onto NVLink/InfiniBand transfers.
 # - **Overlap.** Production systems hide the all-to-all behind computation: split the batch into
-#   chunks and send chunk *i+1* while the experts run chunk *i* (DeepSpeed-MoE, Megatron, Tutel); DDP
-#   already overlaps its all-reduce with the backward pass, bucket by bucket.
+#   chunks and send chunk *i+1* while the experts run chunk *i* (Tutel, Megatron-Core); DeepSeek-V3's
+#   DualPipe overlaps one micro-batch's all-to-all with another's computation. DDP already overlaps its
+#   all-reduce with the backward pass, bucket by bucket.
 # - **Capacity and drops across devices.** Here capacity is counted per rank (each rank routes its own
 #   tokens), so an expert may receive up to `W ×` its per-rank capacity. Systems either cap per
 #   expert after the exchange, or drop no tokens at all (dropless MoE, MegaBlocks) at the price of
@@ -520,12 +540,42 @@ assert abs(val_loss - single_val) < TOLERANCE
 #   token's experts are chosen on at most 4 nodes, so a token crosses the network to at most 4 nodes
 #   and is forwarded to the GPUs inside each over NVLink (its DeepEP library provides those kernels).
 #   This course's `MoEConfig(n_group=..., topk_group=...)` (notebook 07) is that routing rule, with
-#   groups standing for nodes.
-#
+#   groups standing for nodes. DeepSeek-V3's dispatch also sends a token's row to each node once,
+#   however many of its experts sit there, and forwards it inside the node.
+# - **Time on the wire against time in the GEMMs.** Per MoE layer and rank, the forward sends about
+#   `2 · tokens · k · (W−1)/W · C · bytes` (exercise 2) and computes `2 · tokens · k · 3 · C · H` FLOPs
+#   for SwiGLU experts of width `H`: `(W−1)/W · bytes / (3H)` bytes per FLOP. At `H` = 2048 in bf16
+#   that is about 1/3000: the transfer takes as long as the GEMMs when the link's bytes/s are a
+#   three-thousandth of the GPU's FLOP/s. InfiniBand's 50 GB/s beside a GPU's 1,000 TFLOP/s is a
+#   twenty-thousandth: across nodes the all-to-all dominates unless it overlaps the GEMMs or crosses
+#   fewer nodes.
+# - **Serving.** Inference runs expert parallelism too, with no gradients but the same hot experts:
+#   DeepSeek-V3 places *redundant* copies of its busiest experts (in prefill one extra expert on each
+#   GPU, in decoding on extra GPUs) and re-balances the placement from observed load (its EPLB library).
+
+# %% [markdown]
+# ### Expert parallelism with replicas
+# With `W` ranks and the experts split `EP` ways (`EP < W`), ranks form `W / EP` expert-parallel
+# groups of `EP` consecutive ranks. Each group holds every expert and exchanges tokens within itself.
+# Shard `s` then lives on ranks `s, s + EP, s + 2·EP, …`: that **replica group** averages its
+# gradients, as DDP would, while the non-expert weights are averaged over all `W` ranks.
+# `distributed.expert_parallel_groups` computes both; `EP = W` is what this notebook ran.
+
+# %%
+from moe_tutorial.distributed import expert_parallel_groups
+
+for world, ep in ((2, 2), (4, 2), (8, 4), (8, 1)):
+    ep_groups, replicas = expert_parallel_groups(world, ep)
+    print(f"W={world}, EP={ep}: expert-parallel groups {ep_groups}; replica groups {replicas}")
+ep_groups, replicas = expert_parallel_groups(4, 2)
+assert ep_groups == [[0, 1], [2, 3]] and replicas == [[0, 2], [1, 3]]
+assert all(len(group) == 1 for group in expert_parallel_groups(2, 2)[1])  # EP = W: no expert all-reduce
+
+# %% [markdown]
 # ## Summary
 # - Data parallel: the whole model per rank, gradients all-reduced (DDP). Expert parallel: experts
 #   divided among ranks, tokens exchanged with two all-to-alls per MoE layer (counts first), autograd
-#   through both; expert weights are not all-reduced.
+#   through both; expert weights are all-reduced only over a shard's replicas, if it has any.
 # - Volume per rank per layer, forward: `2 · tokens · top_k · (W−1)/W · C · bytes`.
 # - After backward: expert gradients ÷ W (they are sums over ranks, DDP's are means), the clipping
 #   norm all-reduced over the expert shards, the balancing loss per rank; aux-loss-free counts
@@ -541,7 +591,8 @@ assert abs(val_loss - single_val) < TOLERANCE
 # ## Further reading
 # Papers:
 # - [Lepikhin et al. 2020, *GShard*](https://arxiv.org/abs/2006.16668) — experts sharded over
-#   devices with all-to-all, capacity and the per-group balancing loss: the design this notebook runs.
+#   devices with all-to-all, capacity and the per-group balancing loss. GShard exchanges fixed
+#   (E, C, d) capacity buffers; this notebook sends uneven splits, the counts first (Megatron, Tutel).
 # - [Fedus et al. 2021, *Switch Transformers*](https://arxiv.org/abs/2101.03961) — top-1 routing and
 #   how experts, data and model parallelism combine (its section on distributed Switch).
 # - [Rajbhandari et al. 2022, *DeepSpeed-MoE*](https://arxiv.org/abs/2201.05596) — expert, data and

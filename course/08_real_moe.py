@@ -146,7 +146,9 @@ assert passed  # solutions-only
 # %% [markdown]
 # ## 3 · Load per layer
 # An even split gives every expert `1/E` of the assignments. The balancing loss (or bias) pushes
-# toward it during training — on the *training* batches. On held-out text, how close is it?
+# toward it during training — on the *training* batches. On held-out text, how close is it? Under
+# expert parallelism (notebook 06) the device that holds a layer's busiest expert sets that layer's
+# time, so the busiest column is the one to read.
 
 # %%
 from moe_tutorial.analysis import assignment_share, routing_entropy_bits
@@ -154,8 +156,9 @@ from moe_tutorial.analysis import assignment_share, routing_entropy_bits
 loads = torch.stack([assignment_share(r) for r in routings])  # (L, E)
 E = loads.size(1)
 fig, ax = plt.subplots(figsize=(10, 0.5 + 0.35 * len(routings)))
-image = ax.imshow(loads * E, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
-ax.set(xlabel="expert", ylabel="MoE layer", title="load ÷ even share (1 = even; red: busier)")
+image = ax.imshow((loads * E).clamp(min=2**-3).log2(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
+ax.set(xlabel="expert", ylabel="MoE layer", yticks=range(len(routings)),
+       title="load ÷ even share, log2 (0 = even; red: busier, 1 = twice the even share)")
 fig.colorbar(image, ax=ax)
 fig.tight_layout()
 even_bits = torch.log2(torch.tensor(float(E))).item()
@@ -208,11 +211,12 @@ if not REAL:  # the claims below, for the course's model (a real model's numbers
 # %%
 shares = category_shares(routings[-1], categories, len(CATEGORIES))  # (E, K)
 text_mix = torch.bincount(categories, minlength=len(CATEGORIES)).float() / len(categories)
-order = shares.argmax(1).argsort(stable=True)  # experts grouped by their main category
+ratio = (shares / text_mix.clamp(min=1e-9)).clamp(min=2**-3)  # (E, K); categories absent from the text: no NaN
+order = ratio.argmax(1).argsort(stable=True)  # experts grouped by the category they take most above its share
 fig, ax = plt.subplots(figsize=(10, 2.6))
-ratio = (shares[order] / text_mix.clamp(min=1e-9)).clamp(min=2**-3)  # categories absent from the text: no NaN
-image = ax.imshow(ratio.T.log2(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
-ax.set(yticks=range(len(CATEGORIES)), yticklabels=CATEGORIES, xlabel="expert (sorted by main category)",
+image = ax.imshow(ratio[order].T.log2(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
+ax.set(yticks=range(len(CATEGORIES)), yticklabels=CATEGORIES, xticks=range(E), xticklabels=order.tolist(),
+       xlabel="expert (grouped by the category it takes most above the text's share)",
        title="last MoE layer: category share ÷ the text's share (log2; 0 = the text's mix)")
 fig.colorbar(image, ax=ax)
 fig.tight_layout()
@@ -349,7 +353,8 @@ for k in range(moe.top_k, 0, -1):
 # %%
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(list(by_k), list(by_k.values()), marker="o")
-ax.set(xlabel="experts per token at inference", ylabel="validation loss", title=f"trained with top-{moe.top_k}")
+ax.set(xlabel="experts per token at inference", ylabel="validation loss", title=f"trained with top-{moe.top_k}",
+       xticks=list(by_k))
 fig.tight_layout()
 if not REAL:
     assert by_k[1] > by_k[moe.top_k] + 0.02  # one expert per token is clearly worse than the trained k
@@ -363,7 +368,9 @@ print(f"top-{moe.top_k} → top-{moe.top_k // 2}: {by_k[moe.top_k // 2] - by_k[m
 # no token may choose them (a token that would have takes its next choice), and measure; beside it,
 # the same number of experts removed at random, three random draws (mean ± sd). The last column says
 # whether removing the least-used experts costs more or less than the random draws' mean by over 2 sd
-# of the draws, or neither ("tie").
+# of the draws, or neither ("tie"). With weights that are softmax probabilities, not renormalised
+# over the chosen experts (the course's model, OLMoE), a token that takes its next choice gets that
+# expert's smaller probability as its weight: pruning also shrinks the MoE's output, as lowering k did.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -404,31 +411,40 @@ assert val_loss() == unpruned  # every pruning was undone
 # ## Summary
 
 # %%
-from IPython.display import Markdown
-
-name = REAL or f"the course's modern MoE (offline, {total / 1e6:.1f} M parameters, characters)"
 half = E // 2
-calls = {"more": "the least used cost more than random ones", "less": "the least used cost less than random ones",
-         "tie": "a tie with random ones"}
-pruning_verdicts = "; ".join(f"{n} of {E}: {calls[versus_random(n)]}" for n in by_pruned)
-Markdown(f"""
-Looking at **{name}**:
-- **Load**: on held-out text the busiest expert of a layer gets {loads.max(1).values.mean() * E:.2f}× the even
-  share on average over layers, the idlest {loads.min(1).values.mean() * E:.2f}×.
-- **Specialisation** by token kind (uncertainty coefficient, mean over layers):
-  {sum(trained) / len(trained):.3f} trained, {sum(shuffled) / len(shuffled):.3f} with the categories shuffled,
-  {sum(untrained) / len(untrained):.3f} with untrained routers.
-- **Token consistency**: {sum(by_token) / len(by_token):.1%} of tokens go to their token id's usual expert
-  ({sum(by_chance) / len(by_chance):.1%} with the ids shuffled); neighbouring layers agree
-  {neighbours.mean():.3f} (uncertainty coefficient; {sum(unrelated) / len(unrelated):.3f} with tokens shuffled).
-- **Top-k at inference**: top-{moe.top_k} → top-1 changes validation loss by {by_k[1] - by_k[moe.top_k]:+.4f}.
-- **Pruning** half the experts per layer changes it by {by_pruned[half] - unpruned:+.4f} (the least used, chosen
-  on training text) and {mean(by_random[half]) - unpruned:+.4f} ± {stdev(by_random[half]):.4f} (chosen at random,
-  {RANDOM_DRAWS} draws). Least used against random, by more than 2 sd of the draws or a tie:
-  {pruning_verdicts}.
+print(f"looking at {REAL or f'the course modern MoE (offline, {total / 1e6:.1f} M parameters, characters)'}")
+print(f"{'measure (mean over layers)':<44}{'this model':>11}{'baseline':>12}  baseline is")
+for label, value, baseline, what in (
+    ("busiest expert's load / even share", loads.max(1).values.mean() * E, 1.0, "even load"),
+    ("specialisation by token kind (U)", mean(trained), mean(shuffled), "categories shuffled"),
+    ("", mean(trained), mean(untrained), "untrained routers"),
+    ("tokens sent to their id's usual expert", mean(by_token), mean(by_chance), "ids shuffled"),
+    ("neighbouring layers' agreement (U)", neighbours.mean().item(), mean(unrelated), "tokens shuffled"),
+    (f"val loss change, top-{moe.top_k} -> top-1", by_k[1] - by_k[moe.top_k], 0.0, "trained k"),
+    (f"val loss change, {half} of {E} pruned", by_pruned[half] - unpruned, mean(by_random[half]) - unpruned,
+     "pruned at random"),
+):
+    print(f"{label:<44}{value:>11.3f}{baseline:>12.3f}  {what}")
+print("least used vs random pruning: " + ", ".join(f"{n} of {E}: {versus_random(n)}" for n in by_pruned))
+if not REAL:
+    assert loads.max(1).values.mean() * E > 2  # the busiest expert takes over twice the even share
+    assert mean(trained) > 2 * mean(untrained) and mean(trained) > 5 * mean(shuffled)
+    assert mean(by_token) > 3 * mean(by_chance) and neighbours.mean() > 2 * mean(unrelated)
+    assert versus_random(E // 8) == versus_random(E // 4) == "more"
+    assert all(by_k[k] > by_k[k + 1] for k in range(1, moe.top_k))  # each expert taken away costs loss
 
-The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
-""")
+# %% [markdown]
+# On the course's model:
+# - **Load** is uneven: on average over layers the busiest expert takes over twice the even share.
+# - **Specialisation**: the expert says much about the kind of token, far more than with the
+#   categories shuffled or with untrained routers.
+# - **Token consistency**: a token goes to its id's usual expert far more often than with the ids
+#   shuffled, and neighbouring layers' choices agree well above chance.
+# - **Fewer experts at inference** cost loss, more with each expert taken away.
+# - **Pruning** the least-used experts costs more than pruning as many at random when an eighth or a
+#   quarter of the experts go, although they carry little of the traffic.
+#
+# The code: `moe_tutorial/analysis.py` (measurements), `moe_tutorial/hf_models.py` (loaders).
 
 # %% [markdown]
 # ## Further reading
