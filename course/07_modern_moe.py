@@ -11,13 +11,15 @@
 # **What you will measure.** What RoPE's dot product depends on; the KV cache of multi-head,
 # grouped-query and multi-query attention at GPT-2-small's shape; attention logits with and without
 # QK-norm; GPT-2's block against the modern one on Shakespeare (3 seeds); how group-limited routing
-# caps the number of devices a token is sent to, and what it costs a trained model.
+# caps the number of devices a token is sent to, and what it costs a trained model; the modern MoE
+# against the modern dense model with Muon on the experts, at equal steps and equal time.
 #
 # **Objectives**
 # 1. Build RMSNorm, RoPE, GQA, QK-norm and SwiGLU, and say what each buys.
 # 2. Route like DeepSeek-V3: sigmoid affinities, bias for selection only, normalised and scaled weights.
 # 3. Limit each token to a few expert groups, and connect that to notebook 06's all-to-all.
 # 4. Read the comparison of the two blocks at equal parameters, and of AdamW and Muon, with seeds.
+# 5. Give each expert's matrix its own Muon update, and see whether the modern MoE then beats dense.
 #
 # The package's model loads Llama, Mixtral, Qwen3-MoE and OLMoE checkpoints with these options
 # (`moe_tutorial.hf_models`; notebook 08 opens a real one). Solutions: `solutions/07_modern_moe_solutions.ipynb`.
@@ -419,9 +421,9 @@ assert all(1.5 < v < 2.6 for vals in results.values() for v in vals)  # both tra
 # PyTorch ≥ 2.9, and `TrainConfig(optimizer="muon")` here (`moe_tutorial/optimizers.py`): the blocks'
 # 2-D matrices get Muon, embeddings, norms and routers keep AdamW, and with `adjust_lr_fn=
 # "match_rms_adamw"` (Liu et al. 2025) both share one learning rate and schedule. An MoE's experts are
-# stacked in 3-D tensors, which `torch.optim.Muon` does not take: here they stay on AdamW, while
-# Moonlight and Kimi K2 orthogonalise each expert's matrix on its own. The modern block again, same
-# seeds and steps, Muon instead of AdamW:
+# stacked in 3-D tensors, which `torch.optim.Muon` does not take: here they stay on AdamW (section
+# 10 gives them Muon), while Moonlight and Kimi K2 orthogonalise each expert's matrix on its own. The
+# modern block again, same seeds and steps, Muon instead of AdamW:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -676,6 +678,162 @@ for name in ("modern MoE, sigmoid + bias", "modern MoE, sigmoid + bias, 2 of 4 g
     assert modern_block.verdict(rows[name], rows[modern_block.BASELINE[name]]) == "tie"
 
 # %% [markdown]
+# ## 10 · Muon for the experts
+# Section 6 gave Muon to the blocks' 2-D matrices and left the experts on AdamW. That is unfair to
+# the MoE: the dense model's MLP gets Muon, the experts that replace it do not. An expert is an MLP
+# like the dense one, so its matrices are hidden matrices too. Moonlight and Kimi K2 orthogonalise
+# each expert's matrix on its own.
+#
+# The experts are stored stacked, `(E, C, 2H)` and `(E, H, C)`. Newton–Schulz batches over the first
+# dimension: the same five iterations, with a batched matmul in place of a matmul. Each expert's
+# update is scaled by its own norm, so no expert's gradient sets another's step size.
+#
+# Why the loop orthogonalises: with X = UΣVᵀ, aX + b(XXᵀ)X + c(XXᵀ)²X = U φ(Σ) Vᵀ, where
+# φ(σ) = aσ + bσ³ + cσ⁵. The iteration changes only the singular values and keeps the directions.
+# Muon's coefficients are tuned to lift small singular values fast, not to land exactly on 1: the
+# result is near UVᵀ, with singular values spread around 1.
+
+# %%
+from moe_tutorial.optimizers import NS_COEFFICIENTS, orthogonalize
+
+
+def newton_schulz(update, steps=5):
+    """(E, A, B) -> (E, A, B): each expert's matrix moved towards the nearest semi-orthogonal one, UVᵀ."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x  # work with the smaller Gram matrix
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # every singular value <= 1
+    for _ in range(steps):
+        gram = x @ x.mT  # (E, r, r)
+        x = a * x + (b * gram + c * gram @ gram) @ x  # an odd polynomial pushes singular values towards 1
+    return x.mT if tall else x
+
+
+torch.manual_seed(0)
+E, A, B = 4, 128, 168  # four experts' c_fc gradients, at the char MoE's shape (C = 128, 2H = 168)
+spread = torch.tensor([3.0, 10.0, 100.0, 1000.0])  # largest / smallest singular value of each
+values = torch.stack([torch.logspace(0, -math.log10(k), A) for k in spread.tolist()])  # (E, A)
+U, V = torch.linalg.qr(torch.randn(E, A, A))[0], torch.linalg.qr(torch.randn(E, B, A))[0]
+scale = torch.tensor([1e-3, 1.0, 30.0, 1.0]).view(E, 1, 1)  # gradients of very different sizes
+grads = scale * U @ torch.diag_embed(values) @ V.mT  # (E, A, B)
+ours, package = newton_schulz(grads).float(), orthogonalize(grads).float()
+after = torch.linalg.svdvals(ours)  # (E, A), largest first
+agreement = F.cosine_similarity(ours.flatten(1), package.flatten(1))  # (E,): 1 = the same matrix up to scale
+print("cosine similarity to the package, per expert:", ", ".join(f"{v:.4f}" for v in agreement.tolist()),
+      "(bf16 rounds the package's fused ops differently)")
+print(f"{'expert':>6}{'gradient scale':>16}{'sv spread':>11}{'update: smallest sv':>21}{'largest':>9}")
+for e in range(E):
+    print(f"{e:>6}{scale[e].item():>16g}{spread[e].item():>11.0f}{after[e, -1]:>21.2f}{after[e, 0]:>9.2f}")
+
+# %% [markdown]
+# Expert 0's gradient is 30,000 times smaller than expert 2's, yet their updates' singular values
+# lie in the same range: the scale divides out. Directions up to a hundred times weaker than the
+# strongest end up moving about as far. A direction a thousand times weaker is lifted a long way, but
+# five iterations do not finish the job. Each expert's update depends on its own gradient only.
+
+# %%
+assert agreement.min() > 0.99
+assert torch.allclose(after, torch.linalg.svdvals(package), atol=0.05)
+assert after[:3].min() > 0.6 and after.max() < 1.25  # a 100-fold spread becomes 0.6-1.25, whatever the scale
+assert torch.equal(orthogonalize(grads[:1] * 2**12), orthogonalize(grads[:1]))  # the scale divides out
+assert 0.05 < after[3, -1] < 0.6  # five iterations lift a 1000-fold weaker direction a long way, not all the way
+assert torch.equal(orthogonalize(grads[2:3])[0], orthogonalize(grads)[2])  # each expert's update ignores the others
+
+# %% [markdown]
+# The update each expert gets is then exactly torch's Muon on that one matrix: momentum, Nesterov,
+# decoupled weight decay, and a learning rate scaled to AdamW's update RMS. `TrainConfig(optimizer=
+# "muon", muon_experts=True)` (`optimizers.ExpertMuon`) does it; `tests/test_expert_muon.py` checks it
+# against `torch.optim.Muon` run on each expert alone. Routers keep AdamW: a router is a small
+# classifier whose rows compete through a softmax, not a hidden matrix. One difference from
+# Moonlight: `c_fc` holds gate and up side by side and is orthogonalised as one matrix. The dense
+# model's is too, so the comparison below stays fair.
+#
+# Under expert parallelism (notebook 06) each rank holds whole experts, so it orthogonalises its own
+# experts' matrices with nothing to exchange. A matrix sharded over ranks would first need a gather.
+
+# %% [markdown]
+# `python benchmarks/modern_moe.py` trains the `char-modern` dense model and the course's best MoE
+# (32 experts of 84, 3 routed + 1 shared, aux-loss-free) at equal active compute per token: 4 × 84 =
+# 336, the dense SwiGLU width. The MoE trains at capacity factor 1.25 and is evaluated dropless, as
+# generation runs it. Three seeds each; the experts on AdamW, then on Muon. The race gives each model
+# the same seconds of training instead of the same steps, with the learning rate following the elapsed
+# fraction of the budget. The tables are read from `benchmarks/results/modern_moe.json`:
+
+# %%
+import modern_moe  # benchmarks/, on the path since section 9
+
+moe_runs = json.loads(modern_moe.RESULTS.read_text())["runs"]
+print(modern_moe.report(moe_runs))
+
+# %%
+from moe_tutorial.presets import MODERN_STEPS
+from moe_tutorial.sweep import summaries, verdict_of_summaries
+
+fig, ax = plt.subplots(figsize=(7, 4))
+markers = {"dense": "o", "fine-grained + shared, AdamW experts": "s", "fine-grained + shared, Muon experts": "D"}
+for comparison, budget in sorted({(r["comparison"], r.get("budget_seconds") or r["steps"]) for r in moe_runs}):
+    for name, (m, sd, n) in summaries(moe_runs, comparison, budget).items():
+        mine = [r for r in moe_runs if r["comparison"] == comparison and r["variant"] == name
+                and (r.get("budget_seconds") or r["steps"]) == budget]
+        seconds = sum(r["seconds"] for r in mine) / n
+        steps = sum(r["steps"] for r in mine) / n
+        color = "C0" if name == "dense" else ("C1" if "AdamW" in name else "C2")
+        ax.errorbar(seconds, m, yerr=sd, fmt=markers[name], color=color, capsize=3,
+                    mfc="white" if comparison == "equal_time" else color)
+        ax.annotate(f"{steps:.0f} steps", (seconds, m), textcoords="offset points", xytext=(6, 4), fontsize=8)
+for name, marker in markers.items():
+    ax.plot([], [], marker, color="C0" if name == "dense" else ("C1" if "AdamW" in name else "C2"), label=name)
+ax.plot([], [], "o", mfc="white", color="gray", label="race (equal seconds)")
+ax.set_xlabel("seconds of training per run (2 threads)")
+ax.set_ylabel("val loss, dropless (mean ± sd, 3 seeds)")
+ax.set_title("char-modern, 2 CPU threads: dense vs the fine-grained MoE")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# With AdamW on its experts the MoE does not beat the dense model: a tie, its mean worse. Give each
+# expert's matrix Muon's update and the same MoE is better by more than 2 sd of the difference, at the
+# same steps and the same active compute per token. In this recipe the experts' optimizer decides it:
+# the routing is unchanged, and Muon turns the tie into a win. Both share the recipe's learning rate,
+# tuned for neither.
+#
+# Per second it loses. Newton–Schulz grows with the total parameters, not the active ones. Five
+# iterations on every expert's two matrices in four layers are more arithmetic than the forward and
+# backward of a 768-token batch, which sees four experts per token. So a step takes about twice a dense
+# step here (the `x dense` column). The dense model trained for twice the steps, in less time than the
+# MoE's run, is better than the MoE. So is the dense model in the race, where it takes over twice the
+# MoE's steps. At scale a step carries millions of tokens and the same update is a small share of it.
+# The race ran on two CPU threads; on a GPU, bf16 matmuls make the update cheaper still. The cost
+# ratio, not this verdict, is what carries over.
+
+# %%
+ADAMW, MUON = "fine-grained + shared, AdamW experts", "fine-grained + shared, Muon experts"
+at_recipe = summaries(moe_runs, "equal_steps", MODERN_STEPS)
+twice = summaries(moe_runs, "equal_steps", 2 * MODERN_STEPS)
+race = summaries(moe_runs, "equal_time", 120.0)
+
+
+def mean_of(field, comparison, budget, name):  # one column of the runs, averaged over seeds
+    return mean(r[field] for r in moe_runs if r["comparison"] == comparison and r["variant"] == name
+                and (r.get("budget_seconds") or r["steps"]) == budget)
+
+
+assert all(n == 3 for rows in (at_recipe, race) for _, _, n in rows.values()) and twice["dense"][2] == 3
+assert verdict_of_summaries(at_recipe[ADAMW], at_recipe["dense"]) == "tie"
+assert at_recipe[ADAMW][0] > at_recipe["dense"][0]
+assert verdict_of_summaries(at_recipe[MUON], at_recipe["dense"]) == "better"
+assert at_recipe[MUON][0] - at_recipe["dense"][0] < -0.04
+cost = (mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, MUON)
+        / mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, "dense"))
+assert 1.6 < cost < 2.6  # the x dense column
+assert verdict_of_summaries(twice["dense"], at_recipe[MUON]) == "better"
+assert mean_of("seconds", "equal_steps", 2 * MODERN_STEPS, "dense") < mean_of("seconds", "equal_steps",
+                                                                              MODERN_STEPS, MUON)
+assert verdict_of_summaries(race["dense"], race[MUON]) == "better"
+assert mean_of("steps", "equal_time", 120.0, "dense") > 2 * mean_of("steps", "equal_time", 120.0, MUON)
+
+# %% [markdown]
 # ## Summary
 # - **RMSNorm, RoPE, GQA, QK-norm, SwiGLU** are each a few lines and a `GPTConfig` field
 #   (`moe_tutorial/norms.py`, `rope.py`, `attention.repeat_kv`, `model.py`). RoPE makes attention
@@ -685,11 +843,15 @@ for name in ("modern MoE, sigmoid + bias", "modern MoE, sigmoid + bias, 2 of 4 g
 #   weights, a sequence-wise loss, group-limited routing — is `MoEConfig(scoring="sigmoid", ...)`
 #   (`moe_tutorial/router.py`). Tests check the whole DeepSeek-V3 MoE block, and whole Llama,
 #   Mixtral, Qwen3-MoE and OLMoE models, against `transformers` on the same weights.
-# - **Muon** for the blocks' matrices is `TrainConfig(optimizer="muon")` (`moe_tutorial/optimizers.py`).
+# - **Multi-head latent attention** caches one latent and one rotary key per token
+#   (`moe_tutorial/mla.py`, both forms tested equal to transformers' `DeepseekV3Attention`).
+# - **Muon** for the blocks' matrices is `TrainConfig(optimizer="muon")`, and for each expert's
+#   matrices `muon_experts=True` (`moe_tutorial/optimizers.py`). With it the fine-grained MoE beats the
+#   dense model at equal steps and active compute, and loses at equal seconds on this CPU (section 10).
 # - Measured here: the two blocks and the two optimizers at 300 steps, three seeds each, and the group
-#   limit's effect on one trained router (printed above); the full recipe in section 9 and the README.
-# - Left out, and worth knowing: DeepSeek-V3's multi-head latent attention (a compressed KV cache) and
-#   multi-token prediction; RoPE scaling for long contexts (YaRN); dropless training with grouped GEMMs
+#   limit's effect on one trained router (printed above); the full recipe in sections 9 and 10.
+# - Left out, and worth knowing: DeepSeek-V3's multi-token prediction; RoPE scaling for long
+#   contexts (YaRN); dropless training with grouped GEMMs
 #   (V3, Mixtral and Qwen3 drop no tokens: capacity limits are this course's Switch-era device); and
 #   Qwen3's global-batch load balancing (the balancing loss over the whole batch, not each micro-batch).
 #
@@ -714,7 +876,7 @@ for name in ("modern MoE, sigmoid + bias", "modern MoE, sigmoid + bias, 2 of 4 g
 #   [arXiv:2408.15664](https://arxiv.org/abs/2408.15664): the selection bias and its update rule (notebook 04,
 #   section 7).
 # - DeepSeek-AI 2024, *DeepSeek-V2*, [arXiv:2405.04434](https://arxiv.org/abs/2405.04434): multi-head latent attention
-#   (left out here) and device-limited routing, the predecessor of section 8's group limit.
+#   (section 3) and device-limited routing, the predecessor of section 8's group limit.
 # - DeepSeek-AI 2024, *DeepSeek-V3 Technical Report*, [arXiv:2412.19437](https://arxiv.org/abs/2412.19437), §2.1:
 #   sigmoid affinities, the selection bias, the sequence-wise loss and node-limited routing (sections 7–8).
 # - Jiang et al. 2024, *Mixtral of Experts*, [arXiv:2401.04088](https://arxiv.org/abs/2401.04088): a softmax top-2 MoE
@@ -730,7 +892,8 @@ for name in ("modern MoE, sigmoid + bias", "modern MoE, sigmoid + bias, 2 of 4 g
 # - Jordan et al. 2024, *Muon: An optimizer for hidden layers in neural networks*
 #   ([blog](https://kellerjordan.github.io/posts/muon/)): the Newton–Schulz iteration and why orthogonalise the update.
 # - Liu et al. 2025, *Muon is Scalable for LLM Training*, [arXiv:2502.16982](https://arxiv.org/abs/2502.16982):
-#   weight decay and the update scale matched to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`).
+#   weight decay and the update scale matched to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), and Moonlight,
+#   an MoE trained with Muon on its experts' matrices too (section 10).
 # - Kimi Team 2025, *Kimi K2*, [arXiv:2507.20534](https://arxiv.org/abs/2507.20534): Muon (with QK-clip) training a
 #   1 T-parameter MoE.
 #

@@ -28,9 +28,10 @@ def pretrained_char_model(dataset, progress: bool = False) -> GPT:
     return _cached_or_trained(char_model_dir(), model_config, train_config, dataset, "the 'char' preset")
 
 
-# Notebook 08's offline model: the char-modern recipe (notebook 07's block, Muon) with OLMoE-style
-# MoE layers in every block: 32 fine-grained experts, 4 per token (4 x 84 = the dense SwiGLU width
-# 336), softmax scores, weights not renormalised, the load-balancing loss.
+# Notebook 08's offline model: the char-modern recipe (notebook 07's block, Muon, but experts on
+# AdamW, as it was first trained) with OLMoE-style MoE layers in every block: 32 fine-grained experts,
+# 4 per token (4 x 84 = the dense SwiGLU width 336), softmax scores, weights not renormalised, the
+# load-balancing loss.
 COURSE_MOE = MoEConfig(n_experts=32, top_k=4, expert_hidden=84, normalize_weights=False)
 COURSE_MOE_STEPS = 800
 
@@ -44,7 +45,7 @@ def pretrained_modern_moe(dataset, progress: bool = False) -> GPT:
     loaded from the data cache, else trained (seed 1337) and saved there: the first call trains for
     minutes on a CPU, later ones load."""
     model_config, train_config = preset("char-modern", vocab_size=dataset.tokenizer.vocab_size, progress=progress,
-                                        max_iters=COURSE_MOE_STEPS)
+                                        max_iters=COURSE_MOE_STEPS, muon_experts=False)  # as notebook 08 was written
     model_config = dataclasses.replace(model_config, moe=dataclasses.replace(COURSE_MOE))
     return _cached_or_trained(modern_moe_dir(), model_config, train_config, dataset, "notebook 08's")
 

@@ -81,9 +81,9 @@ def main(argv=None):
     parser.add_argument("--grad-accum", type=at_least(1),
                         help="micro-batches per optimizer step (default: the preset's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (for long runs on a GPU)")
-    parser.add_argument("--muon-experts", action="store_true",
-                        help="with a Muon preset (char-modern): orthogonalise each expert's matrices too, "
-                             "instead of giving the stacked experts AdamW")
+    parser.add_argument("--muon-experts", action=argparse.BooleanOptionalAction,
+                        help="with a Muon preset: orthogonalise each expert's matrices too (char-modern's default), "
+                             "or with --no-muon-experts give the stacked experts AdamW")
     parser.add_argument("--out-dir", default="out", help="where ckpt.pt is written (default: out)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     parser.add_argument("--overwrite", action="store_true", help="start afresh and replace OUT_DIR/ckpt.pt")
@@ -217,8 +217,8 @@ def _train_and_sample(args, ranks, ckpt):
         overrides["progress"] = False
     if args.compile:
         overrides["compile"] = True
-    if args.muon_experts:
-        overrides["muon_experts"] = True
+    if args.muon_experts is not None:  # else the preset's
+        overrides["muon_experts"] = args.muon_experts
     dataset = load_dataset(args, ranks)
     tokenizer = tokenizer_name(args)
     model_cfg, train_cfg = preset(args.preset, dataset.tokenizer.vocab_size, variant=args.variant, **overrides)

@@ -11,9 +11,10 @@ What gets what with optimizer="muon". torch.optim.Muon: the blocks' 2-D matrices
 dense MLP). AdamW: embeddings, the output layer, norms, biases (the experts' too) and routers; a
 router is a small (E, C) classifier whose rows compete through a softmax, not a hidden matrix, so it
 keeps AdamW as in Moonlight. The experts' stacked (E, C, H) and (E, H, C) weights keep AdamW by
-default; with `TrainConfig.muon_experts` they get `ExpertMuon`, torch's Muon update applied to each
-expert's matrix on its own (as Moonlight and Kimi K2 do): an expert is an MLP like the dense one, so
-its matrices are hidden matrices too. Shared experts are `Experts` with E=1 and go with them.
+default; with `TrainConfig.muon_experts` (on in the char-modern preset) they get `ExpertMuon`,
+torch's Muon update applied to each expert's matrix on its own (as Moonlight and Kimi K2 do): an
+expert is an MLP like the dense one, so its matrices are hidden matrices too. Shared experts are
+`Experts` with E=1 and go with them.
 """
 
 import math

@@ -31,10 +31,12 @@ PRESETS = {
     ),
     # Notebook 07's recipe: the same size and batch in the modern block, trained with Muon for the
     # blocks' matrices; its step count fits nanoGPT's CPU recipe's wall time (benchmarks/char_gpt.py).
+    # With an MoE --variant each expert's matrices get Muon too: with AdamW experts the MoE is no better
+    # than this dense model, with Muon experts better (benchmarks/modern_moe.py, notebook 07).
     "char-modern": (
         dict(block_size=64, n_layer=4, n_head=4, n_embd=128, **MODERN_BLOCK),
         dict(batch_size=12, max_iters=MODERN_STEPS, learning_rate=3e-3, min_lr=3e-4, warmup_iters=100,
-             eval_interval=250, eval_iters=20, optimizer="muon"),
+             eval_interval=250, eval_iters=20, optimizer="muon", muon_experts=True),
     ),
     # Seconds, not minutes: for tests and for trying things out.
     "char-tiny": (
@@ -92,8 +94,18 @@ def preset(name: str, vocab_size: int, variant: str | None = None, **train_overr
     is_gpt2 = name in GPT2_SHAPES or name in GPT2_MOE_SHAPES  # the GPT-2 sizes, defined below
     base = gpt2_config(name) if is_gpt2 else GPTConfig(vocab_size=vocab_size, **model_kwargs)
     moe = MOE_VARIANTS[variant] if variant is not None else base.moe  # a variant replaces the preset's layers
+    if variant is not None and moe is not None and moe.expert_hidden and base.activation == "swiglu":
+        moe = replace(moe, expert_hidden=swiglu_width(moe.expert_hidden, base))
     config = replace(base, vocab_size=vocab_size, moe=replace(moe) if moe else None)  # a copy of our own
     return config, TrainConfig(**{**train_kwargs, **train_overrides})
+
+
+def swiglu_width(gelu_width: int, config: GPTConfig) -> int:
+    """A variant's expert width (given for GELU's two matrices) in a SwiGLU block, whose three matrices
+    hold the same parameters at 2/3 of the width: scaled as the dense MLP's 4C is to SwiGLU's
+    (GPTConfig.default_hidden), so a token's active experts still add up to the dense MLP (32 experts
+    of C = 128 become 32 of 84, and 4 x 84 = 336)."""
+    return round(gelu_width * config.default_hidden / (4 * config.n_embd))
 
 
 # OpenAI's GPT-2 family (Radford et al. 2019): BPE vocabulary of 50257, context 1024, biases,

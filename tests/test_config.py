@@ -145,16 +145,17 @@ def test_flash_attention_with_dropout_is_refused_when_the_model_is_built():
 
 
 def test_moe_variants_keep_the_dense_models_compute_per_token():
-    """Every MoE variant of the char preset (the CLI's --variant) uses as many parameters per token
-    as the dense model, up to its routers: the comparison the experts sweep made."""
+    """Every MoE variant of the char and char-modern presets (the CLI's --variant) uses as many
+    parameters per token as the dense model, up to its routers: the comparison the experts sweep made."""
     from moe_tutorial.costs import model_info
     from moe_tutorial.presets import MOE_VARIANTS, preset
 
-    dense = model_info(preset("char", 65)[0]).active_params
-    for name in MOE_VARIANTS:
-        config = preset("char", 65, variant=name)[0]
-        info = model_info(config)
-        assert dense <= info.active_params <= 1.03 * dense, name
-        if config.moe is not None:
-            assert all(config.is_moe_layer(i) for i in range(config.n_layer)), name  # MoE in every block
-            assert info.total_params > 2 * dense, name
+    for recipe in ("char", "char-modern"):  # char-modern's SwiGLU experts are 2/3 as wide (presets.swiglu_width)
+        dense = model_info(preset(recipe, 65)[0]).active_params
+        for name in MOE_VARIANTS:
+            config = preset(recipe, 65, variant=name)[0]
+            info = model_info(config)
+            assert dense <= info.active_params <= 1.03 * dense, (recipe, name)
+            if config.moe is not None:
+                assert all(config.is_moe_layer(i) for i in range(config.n_layer)), name  # MoE in every block
+                assert info.total_params > 2 * dense, name

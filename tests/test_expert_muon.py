@@ -139,3 +139,22 @@ def test_muon_with_adamw_steps_all_three():
     assert len(opt.param_groups) == 3
     opt.zero_grad()
     assert all(p.grad is None for p in (expert, matrix, vector))
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-muon-experts"], False)])
+def test_char_modern_trains_its_experts_with_muon_unless_told_not_to(tmp_path, shakespeare_file, monkeypatch,
+                                                                     flags, expected):
+    """The char-modern preset's MoE variants get Muon for the experts (what made the modern MoE beat
+    the modern dense model, benchmarks/modern_moe.py); --no-muon-experts gives them AdamW."""
+    from conftest import copy_into
+
+    from moe_tutorial.cli import main
+
+    copy_into(shakespeare_file, tmp_path / "cache" / "tinyshakespeare.txt")
+    monkeypatch.setenv("MOE_TUTORIAL_DATA", str(tmp_path / "cache"))
+    main(["--preset", "char-modern", "--variant", "fine-grained + shared", "--max-iters", "2", "--batch-size", "2",
+          "--sample", "0", "--no-progress", "--threads", "1", "--out-dir", str(tmp_path / "out"), *flags])
+    state = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert state["train_config"]["muon_experts"] is expected
+    assert ("expert_muon" in state["optimizer"]) is expected
+    assert state["model_config"]["moe"]["expert_hidden"] == 84  # SwiGLU's width: 4 active x 84 = dense 336
