@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import math
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,11 +45,11 @@ from moe_tutorial.model import GPT
 from moe_tutorial.moe import dropless
 from moe_tutorial.optimizers import make_optimizer
 from moe_tutorial.presets import MODERN_STEPS, preset
-from moe_tutorial.sweep import load_runs, summaries, verdict_of_summaries
+from moe_tutorial.sweep import budget_of, load_runs, summaries, verdict_of_summaries
 from moe_tutorial.train import learning_rate_at, train, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_scaling import SEEDS, append, machine
+from moe_scaling import SEEDS, append, key, machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "modern_moe.json"
 PHASES = ("steps", "long", "race")
@@ -116,10 +117,6 @@ def run_one(comparison, name, seed, steps, dataset, eval_sets, threads, budget=N
     )
 
 
-def key(r):
-    return (r["comparison"], r["variant"], r["seed"], r.get("budget_seconds") or r["steps"])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON of runs (appended to)")
@@ -172,22 +169,18 @@ def report(runs) -> str:
     """One table per comparison and budget: each variant's val loss over seeds against the modern
     dense model's (modern block), its seconds per step relative to dense's, and its parameters."""
     lines = []
-    budgets = sorted({("equal_steps", r["steps"]) for r in runs if r["comparison"] == "equal_steps"}
-                     | {("equal_time", r["budget_seconds"]) for r in runs if r["comparison"] == "equal_time"})
+    budgets = sorted({(r["comparison"], budget_of(r)) for r in runs})
     for comparison, budget in budgets:
         rows = summaries(runs, comparison, budget)
         unit = "steps" if comparison == "equal_steps" else "s of training"
         lines.append(f"\n{comparison} at {budget:g} {unit} (val loss, dropless; mean ± sd over seeds)")
         lines.append(f"{'variant':<40}{'n':>2}{'val loss':>18}{'vs dense':>10}  {'verdict':<7}{'steps':>7}"
                      f"{'s/step':>8}{'x dense':>8}{'total':>10}{'active':>9}")
-        per_step = {n: _mean([r["seconds_per_step"] for r in runs if r["comparison"] == comparison
-                              and r["variant"] == n and (r.get("budget_seconds") or r["steps"]) == budget])
-                    for n in rows}
+        per_step = {n: mean_of(runs, "seconds_per_step", comparison, budget, n) for n in rows}
         for name in [n for n in VARIANTS if n in rows]:
             mean, sd, n = rows[name]
             mine = [r for r in runs if r["variant"] == name]
-            steps = _mean([r["steps"] for r in mine if r["comparison"] == comparison
-                           and (r.get("budget_seconds") or r["steps"]) == budget])
+            steps = mean_of(runs, "steps", comparison, budget, name)
             diff = call = ""
             if name != DENSE and DENSE in rows:
                 diff, call = f"{mean - rows[DENSE][0]:+.4f}", verdict_of_summaries(rows[name], rows[DENSE])
@@ -198,8 +191,10 @@ def report(runs) -> str:
     return "\n".join(lines)
 
 
-def _mean(values):
-    return sum(values) / len(values)
+def mean_of(runs, field, comparison, budget, variant) -> float:
+    """One field of a variant's runs at one comparison and budget, averaged over its seeds."""
+    return statistics.mean(r[field] for r in runs if r["comparison"] == comparison and r["variant"] == variant
+                           and budget_of(r) == budget)
 
 
 if __name__ == "__main__":

@@ -768,16 +768,14 @@ print(modern_moe.report(moe_runs))
 
 # %%
 from moe_tutorial.presets import MODERN_STEPS
-from moe_tutorial.sweep import summaries, verdict_of_summaries
+from moe_tutorial.sweep import budget_of, summaries, verdict_of_summaries
 
 fig, ax = plt.subplots(figsize=(7, 4))
 markers = {"dense": "o", "fine-grained + shared, AdamW experts": "s", "fine-grained + shared, Muon experts": "D"}
-for comparison, budget in sorted({(r["comparison"], r.get("budget_seconds") or r["steps"]) for r in moe_runs}):
+for comparison, budget in sorted({(r["comparison"], budget_of(r)) for r in moe_runs}):
     for name, (m, sd, n) in summaries(moe_runs, comparison, budget).items():
-        mine = [r for r in moe_runs if r["comparison"] == comparison and r["variant"] == name
-                and (r.get("budget_seconds") or r["steps"]) == budget]
-        seconds = sum(r["seconds"] for r in mine) / n
-        steps = sum(r["steps"] for r in mine) / n
+        seconds = modern_moe.mean_of(moe_runs, "seconds", comparison, budget, name)
+        steps = modern_moe.mean_of(moe_runs, "steps", comparison, budget, name)
         color = "C0" if name == "dense" else ("C1" if "AdamW" in name else "C2")
         ax.errorbar(seconds, m, yerr=sd, fmt=markers[name], color=color, capsize=3,
                     mfc="white" if comparison == "equal_time" else color)
@@ -815,8 +813,7 @@ race = summaries(moe_runs, "equal_time", 120.0)
 
 
 def mean_of(field, comparison, budget, name):  # one column of the runs, averaged over seeds
-    return mean(r[field] for r in moe_runs if r["comparison"] == comparison and r["variant"] == name
-                and (r.get("budget_seconds") or r["steps"]) == budget)
+    return modern_moe.mean_of(moe_runs, field, comparison, budget, name)
 
 
 assert all(n == 3 for rows in (at_recipe, race) for _, _, n in rows.values()) and twice["dense"][2] == 3
