@@ -284,6 +284,44 @@ assert kinds["multi-head latent (V3)"] == 576 < kinds["grouped-query, 8 kv heads
 # and value, up-projected from the latent: more expressive than heads that share them. The price is
 # compute: the absorbed query lives in the 512-wide latent space, so each score costs more.
 
+# %% [markdown] solutions
+# ### ✍️ Exercise 3 — attend from the latent cache
+# One decoding step of MLA for one new token, without its rotary channels. Head h's key for a cached
+# token is `W_UK[h] @ c` and its value `W_UV[h] @ c`, where `c` is the token's cached latent. Given the
+# new token's position-free queries `q_nope` (H, nope), the cached latents `c_kv` (S, r), the
+# up-projections `w_uk` (H, nope, r) and `w_uv` (H, v, r), and the score scale, return every head's
+# output (H, v): softmax over the S cached tokens of `scale · q·k`, then the weighted sum of the values.
+# Build no per-head key or value: the check watches the shapes of the tensors you create.
+
+# %% solutions
+def attend_from_latents(q_nope, c_kv, w_uk, w_uv, scale):
+    """(H, nope), (S, r), (H, nope, r), (H, v, r), scale -> (H, v), through the latents only."""
+    # BEGIN SOLUTION
+    q_latent = torch.einsum("hd,hdr->hr", q_nope, w_uk)  # (H, r): q . (W_UK c) = (q W_UK) . c
+    probs = torch.softmax(q_latent @ c_kv.T * scale, dim=-1)  # (H, S)
+    mixed = probs @ c_kv  # (H, r): the weighted sum of latents, once per head
+    return torch.einsum("hr,hvr->hv", mixed, w_uv)  # W_UV applied once, after the sum
+    # END SOLUTION
+
+
+# %% solutions
+# NBVAL_CHECK_OUTPUT
+from moe_tutorial.exercises.ch07 import check_mla_absorbed
+
+passed = check_mla_absorbed(attend_from_latents)
+assert passed  # solutions-only
+
+# %% [markdown] solutions-only
+# **Why it works.** A score is `q · (W_UK c) = (W_UKᵀ q) · c`: multiply the query by `W_UK` once, and
+# it scores every cached latent directly, an r-wide dot product per token instead of a key. The output
+# is `Σ p_s W_UV c_s = W_UV (Σ p_s c_s)`: sum the latents first, then up-project once. Both moves are
+# associativity of matrix products; what they save is building S keys and values per head at every
+# step. In a real model `W_UV` folds further into the output projection.
+#
+# **Wrong answers the check catches:** building the keys (or only the values) per head and cached
+# token; forgetting the scale; a softmax over the heads instead of the cached tokens; returning the
+# weighted latents without the value up-projection.
+
 # %% [markdown]
 # ## 4 · QK-norm
 # Attention logits are `q·k / √D`. If training inflates the query and key projections, logits grow,
@@ -474,7 +512,7 @@ assert all(1.4 < v < 2.6 for v in muon_vals)
 # (coefficient 1e-3, beside a balancing loss), while DeepSeek-V3 and Qwen3 use none.
 
 # %% [markdown] solutions
-# ### ✍️ Exercise 3 — sigmoid top-k with a bias
+# ### ✍️ Exercise 4 — sigmoid top-k with a bias
 # From logits (N, E) and a bias (E,), return the chosen experts (N, k) and their weights (N, k):
 # choose the `top_k` experts of `sigmoid(logits) + bias`; weight each by its unbiased sigmoid score,
 # divided by the sum over the chosen experts and multiplied by `scaling`.

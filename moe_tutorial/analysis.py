@@ -63,6 +63,39 @@ def uncertainty_coefficient(a: torch.Tensor, b: torch.Tensor) -> float:
     return mutual / entropy_b if entropy_b > 0 else 0.0
 
 
+def context_specialisation(token_ids: torch.Tensor, expert: torch.Tensor, kinds: torch.Tensor) -> float:
+    """How much the expert tells about the kind of text a token sits in once the token itself is known:
+    I(expert; kind | token id) / H(kind | token id), in [0, 1]. A router that reads only the token id
+    scores 0, however strongly it sorts tokens; above 0, the same token is routed by its context. Biased
+    upwards on a finite sample, like uncertainty_coefficient: compare with kinds shuffled within each id."""
+    mutual = entropy = 0.0
+    n = len(token_ids)
+    for token in token_ids.unique():
+        here = token_ids == token
+        a, b = expert[here], kinds[here]
+        if b.unique().numel() < 2:
+            continue  # one kind of context only: nothing to tell apart
+        weight = here.sum().item() / n
+        entropy_b = _entropy(torch.bincount(b).double())
+        mutual += weight * uncertainty_coefficient(a, b) * entropy_b
+        entropy += weight * entropy_b
+    return mutual / entropy if entropy > 0 else 0.0
+
+
+def _entropy(counts: torch.Tensor) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return -(p * p.log()).sum().item()
+
+
+def coactivation(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E, E) from the chosen experts (N, k): row i, column j is the share of the tokens that chose
+    expert i that also chose expert j; the diagonal is 0 (OLMoE's co-activation, section 5 of its
+    paper). Experts that fire together this often act as one wider expert; top-1 gives all zeros."""
+    chosen = torch.zeros(expert.size(0), n_experts, device=expert.device).scatter_(1, expert, 1.0)  # (N, E) 0/1
+    together = chosen.T @ chosen  # (E, E): tokens that chose both; the diagonal counts each expert's tokens
+    return (together / together.diagonal().clamp(min=1)[:, None]).fill_diagonal_(0.0)
+
+
 def layer_agreement(routings: list[Routing]) -> torch.Tensor:
     """(L, L): uncertainty coefficient between the first-choice experts of every pair of MoE layers
     (row: the layer predicted, column: the layer that predicts it). Expert numbers mean nothing across
@@ -117,10 +150,12 @@ def top_k_override(model, top_k: int):
 
 
 @contextmanager
-def pruned_experts(model, experts_by_layer: list):
+def pruned_experts(model, experts_by_layer: list, renormalise: bool = False):
     """Route without the given experts (one list per MoE layer): no token chooses them, and a token
-    that would have moves on to its next choice; the weights are computed as usual (with unnormalised
-    softmax weights the pruned experts' probability is lost)."""
+    that would have moves on to its next choice. renormalise=False: the router is unchanged, so with
+    unnormalised softmax weights the pruned experts' probability is lost; renormalise=True: the softmax
+    runs over the remaining experts only, as in a checkpoint with the experts (and their router rows)
+    deleted, so the remaining experts share that probability."""
     layers = model.moe_layers()
     if len(experts_by_layer) != len(layers):
         raise ValueError(f"give one list of experts per MoE layer ({len(layers)}), got {len(experts_by_layer)}")
@@ -130,5 +165,6 @@ def pruned_experts(model, experts_by_layer: list):
                              f"top_k={layer.router.top_k}")
     with ExitStack() as stack:
         for layer, experts in zip(layers, experts_by_layer):
-            stack.enter_context(override_routing([layer], excluded=tuple(int(e) for e in experts)))
+            stack.enter_context(override_routing([layer], excluded=tuple(int(e) for e in experts),
+                                                 excluded_from_softmax=renormalise))
         yield

@@ -123,7 +123,8 @@ class ExpertParallelDispatch:
     """
 
     def __init__(self, group=None):
-        self.group = group
+        self.group = group  # the ranks that exchange tokens: the expert-parallel group
+        self.replica_group = None  # the ranks holding this rank's shard, when shards have replicas
         self.last_stats = None  # rows sent to / received from each rank, for the stats script
         self.records = None  # set to [] to keep every call's stats
 
@@ -200,6 +201,33 @@ def expert_parallel_groups(world_size: int, ep_size: int) -> tuple[list[list[int
     return ep_groups, replica_groups
 
 
+def shard_experts_with_replicas(model, ep_size: int):
+    """Expert parallelism inside blocks of ep_size consecutive ranks, data parallelism across them
+    (ep_size < world size): each rank keeps 1/ep_size of every MoE layer's experts and exchanges tokens
+    within its block; the ranks that hold the same shard (its replica group) add up its gradients in
+    average_expert_grads, and clip_grad_norm_ counts each shard once. A collective: every rank calls it,
+    on identically initialised models (each rank creates every group, in the same order)."""
+    ranks = info()
+    ep_groups, replica_groups = expert_parallel_groups(ranks.world_size, ep_size)
+    ep_handles = [dist.new_group(group) for group in ep_groups]
+    replica_handles = [dist.new_group(group) for group in replica_groups]
+    ep_group, replica_group = ep_handles[ranks.rank // ep_size], replica_handles[ranks.rank % ep_size]
+    shard_experts(model, ep_group)
+    for layer in _sharded_layers(model):
+        layer.dispatch.replica_group = replica_group
+    return model
+
+
+def _sharded_layers(model) -> list:
+    """The MoE layers whose experts are sharded over ranks (shard_experts)."""
+    return [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.dispatch, ExpertParallelDispatch)]
+
+
+def has_replicated_experts(model) -> bool:
+    """Its expert shards have replicas (shard_experts_with_replicas)."""
+    return any(layer.dispatch.replica_group is not None for layer in _sharded_layers(model))
+
+
 def is_expert_parallel(param) -> bool:
     return getattr(param, "expert_parallel", False)
 
@@ -255,11 +283,18 @@ def has_sharded_experts(model) -> bool:
 
 def average_expert_grads(model, world_size: int | None = None):
     """DDP averages the replicated weights' gradients over ranks; expert gradients already hold
-    every rank's tokens, summed. Dividing by world_size makes both the gradient of the mean loss
-    over the global batch, as one process training on the whole batch would compute."""
+    the tokens of every rank in their expert-parallel group, summed. With replicas (ep_size < world
+    size) the shard's copies first add up their gradients, so that every rank's tokens are in; then
+    dividing by world_size makes both the gradient of the mean loss over the global batch, as one
+    process training on the whole batch would compute."""
     world_size = world_size or info().world_size
-    for p in model.parameters():
-        if p.grad is not None and is_expert_parallel(p):
+    for layer in _sharded_layers(model):
+        replicas = layer.dispatch.replica_group
+        for p in layer.experts.parameters():
+            if p.grad is None:
+                continue
+            if replicas is not None and dist.get_world_size(replicas) > 1:
+                dist.all_reduce(p.grad, group=replicas)
             p.grad.div_(world_size)
 
 
@@ -279,15 +314,17 @@ def sum_router_loads(model, group=None):
 
 def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
     """Clip by the norm of the whole model's gradient: the data-parallel part is the same on every
-    rank, the expert-parallel parts differ per rank and are summed across ranks."""
+    rank, the expert-parallel parts differ per rank and are summed across the ranks of one
+    expert-parallel group (its replicas hold the same gradients after average_expert_grads)."""
     params = [p for p in model.parameters() if p.grad is not None]
 
     def squared_norm(ps):
         return sum((p.grad.float().square().sum() for p in ps), torch.zeros((), device=params[0].grad.device))
 
     sharded = squared_norm([p for p in params if is_expert_parallel(p)])
-    if dist.is_initialized():
-        dist.all_reduce(sharded)
+    if dist.is_initialized():  # one copy of each shard: an expert-parallel group (the world when no replicas)
+        layers = _sharded_layers(model)
+        dist.all_reduce(sharded, group=layers[0].dispatch.group if layers else None)
     total = (squared_norm([p for p in params if not is_expert_parallel(p)]) + sharded).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:

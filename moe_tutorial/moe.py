@@ -40,6 +40,9 @@ class RoutingOverride:
     capacity_factor: float | str | None = None  # a factor, or DROPLESS
     top_k: int | None = None  # experts per token
     excluded: tuple = field(default_factory=tuple)  # experts no token may choose (pruned)
+    # True: the excluded experts' router rows count as deleted, so the softmax runs over the experts that
+    # remain and they share the excluded ones' probability; False: masked after the softmax, probability lost.
+    excluded_from_softmax: bool = False
     groups: tuple[int, int] | None = None  # (n_group, topk_group): group-limited routing imposed on a router
 
 
@@ -75,7 +78,8 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # routing sees every token of the batch at once
         routing = self.router(flat, self.capacity_factor, seq_len=T, bounded=self.override.capacity_factor is None,
-                              top_k=self.override.top_k, excluded=self.override.excluded, groups=self.override.groups)
+                              top_k=self.override.top_k, excluded=self.override.excluded, groups=self.override.groups,
+                              excluded_from_softmax=self.override.excluded_from_softmax)
         out = self.dispatch(flat, routing, self.experts)
         if self.shared is not None:
             out = out + self.shared(flat, torch.tensor([flat.size(0)], device=flat.device))
@@ -88,7 +92,8 @@ class MoE(nn.Module):
 @contextmanager
 def override_routing(layers, **changes):
     """Route each MoE layer of `layers` (a model, a module, or a list of MoE layers) with the
-    RoutingOverride fields in `changes` (capacity_factor, top_k, excluded, groups), then restore."""
+    RoutingOverride fields in `changes` (capacity_factor, top_k, excluded, excluded_from_softmax,
+    groups), then restore."""
     if isinstance(layers, nn.Module):
         layers = [m for m in layers.modules() if isinstance(m, MoE)]
     if changes.get("groups") is not None:

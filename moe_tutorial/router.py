@@ -234,14 +234,18 @@ class Router(nn.Module):
         return logits
 
     def forward(self, x, capacity_factor, seq_len: int | None = None, bounded: bool = True, top_k: int | None = None,
-                excluded=(), groups: tuple[int, int] | None = None) -> Routing:
+                excluded=(), groups: tuple[int, int] | None = None, excluded_from_softmax: bool = False) -> Routing:
         """Route x (N, C): the token-choice core of notebook 03, each option a method below.
         `seq_len`: tokens per sequence (for the sequence-wise loss); `bounded`: apply
         min/max_capacity (capacity overrides such as dropless do not); `top_k`, `excluded`
-        (experts no token may choose) and `groups` ((n_group, topk_group)): inference-time changes
-        (moe.RoutingOverride), which leave the router's own settings as they are."""
+        (experts no token may choose; `excluded_from_softmax`: as if their router rows were deleted) and
+        `groups` ((n_group, topk_group)): inference-time changes (moe.RoutingOverride), which leave the
+        router's own settings as they are."""
         k = top_k or self.top_k
         logits = self.logits(x)  # (N, E)
+        if len(excluded) and excluded_from_softmax:
+            # A checkpoint with these experts deleted: the softmax runs over the experts that remain.
+            logits = logits.index_fill(1, torch.as_tensor(list(excluded), device=logits.device), float("-inf"))
         probs = self.affinity(logits)  # (N, E)
         if self.expert_choice:
             return self._expert_choice(logits, probs, capacity_factor, k)

@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 
 from .checkpoint import write_checkpoint_file
 from .config import CONFIG_VERSION
-from .distributed import is_expert_parallel
+from .distributed import has_replicated_experts, is_expert_parallel
 from .downloads import sha256_of, writer_tag
 
 META, SHA256 = "meta.json", "sha256.json"
@@ -90,6 +90,10 @@ def save_sharded(folder, model, optimizer, step, cfg, history, batch_rng, extra=
     """Write the run's sharded checkpoint from every rank (a collective: all ranks call it). It is
     written into a temporary folder and renamed into place by rank 0 once complete: a crash
     mid-save leaves the previous checkpoint as it was."""
+    if has_replicated_experts(model):
+        raise ValueError("sharded checkpoints hold one copy of each expert shard per rank; a run whose shards have "
+                         "replicas (shard_experts_with_replicas) cannot save one yet: shard over every rank "
+                         "(shard_experts) to save checkpoints")
     folder, rank = Path(folder), dist.get_rank()
     tmp = folder.with_name(f"{folder.name}.{writer_tag() if rank == 0 else ''}.tmp")
     names = [str(tmp)]

@@ -140,6 +140,13 @@ def check_finite(value: float, what: str, step: int, checkpoint_path):
                            f"(try a lower learning rate, or a smaller grad_clip)")
 
 
+
+def evaluation_batches(dataset, split: str, cfg: TrainConfig, block_size: int):
+    """The batches train() evaluates a split on: the same ones at every evaluation of a run, drawn from
+    the run's seed (to compare a run's curve with a model evaluated outside it, use these)."""
+    return fixed_batches(dataset.split(split), cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 1)
+
+
 def train(model: GPT, dataset, cfg: TrainConfig, checkpoint_path=None, resume=False, extra=None):
     """Train `model` on `dataset.train`, evaluating on `dataset.val`; returns a History. With
     `checkpoint_path`, a checkpoint is written at every evaluation and at the end, and the folder
@@ -170,8 +177,7 @@ def _train(model, dataset, cfg, checkpoint_path, resume, extra, ranks):
         start, history = restore(state, model, optimizer, batch_rng, checkpoint_path, cfg)
     else:
         torch.manual_seed(cfg.seed)  # dropout and any other randomness inside the model
-    eval_sets = {name: fixed_batches(dataset.split(name), cfg.eval_iters, cfg.batch_size, T, cfg.seed + 1)
-                 for name in ("train", "val")}  # the same batches at every evaluation
+    eval_sets = {name: evaluation_batches(dataset, name, cfg, T) for name in ("train", "val")}
     mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)  # this rank's rows
 
     def micro_batches():  # the global batch, split over ranks (all of it on one process)

@@ -6,7 +6,9 @@ import torch
 from moe_tutorial.analysis import (
     assignment_share,
     category_shares,
+    coactivation,
     collect_routing,
+    context_specialisation,
     layer_agreement,
     pruned_experts,
     random_routers,
@@ -94,6 +96,43 @@ def test_pruned_experts_are_never_chosen_and_come_back():
     with pytest.raises(ValueError, match="leaves fewer than top_k=4"):
         with pruned_experts(model, [list(range(5)), [], []]):
             pass
+
+
+def test_renormalised_pruning_is_a_checkpoint_with_the_experts_deleted():
+    model = modern_moe().eval()
+    idx = torch.randint(0, 40, (4, 32))
+    pruned = [[0, 1, 2], [7], []]
+    with pruned_experts(model, pruned, renormalise=True):
+        renormalised = collect_routing(model, idx)
+    with pruned_experts(model, pruned):
+        masked = collect_routing(model, idx)
+    for r, experts in zip(renormalised, pruned):  # the softmax runs over the experts that remain
+        assert torch.allclose(r.probs.sum(1), torch.ones(len(r.probs)))
+        assert not r.probs[:, experts].any()
+    # The same experts are chosen; renormalised, each token's weights are its masked ones divided by the
+    # probability the remaining experts had (what deleting the router rows does to a softmax).
+    assert torch.equal(renormalised[0].expert, masked[0].expert)
+    remaining = 1 - masked[0].probs[:, pruned[0]].sum(1, keepdim=True)
+    assert torch.allclose(renormalised[0].weights, masked[0].weights / remaining, atol=1e-6)
+
+
+def test_coactivation_counts_pairs_among_the_chosen():
+    share = coactivation(torch.tensor([[0, 1], [0, 1], [0, 2], [3, 1]]), 8)
+    assert share[0, 1] == pytest.approx(2 / 3) and share[0, 2] == pytest.approx(1 / 3)  # expert 0 chose 3 times
+    assert share[1, 0] == pytest.approx(2 / 3) and share[1, 3] == pytest.approx(1 / 3)
+    assert share[2, 0] == 1.0 and share[3, 1] == 1.0 and not share.diagonal().any() and not share[4:].any()
+    assert not coactivation(torch.tensor([[0], [1], [1]]), 3).any()  # top-1: no pairs
+
+
+def test_context_specialisation_is_zero_for_a_router_that_reads_only_the_token():
+    token_ids = torch.arange(600) % 3
+    kinds = (torch.arange(600) // 3) % 2  # every token id occurs in both kinds of text
+    by_token = (token_ids * 5) % 7  # a function of the id: sorts tokens perfectly, knows nothing of context
+    assert context_specialisation(token_ids, by_token, kinds) == pytest.approx(0.0, abs=1e-9)
+    by_context = token_ids * 2 + kinds  # the same token goes to another expert in another context
+    assert context_specialisation(token_ids, by_context, kinds) == pytest.approx(1.0)
+    half = torch.where(token_ids == 0, by_context, by_token)  # only token 0 is routed by its context
+    assert context_specialisation(token_ids, half, kinds) == pytest.approx(1 / 3)
 
 
 def test_random_routers_change_routing_and_restore_it_even_after_an_error():

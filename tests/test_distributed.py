@@ -28,11 +28,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, port, scenario, result_dir):
+def _worker(rank, port, scenario, result_dir, world=WORLD):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         scenario(rank, result_dir)
     except BaseException:
@@ -42,15 +42,15 @@ def _worker(rank, port, scenario, result_dir):
         dist.destroy_process_group()
 
 
-def run_on_two_ranks(scenario, tmp_path):
-    """Run scenario(rank, tmp_path) in 2 spawned processes; fail with a rank's traceback."""
-    context = mp.start_processes(_worker, args=(_free_port(), scenario, tmp_path), nprocs=WORLD, join=False,
+def run_on_ranks(scenario, tmp_path, world=WORLD):
+    """Run scenario(rank, tmp_path) in `world` spawned processes (2 unless told); fail with a rank's traceback."""
+    context = mp.start_processes(_worker, args=(_free_port(), scenario, tmp_path, world), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process run did not finish within {DEADLINE_S} s")
+                pytest.fail(f"the {world}-process run did not finish within {DEADLINE_S} s")
     except mp.ProcessRaisedException:
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error*.txt")))
         pytest.fail(f"a rank failed:\n{errors}")
@@ -106,7 +106,7 @@ def _ep_equivalence(rank, result_dir):
 
 
 def test_expert_parallel_layer_equals_single_process(tmp_path):
-    run_on_two_ranks(_ep_equivalence, tmp_path)
+    run_on_ranks(_ep_equivalence, tmp_path)
 
 
 # --- DDP: 2 ranks x batch B == 1 process x batch 2B ---------------------------------------------
@@ -125,7 +125,7 @@ def _ddp_train(rank, result_dir):
 
 
 def test_ddp_matches_single_process_with_doubled_batch(tmp_path):
-    run_on_two_ranks(_ddp_train, tmp_path)
+    run_on_ranks(_ddp_train, tmp_path)
     torch.manual_seed(0)
     single = GPT(GPTConfig(**TINY))
     train(single, Dataset.from_text(TEXT), TrainConfig(batch_size=8, **RECIPE))
@@ -143,7 +143,7 @@ def _ep_train(rank, result_dir):
 
 
 def test_expert_parallel_training_matches_single_process(tmp_path):
-    run_on_two_ranks(_ep_train, tmp_path)
+    run_on_ranks(_ep_train, tmp_path)
     torch.manual_seed(0)
     single = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0,
                                                   capacity_factor_eval=4.0)))
@@ -153,6 +153,52 @@ def test_expert_parallel_training_matches_single_process(tmp_path):
         # Routing losses are computed per rank, so the replicated weights match closely, not exactly.
         torch.testing.assert_close(result["wte"], single.transformer.wte.weight.detach(), atol=2e-3, rtol=0)
         assert abs(result["val"] - history.final_val_loss) < 2e-2
+
+
+def _ep_dp_train(rank, result_dir):
+    """The same run twice on 4 ranks: experts split 4 ways, then 2 ways with each shard held twice."""
+    results = {}
+    for ep_size in (4, 2):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0)))  # no drops
+        if ep_size == 4:
+            distributed.shard_experts(model)
+        else:
+            distributed.shard_experts_with_replicas(model, ep_size)  # ranks {0, 1}, {2, 3}; shards on {0, 2}, {1, 3}
+        history = train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE))  # 4 x 2 = 8 sequences
+        results[ep_size] = {"val": history.final_val_loss,
+                            "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+    torch.save(results, result_dir / f"ep_dp{rank}.pt")
+
+
+def test_expert_parallel_with_replicas_trains_as_experts_over_every_rank(tmp_path):
+    """4 ranks, experts split 2 ways and each shard held twice: the shard's copies stay identical, and every
+    weight ends as in the run with the experts split over all 4 ranks (one expert each)."""
+    run_on_ranks(_ep_dp_train, tmp_path, world=4)
+    results = [torch.load(tmp_path / f"ep_dp{rank}.pt", weights_only=True) for rank in range(4)]
+    for rank, result in enumerate(results):
+        replicated, alone = result[2]["params"], result[4]["params"]
+        shard = rank % 2  # experts 2s and 2s + 1: on ranks 2s and 2s + 1 when split 4 ways
+        for name, value in replicated.items():
+            if "mlp.experts." in name:
+                torch.testing.assert_close(value, results[shard][2]["params"][name], atol=0, rtol=0)  # replicas agree
+                split_four_ways = torch.cat([results[2 * shard + i][4]["params"][name] for i in range(2)])
+                torch.testing.assert_close(value, split_four_ways, atol=1e-5, rtol=1e-4, msg=name)
+            else:
+                torch.testing.assert_close(value, alone[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert abs(result[2]["val"] - result[4]["val"]) < 1e-4
+
+
+def _replicated_checkpoint_refused(rank, result_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2)))
+    distributed.shard_experts_with_replicas(model, ep_size=2)
+    with pytest.raises(ValueError, match="cannot save one yet"):
+        train(model, Dataset.from_text(TEXT), TrainConfig(batch_size=2, **RECIPE), checkpoint_path=result_dir / "ck")
+
+
+def test_a_run_with_replicated_shards_refuses_a_sharded_checkpoint(tmp_path):
+    run_on_ranks(_replicated_checkpoint_refused, tmp_path, world=4)
 
 
 def _aux_free_train(rank, result_dir):
@@ -166,7 +212,7 @@ def _aux_free_train(rank, result_dir):
 def test_aux_loss_free_bias_follows_the_global_load(tmp_path):
     """Each rank routes its own half of the batch; the bias must follow the load of the whole batch
     (all-reduced counts), be the same on every rank, and equal one process's with the doubled batch."""
-    run_on_two_ranks(_aux_free_train, tmp_path)
+    run_on_ranks(_aux_free_train, tmp_path)
     biases = [torch.load(tmp_path / f"bias{rank}.pt", weights_only=True) for rank in range(WORLD)]
     torch.manual_seed(0)
     single = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, aux_loss_coef=0.0, bias_update_rate=1e-2,
@@ -198,7 +244,7 @@ def _rank_local_counts(rank, result_dir):
 
 
 def test_ddp_keeps_each_ranks_routing_counts(tmp_path):
-    run_on_two_ranks(_rank_local_counts, tmp_path)
+    run_on_ranks(_rank_local_counts, tmp_path)
 
 
 # --- sharded checkpoints of expert-parallel runs (torch.distributed.checkpoint) --------------
@@ -236,7 +282,7 @@ def test_sharded_checkpoints_resume_exactly_and_consolidate(tmp_path):
     from moe_tutorial.checkpoint import load_checkpoint, model_from_checkpoint
     from moe_tutorial.sharded_checkpoint import consolidate, read_meta
 
-    run_on_two_ranks(_ep_checkpoints, tmp_path)
+    run_on_ranks(_ep_checkpoints, tmp_path)
     folder = tmp_path / "whole" / "ckpt-sharded"
     assert len(list(folder.glob("*.distcp"))) == WORLD and read_meta(folder)["world_size"] == WORLD
     state = load_checkpoint(consolidate(folder, tmp_path / "whole" / "ckpt.pt"))  # sha256-checked
@@ -291,7 +337,7 @@ def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_and_consolidates(tmp_pa
     from moe_tutorial.checkpoint import load_checkpoint, model_from_checkpoint
     from moe_tutorial.sharded_checkpoint import consolidate
 
-    run_on_two_ranks(_fsdp_and_ddp, tmp_path)
+    run_on_ranks(_fsdp_and_ddp, tmp_path)
     model = model_from_checkpoint(load_checkpoint(consolidate(tmp_path / "whole" / "ckpt-sharded",
                                                               tmp_path / "whole.pt"))).eval()
     expected = torch.load(tmp_path / "fsdp_logits.pt", weights_only=True)
@@ -351,7 +397,7 @@ def _bad_setups(rank, result_dir):
 
 
 def test_bad_setups_fail_clearly_without_hanging(tmp_path):
-    run_on_two_ranks(_bad_setups, tmp_path)
+    run_on_ranks(_bad_setups, tmp_path)
 
 
 def test_bytes_sent_counts_the_rows_that_arrived_on_the_way_back():

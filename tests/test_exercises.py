@@ -700,13 +700,70 @@ def _consistency_per_id_mean(token_ids, expert):  # averages over ids, not token
     return sum(shares) / len(shares)
 
 
+def _consistency_library(token_ids, expert):
+    from moe_tutorial.analysis import token_consistency
+    return token_consistency(token_ids, expert)
+
+
+def _load_library(expert, n_experts):
+    from moe_tutorial.analysis import assignment_share
+    from moe_tutorial.exercises.ch08 import _routing
+    return assignment_share(_routing(expert, n_experts))
+
+
+def _norm_one_rank(shards, replicated):
+    return (shards[0] + replicated) ** 0.5
+
+
+def _norm_replicated_per_rank(shards, replicated):
+    return (sum(shards) + len(shards) * replicated) ** 0.5
+
+
+def _norm_sum_of_rank_norms(shards, replicated):
+    return sum((s + replicated) ** 0.5 for s in shards)
+
+
+def _norm_sum_of_norms(shards, replicated):
+    return replicated ** 0.5 + sum(s ** 0.5 for s in shards)
+
+
+def _mla_keys_built(q, c_kv, w_uk, w_uv, scale):
+    keys, values = c_kv @ w_uk.transpose(1, 2), c_kv @ w_uv.transpose(1, 2)  # (H, S, nope), (H, S, v)
+    probs = torch.softmax((keys @ q[:, :, None]).squeeze(-1) * scale, dim=-1)
+    return (probs[:, None] @ values).squeeze(1)
+
+
+def _mla_values_built(q, c_kv, w_uk, w_uv, scale):
+    probs = torch.softmax(torch.einsum("hd,hdr,sr->hs", q, w_uk, c_kv) * scale, dim=-1)
+    values = c_kv @ w_uv.transpose(1, 2)  # (H, S, v)
+    return (probs[:, None] @ values).squeeze(1)
+
+
+def _mla_unscaled(q, c_kv, w_uk, w_uv, scale):
+    probs = torch.softmax(torch.einsum("hd,hdr,sr->hs", q, w_uk, c_kv), dim=-1)
+    return torch.einsum("hs,sr,hvr->hv", probs, c_kv, w_uv)
+
+
+def _mla_softmax_over_heads(q, c_kv, w_uk, w_uv, scale):
+    probs = torch.softmax(torch.einsum("hd,hdr,sr->hs", q, w_uk, c_kv) * scale, dim=0)
+    return torch.einsum("hs,sr,hvr->hv", probs, c_kv, w_uv)
+
+
+def _mla_no_value_projection(q, c_kv, w_uk, w_uv, scale):
+    probs = torch.softmax(torch.einsum("hd,hdr,sr->hs", q, w_uk, c_kv) * scale, dim=-1)
+    return probs @ c_kv  # (H, r): the latent, not the value
+
+
 def _unsolved(*args):
     raise NotImplementedError
 
 
 WRONG_ANSWERS = {
-    "expert_load": [_load_first_choice_only, _load_counts, _load_per_token],
-    "token_consistency": [_consistency_global_expert, _consistency_per_id_mean],
+    "mla_absorbed": [_mla_keys_built, _mla_values_built, _mla_unscaled, _mla_softmax_over_heads,
+                     _mla_no_value_projection],
+    "global_grad_norm": [_norm_one_rank, _norm_replicated_per_rank, _norm_sum_of_rank_norms, _norm_sum_of_norms],
+    "expert_load": [_load_first_choice_only, _load_counts, _load_per_token, _load_library],
+    "token_consistency": [_consistency_global_expert, _consistency_per_id_mean, _consistency_library],
     "rope": [_rope_from_zero, _rope_interleaved, _rope_backwards, _rope_fixed_theta],
     "repeat_kv": [_kv_tiled, _kv_unchanged, _kv_time_scrambled],
     "sigmoid_topk": [_sigmoid_bias_inside, _sigmoid_unbiased_choice, _sigmoid_biased_weights, _sigmoid_unscaled,

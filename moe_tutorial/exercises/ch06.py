@@ -43,3 +43,26 @@ def check_all_to_all_volume(volume):
             raise CheckFailed("each token sends top_k rows, one per chosen expert")
         raise CheckFailed(f"tokens={tokens}, n_embd={n_embd}, top_k={top_k}, world_size={world}, "
                           f"{nbytes} B/element: expected {expected:,.0f} bytes, got {got:,.0f}")
+
+
+@check("global_grad_norm")
+def check_global_grad_norm(global_norm):
+    """shard_squares (one float per rank: its expert shards' squared gradient norm), replicated_square
+    (the replicated weights' squared norm, the same on every rank) -> the whole model's gradient norm."""
+    cases = [([9.0, 16.0], 0.0, 5.0), ([1.0, 2.0, 3.0, 4.0], 6.0, 4.0), ([0.0], 4.0, 2.0)]
+    for shards, replicated, expected in cases:
+        got = float(global_norm(list(shards), replicated))
+        if abs(got - expected) <= 1e-6 * max(expected, 1):
+            continue
+        W = len(shards)
+        if abs(got - (shards[0] + replicated) ** 0.5) < 1e-6:
+            raise CheckFailed("that is the norm one rank sees alone: every rank's expert shards are part of the model")
+        if abs(got - (sum(shards) + W * replicated) ** 0.5) < 1e-6:
+            raise CheckFailed("the replicated weights are the same on every rank: count their gradient once, "
+                              "not once per rank")
+        if abs(got - sum((s + replicated) ** 0.5 for s in shards)) < 1e-6 or abs(
+                got - sum((s + replicated) ** 0.5 for s in shards) / W) < 1e-6:
+            raise CheckFailed("norms do not add: add squared norms, then take one square root")
+        if abs(got - (replicated ** 0.5 + sum(s ** 0.5 for s in shards))) < 1e-6:
+            raise CheckFailed("norms do not add: add squared norms, then take one square root")
+        raise CheckFailed(f"shards {shards}, replicated {replicated}: expected {expected}, got {got}")

@@ -1,6 +1,8 @@
 """Checks for notebook 07 (the modern block and router)."""
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..attention import repeat_kv
 from ..config import MoEConfig
@@ -85,3 +87,46 @@ def check_sigmoid_topk(route):
                       atol=1e-5):
         raise CheckFailed("normalise the chosen weights to sum to 1 before scaling")
     expect_close(weights, expected, "weights")
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _mla_reference(q_nope, c_kv, w_uk, w_uv, scale):
+    keys = torch.einsum("sr,hdr->hsd", c_kv, w_uk)  # (H, S, nope): what the absorbed form never builds
+    values = torch.einsum("sr,hvr->hsv", c_kv, w_uv)  # (H, S, v)
+    probs = F.softmax(torch.einsum("hd,hsd->hs", q_nope, keys) * scale, dim=-1)
+    return torch.einsum("hs,hsv->hv", probs, values)
+
+
+@check("mla_absorbed")
+def check_mla_absorbed(attend):
+    """q_nope (H, nope), c_kv (S, r), w_uk (H, nope, r), w_uv (H, v, r), scale -> (H, v) per-head outputs."""
+    H, S, nope, v, r = 3, 50, 7, 5, 11  # distinct sizes: a per-head key or value has a 50 and a 7 or a 5
+    gen = torch.Generator().manual_seed(0)
+    q_nope, c_kv = torch.randn(H, nope, generator=gen), torch.randn(S, r, generator=gen)
+    w_uk, w_uv = torch.randn(H, nope, r, generator=gen), torch.randn(H, v, r, generator=gen)
+    recorder = _ShapeRecorder()
+    with recorder:
+        got = attend(q_nope.clone(), c_kv.clone(), w_uk.clone(), w_uv.clone(), nope ** -0.5)
+    expect_shape(got, (H, v), "the heads' outputs")
+    expected = _mla_reference(q_nope, c_kv, w_uk, w_uv, nope ** -0.5)
+    if torch.allclose(got, _mla_reference(q_nope, c_kv, w_uk, w_uv, 1.0), atol=1e-4):
+        raise CheckFailed("scale the scores by `scale` before the softmax")
+    expect_close(got, expected, "the heads' outputs", atol=1e-4)
+    built = [shape for shape in recorder.shapes if S in shape and (nope in shape or v in shape)]
+    if built:
+        raise CheckFailed(f"a tensor of shape {built[0]} holds a key or value per head and cached token: "
+                          f"absorb W_UK into the query and apply W_UV after the weighted sum of latents")

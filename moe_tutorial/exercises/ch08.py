@@ -4,7 +4,7 @@ import torch
 
 from ..analysis import assignment_share, token_consistency
 from ..router import Routing
-from . import CheckFailed, check, expect, expect_close, expect_shape
+from . import CheckFailed, check, expect, expect_close, expect_shape, refuse_library_call
 
 
 def _routing(expert: torch.Tensor, n_experts: int) -> Routing:
@@ -19,6 +19,7 @@ def _routing(expert: torch.Tensor, n_experts: int) -> Routing:
 @check("expert_load")
 def check_expert_load(load_of):
     """expert (N, k) chosen experts, n_experts -> (E,) share of all assignments each expert receives."""
+    refuse_library_call(load_of, assignment_share, "that function is the answer: count the assignments yourself")
     expert = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0]])
     got = load_of(expert.clone(), 5)
     expect_shape(got, (5,), "load")
@@ -35,6 +36,7 @@ def check_expert_load(load_of):
 @check("token_consistency")
 def check_token_consistency(consistency):
     """token_ids (N,), expert (N,) first choices -> share of tokens sent to their id's most common expert."""
+    refuse_library_call(consistency, token_consistency, "that function is the answer: count the pairs yourself")
     ids = torch.tensor([5, 5, 5, 5, 2, 2, 9])
     experts = torch.tensor([1, 1, 1, 0, 3, 0, 2])
     got = float(consistency(ids.clone(), experts.clone()))
