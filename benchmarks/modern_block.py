@@ -1,5 +1,6 @@
-"""GPT-2's block vs the modern block (notebook 07), dense and MoE, and three routers, on the char
-recipe: equal steps (1800), 3 seeds, mean +- sd; a difference under 2 sd is a tie.
+"""GPT-2's block vs the modern block (notebook 07), dense and MoE, three routers, and what each
+piece of the modern block buys (the dense modern block with one piece put back to GPT-2's), on the
+char recipe: equal steps (1800), 3 seeds, mean +- sd; a difference under 2 sd is a tie.
 
     python benchmarks/modern_block.py            # resumable: skips runs already in the JSON
     python benchmarks/modern_block.py --report   # the table from the JSON alone
@@ -49,10 +50,22 @@ VARIANTS = {  # name: (GPTConfig fields, MoEConfig fields or None)
     "modern MoE, sigmoid + bias, 2 of 4 groups": (MODERN, dict(TOP2, expert_hidden=172, n_group=4, topk_group=2,
                                                                **DEEPSEEK)),
 }
+# Leave one out: the modern dense block with one piece as GPT-2 has it (at equal parameters: a GELU
+# MLP of 4C has the parameters of a SwiGLU of 8C/3; a learned position table adds block_size * C).
+# QK-norm is an RMSNorm, so LayerNorm is put back in the block without it, and compared with that block.
+ABLATIONS = {
+    "modern dense, learned positions for RoPE": dict(MODERN, position="learned"),
+    "modern dense, GELU for SwiGLU": dict(MODERN, activation="gelu"),
+    "modern dense, no QK-norm": dict(MODERN, qk_norm="none"),
+    "modern dense, no QK-norm, LayerNorm": dict(MODERN, qk_norm="none", norm="layernorm"),
+}
+VARIANTS |= {name: (block, None) for name, block in ABLATIONS.items()}
 FROM_SWEEP = {"GPT-2 dense": "dense", "GPT-2 MoE, softmax top-2": "E=16 k=2 (2C)"}
 BASELINE = {"modern dense": "GPT-2 dense", "modern MoE, softmax top-2": "GPT-2 MoE, softmax top-2",
             "modern MoE, sigmoid + bias": "modern MoE, softmax top-2",
             "modern MoE, sigmoid + bias, 2 of 4 groups": "modern MoE, sigmoid + bias"}
+BASELINE |= {name: "modern dense" for name in ABLATIONS}
+BASELINE["modern dense, no QK-norm, LayerNorm"] = "modern dense, no QK-norm"
 
 
 def build(name, vocab_size, seed):

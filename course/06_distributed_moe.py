@@ -9,8 +9,10 @@
 # **What you will measure.** The all-to-all's volume as a function of tokens, width, `top_k` and the
 # number of ranks; real 2-process runs on this machine (gloo on 127.0.0.1): the sharded layer equals
 # the full one; how the tokens spread over ranks and experts; what the optimizer step must do
-# differently (expert gradients, the clipping norm, the balancing loss and bias); and a 2-rank
-# training run against one process training on the same batches.
+# differently (expert gradients, the clipping norm, the balancing loss and bias); a 2-rank training
+# run against one process training on the same batches, with a tolerance calibrated by seed noise and
+# a negative control; training memory per GPU for DeepSeek-V3 under four layouts; and a 4-rank run
+# whose expert shards have replicas.
 #
 # **Objectives**
 # 1. Tell data, tensor and expert parallelism apart: what each splits, what each communicates.
@@ -256,8 +258,15 @@ axes[0].set(ylabel="rows processed")
 fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.1))
 fig.suptitle("Work per rank: the busier rank sets each layer's time", y=1.02)
 fig.tight_layout()
+rows_per_step = [[sum(work[(step * n_moe_layers + layer) * W:(step * n_moe_layers + layer + 1) * W])
+                  for step in range(STATS_STEPS)] for layer in range(n_moe_layers)]  # both ranks, per layer
+for layer, rows in enumerate(rows_per_step):
+    low = min(range(STATS_STEPS), key=rows.__getitem__)
+    print(f"MoE layer {layer}: rows processed, share of all routed: lowest {rows[low] / (W * tokens_per_rank):.0%} "
+          f"at step {low}, last step {rows[-1] / (W * tokens_per_rank):.0%}")
 lowest = min(work) / tokens_per_rank
-assert lowest < 0.7  # in some step and layer a rank's experts processed well under an even share
+recovered = [rows[-1] - min(rows) > 0.2 * W * tokens_per_rank for rows in rows_per_step]
+assert lowest < 0.7 and any(recovered) and not all(recovered)  # the dip; some layers recover, some not yet
 
 # %% [markdown]
 # About `(W−1)/W` of the rows leave their rank, as even routing would send (exercise 2). Capacity is
@@ -267,12 +276,15 @@ assert lowest < 0.7  # in some step and layer a rank's experts processed well un
 #
 # The ranks' work is uneven too. In each step and layer one rank's experts process more rows than
 # the other's, and the other waits for it at the next all-to-all: **the busiest rank sets the step's
-# time**. The ratio printed above is how much longer than an even split each MoE layer takes, before
-# communication. Balancing matters more once experts live on different devices.
+# time**. With dispatch that runs each expert on the rows it received (sorted, as here), the ratio
+# printed above is how much longer than an even split each MoE layer takes, before communication.
+# Balancing matters more once experts live on different devices.
 #
-# The plot shows a second effect. In the first steps the routers send more and more tokens to a few
-# experts, which fill up: the rows processed fall well below an even share, in some layers on both
-# ranks, while the balancing loss catches up with the routers (notebook 03).
+# The plot shows a second effect. Over the first steps the routers send more and more tokens to a few
+# experts, which fill up: the rows processed fall well below an even share. In some layers the load
+# spreads again within these steps; in others it is still falling at the last one (the lines below). At
+# this point the learning rate is still warming up, and the balancing loss has yet to catch up with
+# the routers (notebook 03).
 
 # %% [markdown]
 # ### 3.2 What changes in the optimizer step
@@ -538,9 +550,9 @@ print(f"wall time of the 2-rank run, from launch to exit (process start-up and d
 # two ranks. The runs are not identical — capacity and the balancing loss are per rank in the
 # 2-rank run — so after 300 steps their losses differ a little, as two training runs do. The claim
 # checked is that they agree within a tolerance, on the same validation batches: it is meant to
-# catch a broken training path (experts that stop learning, replicas that drift apart). It is too
-# blunt for the ÷ W and the norm — Adam's update barely changes when a gradient is scaled by a
-# constant — which is why section 3.2 checks those exactly, one step at a time.
+# catch a broken training path (experts that stop learning, copies of the replicated weights that drift
+# apart). It is too blunt for the ÷ W and the norm — Adam's update barely changes when a gradient is
+# scaled by a constant — which is why section 3.2 checks those exactly, one step at a time.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -579,7 +591,8 @@ assert abs(val_loss - single_val) < TOLERANCE
 # **negative control**: the one-process run with every expert frozen at its initial weights, the
 # failure the check is meant to catch (experts that stop learning, as when their gradients are lost on
 # the way back). A tolerance is calibrated when correct runs pass it with room, about 2 sd of the
-# difference of two runs, and the broken run fails it by a wide margin.
+# difference of two runs, and the broken run fails it by a wide margin. (Three seeds give a rough sd:
+# read the ratio below as an order of magnitude.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -655,19 +668,24 @@ assert abs(frozen_val - single_val) > 2 * TOLERANCE  # the broken run fails by a
 # ### Memory per GPU
 # Why split at all? Training in bf16 mixed precision keeps, per parameter, bf16 weights and gradients
 # (2 + 2 bytes) and fp32 master weights and Adam's two moments (12 bytes): about 16 bytes, before
-# activations. Four layouts for DeepSeek-V3 on 2048 GPUs, each adding one idea to the one before:
+# activations. (That is the ZeRO paper's accounting; DeepSeek-V3's own recipe, with FP8 matmuls and
+# bf16 Adam moments, differs in the details, not in the conclusion.) Layouts for DeepSeek-V3 on 2048
+# GPUs, the first four each adding one idea to the one before:
 # - **data parallel only**: every GPU holds everything;
 # - **expert parallel** over 64 GPUs: each holds 1/64 of the routed experts; the rest is replicated;
 # - **ZeRO-1** (Rajbhandari et al. 2020): the 12 bytes of optimizer state are split among the GPUs
 #   that hold copies of the same weights, each updating its part. For an expert shard those copies are
 #   its replica group, fewer than for the other weights: the more ways the experts are split, the fewer
-#   copies each shard has to share its optimizer state with. (ZeRO-2 also splits the gradients, ZeRO-3
-#   or FSDP the weights, gathered layer by layer when needed.)
+#   copies each shard has to share its optimizer state with. (ZeRO-2 also splits the gradients.)
 # - **pipeline parallel** over 16 stages: each GPU holds the layers of one stage, and micro-batches
 #   flow through the stages; the price is idle time at the start and end of each step (the pipeline's
-#   bubble), which DeepSeek-V3's DualPipe schedule hides behind communication.
+#   bubble). DeepSeek-V3's DualPipe schedule shrinks it by feeding micro-batches from both ends of the
+#   pipeline, and overlaps each chunk's all-to-all with another chunk's computation; it keeps two copies
+#   of each stage's weights to do so, affordable because expert parallelism has made them small.
+# - **ZeRO-3** (FSDP, notebook 05's `--fsdp`) on its own: weights, gradients and optimizer state all
+#   split over the 2048 GPUs, each weight gathered over the network when its layer runs.
 #
-# DeepSeek-V3 trained with the last layout: 16 pipeline stages, 64-way expert parallelism, ZeRO-1.
+# DeepSeek-V3 trained with the fourth layout: 16 pipeline stages, 64-way expert parallelism, ZeRO-1.
 
 # %%
 from moe_tutorial.serving import PUBLISHED, parameter_counts
@@ -680,27 +698,37 @@ routed = (total - active) * v3.n_experts // (v3.n_experts - v3.top_k)  # every l
 rest = total - routed  # attention, embeddings, dense and shared MLPs, routers, norms: on every GPU of a stage
 
 
-def gib_per_gpu(ep=1, pp=1, zero1=False):
-    """Training state on one GPU (GiB): its stage's share of the non-expert weights and of its expert shard."""
+def gib_per_gpu(ep=1, pp=1, zero=0):
+    """Training state on one GPU (GiB): its stage's share of the non-expert weights and of its expert shard.
+    ZeRO stage 1 splits the optimizer state among the GPUs holding the same weights, 2 the gradients
+    too, 3 the weights too."""
     copies_of_rest, copies_of_experts = GPUS // pp, GPUS // (pp * ep)  # GPUs holding the same weights
     total_bytes = 0.0
     for params, copies in ((rest / pp, copies_of_rest), (routed / (pp * ep), copies_of_experts)):
-        optimizer = BYTES["optimizer"] / (copies if zero1 else 1)
-        total_bytes += params * (BYTES["weights"] + BYTES["grads"] + optimizer)
+        split = {name: copies if zero >= stage else 1 for name, stage in (("optimizer", 1), ("grads", 2),
+                                                                          ("weights", 3))}
+        total_bytes += params * sum(BYTES[name] / split[name] for name in BYTES)
     return total_bytes / 2**30
 
 
 print(f"DeepSeek-V3: {total / 1e9:.0f} B parameters, {routed / 1e9:.0f} B of them in routed experts; {GPUS} GPUs")
-layouts = {"data parallel only": {}, "expert parallel 64": dict(ep=64), "+ ZeRO-1": dict(ep=64, zero1=True),
-           "+ pipeline parallel 16": dict(ep=64, zero1=True, pp=16)}
+layouts = {"data parallel only": {}, "expert parallel 64": dict(ep=64), "+ ZeRO-1": dict(ep=64, zero=1),
+           "+ pipeline parallel 16": dict(ep=64, zero=1, pp=16), "ZeRO-3 alone": dict(zero=3)}
 for name, layout in layouts.items():
     print(f"{name:<26}{gib_per_gpu(**layout):>10,.0f} GiB per GPU")
-assert gib_per_gpu() > 100 * 80 and gib_per_gpu(ep=64, zero1=True) > 80  # neither fits an 80 GB GPU
-assert gib_per_gpu(ep=64, zero1=True, pp=16) < 80 / 4  # room left for activations
+gathered = 2 * total / 2**30  # GiB of bf16 weights a GPU gathers for one pass over the model under ZeRO-3
+print(f"ZeRO-3: each GPU gathers {gathered:,.0f} GiB of weights per forward pass, again for the backward")
+assert gib_per_gpu() > 100 * 80 and gib_per_gpu(ep=64, zero=1) > 80  # neither fits an 80 GB GPU
+assert gib_per_gpu(ep=64, zero=1, pp=16) < 80 / 4 and gib_per_gpu(zero=3) < 80 / 4  # both leave room
+assert gathered > 1000  # over a terabyte: at tens of GB/s between nodes, tens of seconds per pass
 
 # %% [markdown]
-# Only the last layout fits an 80 GB GPU, with most of its memory left for activations, which
-# pipelining also divides among the stages.
+# Of the first four layouts only the last fits an 80 GB GPU. ZeRO-3 alone fits too, but it pays in
+# communication: every GPU gathers every weight of the model in every forward and backward pass, over
+# a terabyte each time, where expert parallelism moves only the tokens' rows. The memory left over
+# goes to activations. Pipelining divides them less than the weights: with the usual schedule (1F1B)
+# the first stage holds activations of about as many micro-batches as there are stages, so
+# DeepSeek-V3 also recomputes some of them in the backward pass instead of storing them.
 
 # %% [markdown]
 # ### Expert parallelism with replicas
@@ -727,10 +755,13 @@ assert all(len(group) == 1 for group in expert_parallel_groups(2, 2)[1])  # EP =
 # shards' squares over one expert-parallel group, so that each shard counts once, not once per
 # replica. `distributed.shard_experts_with_replicas(model, ep_size)` sets both up.
 #
-# Four ranks, EP 2 × DP 2, on this machine's two cores: the Switch model (8 experts per layer) trained
-# for a few steps twice from the same seed, once with its experts split over all four ranks (two
-# each), once split two ways and held twice (four each). The two runs must end with the same weights,
-# and each shard's two copies must be identical.
+# Four ranks, EP 2 × DP 2, on this machine's two cores, with the Switch model (8 experts per layer).
+# First one backward pass: after the replicas' sum and the division by `W`, each rank's expert
+# gradients must equal one process's on the whole batch. Then a few training steps twice from the same
+# seed, once with the experts split over all four ranks (two each), once split two ways and held twice
+# (four each): the two runs must end with the same weights, and each shard's two copies must be
+# identical. (The weights alone could not catch a wrong division: Adam's step barely changes when a
+# gradient is scaled by a constant. The gradient check can.)
 
 # %%
 REPLICA_SCRIPT = '''
@@ -743,16 +774,35 @@ import torch
 import torch.distributed as dist
 
 from moe_tutorial import distributed
-from moe_tutorial.data import shakespeare_dataset
+from moe_tutorial.data import get_batch, shakespeare_dataset
 from moe_tutorial.model import GPT
 from moe_tutorial.presets import preset
 from moe_tutorial.train import TrainConfig, train
 
 ranks = distributed.setup()
+W, rank = ranks.world_size, ranks.rank
 torch.set_num_threads(1)
 dataset = shakespeare_dataset(progress=False)
 config, _ = preset("char", dataset.tokenizer.vocab_size, variant="Switch top-1")
 config = replace(config, moe=replace(config.moe, capacity_factor_train=8.0))  # no drops: the same tokens either way
+
+# One backward pass: one process on the whole batch, and this rank's slice with experts split 2 ways.
+x, y = get_batch(dataset.train, 4 * W, config.block_size, torch.Generator().manual_seed(0))
+torch.manual_seed(0)
+one = GPT(config)
+one(x, y).loss.backward()
+torch.manual_seed(0)
+model = distributed.shard_experts_with_replicas(GPT(config), ep_size=2)
+model(x[4 * rank:4 * (rank + 1)], y[4 * rank:4 * (rank + 1)]).loss.backward()
+distributed.average_expert_grads(model, W)  # the replicas' sum, then / W: what train_step does
+n_local = config.moe.n_experts // 2
+mine = slice((rank % 2) * n_local, (rank % 2 + 1) * n_local)  # this rank's experts in the full model
+full = dict(one.named_parameters())
+gradient_error = max(((p.grad - full[name].grad[mine]).abs().max() / full[name].grad[mine].abs().max()).item()
+                     for name, p in model.named_parameters() if distributed.is_expert_parallel(p))
+errors = [None] * W
+dist.all_gather_object(errors, gradient_error)
+
 recipe = TrainConfig(batch_size=4, max_iters=5, eval_interval=5, eval_iters=1, progress=False)  # 4 x 4 sequences
 weights = {}
 for ep_size in (4, 2):
@@ -774,17 +824,21 @@ if ranks.is_main:
     replicas = max((everyone[r][2][n] - everyone[r % 2][2][n]).abs().max().item() for r in range(4) for n in experts)
     others = max((everyone[r][2][n] - everyone[r][4][n]).abs().max().item()
                  for r in range(4) for n in weights[2] if n not in experts)
-    print(json.dumps(dict(shard_vs_split=shard_vs_split, replicas=replicas, others=others)))
+    print(json.dumps(dict(gradient_error=max(errors), shard_vs_split=shard_vs_split, replicas=replicas,
+                          others=others)))
 dist.barrier()
 distributed.cleanup()
 '''
 replica_script = Path(tempfile.mkdtemp()) / "replicas.py"
 replica_script.write_text(REPLICA_SCRIPT)
 replica_run = json.loads(torchrun(str(replica_script), nproc=4).strip().splitlines()[-1])
+print(f"expert gradients, replicas summed and / W, against one process on the whole batch: "
+      f"max relative error {replica_run['gradient_error']:.1e}")
 print("after 5 steps on 4 ranks, experts split 2 ways (held twice) vs 4 ways: max |difference|")
 print(f"  expert weights, each shard against the same experts split 4 ways  {replica_run['shard_vs_split']:.1e}")
 print(f"  expert weights, a shard's two copies                              {replica_run['replicas']:.1e}")
 print(f"  every other weight                                                {replica_run['others']:.1e}")
+assert replica_run["gradient_error"] < 1e-4  # the gradient of the global batch's mean loss
 assert replica_run["replicas"] == 0.0  # the copies add the same gradients: identical
 assert replica_run["shard_vs_split"] < 1e-5 and replica_run["others"] < 1e-5  # the same run, to float rounding
 

@@ -2,11 +2,12 @@
 # # 07 · A modern MoE: from the GPT-2 block to a DeepSeek-V3 / Qwen3-style MoE
 #
 # **What you will build.** The main ways today's MoEs (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) differ
-# from the GPT-2 block of notebooks 01–05, each from scratch and then asserted equal to the package,
-# where it is an option of the same `GPTConfig` / `MoEConfig`:
+# from the GPT-2 block of notebooks 01–05, each an option of the same `GPTConfig` / `MoEConfig`:
 # RMSNorm, rotary position embeddings (RoPE), grouped-query attention (GQA), QK-norm, SwiGLU; and in
 # the router: sigmoid scores with a selection bias, a routed scaling factor, DeepSeek-V3's
-# sequence-wise balance loss, group-limited routing, dense first blocks and a warm-up.
+# sequence-wise balance loss, group-limited routing, dense first blocks and a warm-up. RMSNorm, RoPE,
+# grouped-query attention, SwiGLU and the DeepSeek-V3 router are built from scratch and asserted equal
+# to the package; the rest is shown with the package's code.
 #
 # **What you will measure.** What RoPE's dot product depends on; the KV cache of multi-head,
 # grouped-query and multi-query attention at GPT-2-small's shape; attention logits with and without
@@ -42,9 +43,9 @@ torch.set_num_threads(2)
 # LayerNorm subtracts the mean, divides by the standard deviation, then scales and shifts.
 # RMSNorm (Zhang & Sennrich 2019) keeps only the scaling: `x / sqrt(mean(x²) + eps) · weight`.
 # One reduction instead of two, no bias, and in the paper's experiments comparable quality: every
-# model in this notebook uses it. Llama's implementation computes the statistics in fp32 and casts back to the
-# input's dtype *before* multiplying by the weight — the order matters for matching a bf16 checkpoint
-# bit for bit, so ours does the same.
+# modern model in this notebook uses it. Llama's implementation computes the statistics in fp32 and
+# casts back to the input's dtype *before* multiplying by the weight — the order matters for matching a
+# bf16 checkpoint bit for bit, so ours does the same.
 
 # %%
 from moe_tutorial.norms import RMSNorm
@@ -246,9 +247,11 @@ print(f"c_attn: {attn.c_attn.weight.shape[0]} outputs (64 for q, 16 each for k a
 # ### Multi-head latent attention
 # DeepSeek-V2 and V3 shrink the cache another way: **MLA** (DeepSeek-AI 2024). Each token is projected
 # down to one latent `c_kv` (512 values in V3), and every head's key and value are up-projections of
-# it, so only the latent is cached. A rotated key depends on its position, so it cannot be an
-# up-projection of a cached latent: MLA adds a few *decoupled* rotary channels, one rotated key per
-# token (64 values in V3) shared by all heads, beside each head's position-free channels. When
+# it, so only the latent is cached. Decoding multiplies the key up-projection into the query once,
+# instead of into every cached latent (below). A rotation by position would sit between the two and
+# stop that: every cached token's keys would have to be rebuilt at every step. So MLA adds a few
+# *decoupled* rotary channels, one rotated key per token (64 values in V3) shared by all heads, beside
+# each head's position-free channels. When
 # decoding, the key up-projection is absorbed into the query and the value up-projection is applied
 # after the attention-weighted sum of latents: per-head keys and values are never built.
 # `moe_tutorial/mla.py` has both forms, tested equal to transformers' `DeepseekV3Attention` on the
@@ -280,9 +283,12 @@ for name, values in kinds.items():
 assert kinds["multi-head latent (V3)"] == 576 < kinds["grouped-query, 8 kv heads"]
 
 # %% [markdown]
-# MLA caches less than grouped-query attention with 8 kv heads, yet every head keeps its own key
-# and value, up-projected from the latent: more expressive than heads that share them. The price is
-# compute: the absorbed query lives in the 512-wide latent space, so each score costs more.
+# MLA caches less than grouped-query attention with 8 kv heads, yet each head's position-free key and
+# its value are its own up-projections of the latent (the rotary key is shared by all heads, as in
+# multi-query attention). Seen from the cache, absorbed MLA is multi-query attention with a 576-wide
+# shared key and a 512-wide shared value. The price is compute: the absorbed query lives in the
+# 512-wide latent space, so each score costs more. Decoding is bound by memory, not arithmetic
+# (notebook 05), so trading arithmetic for cache bytes pays.
 
 # %% [markdown] solutions
 # ### ✍️ Exercise 3 — attend from the latent cache
@@ -393,8 +399,9 @@ assert model_info(config).total_params == gelu_params
 # MLA, which caches one compressed latent per token instead of sharing key/value heads.) Below, GPT-2's block and the
 # modern one at (almost) equal parameters (no position table; SwiGLU width 336 ≈ 8C/3), the `char`
 # recipe cut to 300 steps so that six runs fit in this notebook, three seeds each. A difference
-# under 2 sd of the difference is a tie. `benchmarks/modern_block.py` runs the full 1800-step
-# recipe, dense and MoE (table in section 9).
+# under 2 sd of the difference is a tie. (Here and below, that sd combines the two sides' per-run sds,
+# sqrt(sd_a² + sd_b²): more cautious than a test on the difference of the means.)
+# `benchmarks/modern_block.py` runs the full 1800-step recipe, dense and MoE (table in section 9).
 
 # %%
 from moe_tutorial.data import shakespeare_dataset
@@ -447,8 +454,7 @@ print(f"modern − GPT-2: {mean(results['modern block']) - mean(results['GPT-2 b
 assert all(1.5 < v < 2.6 for vals in results.values() for v in vals)  # both trained: far below ln(65) = 4.17
 
 # %% [markdown]
-# The last line is the finding at this budget, computed from the seeds above. At 300 steps the
-# models are far from converged, so it says which block learns faster early, not which ends better —
+# At 300 steps the models are far from converged, so it says which block learns faster early, not which ends better —
 # that is what section 9's full-recipe benchmark is for.
 #
 # ### The optimizer: Muon
@@ -490,8 +496,8 @@ assert all(1.4 < v < 2.6 for v in muon_vals)
 # %% [markdown]
 # Whether the two changes add up on the whole `char` recipe is measured outside this notebook:
 # `python benchmarks/char_gpt.py --seeds 3` trains nanoGPT's CPU recipe, the course's `char` preset and
-# `char-modern` (modern block + Muon, as many steps as fit the reference's wall time) in one run; the
-# README lists its table.
+# `char-modern` (modern block + Muon, as many steps as fit the reference's wall time) in one run, and
+# compares their validation losses and wall times; the README lists its table.
 #
 # ## 7 · DeepSeek-V3's router
 # Three changes to the softmax top-k router of notebooks 03–04 (DeepSeek-V3 report, §2.1.2; V3 has
@@ -704,16 +710,61 @@ for block, call in moe_vs_dense.items():
     print(f"{block} block: MoE, softmax top-2 vs dense {diff:+.4f}: {call}")
 
 # %% [markdown]
-# Each modern row beats or ties the row it is compared with. The question the table's rows do not ask
-# directly is the last two lines: in GPT-2's block the MoE beats the dense model, in the modern block
-# the same MoE only ties the modern dense model. The modern block gains more for the dense model than
-# for the MoE. None of the router changes (sigmoid and bias, the group limit) moves the MoE by more
-# than the seeds' noise.
+# The modern dense and MoE rows beat their GPT-2 counterparts; the router changes (sigmoid and bias,
+# the group limit) tie. The question the table's rows do not ask directly is the last two lines: in
+# GPT-2's block the MoE beats the dense model, in the modern block the same MoE only ties the modern
+# dense model. Did the modern block help the dense model more than the MoE? The difference of the two
+# differences, against 2 sd combined over all four groups, says the change itself is within noise.
+
+# %%
+gain = {kind: rows[f"modern {kind}"][0] - rows[f"GPT-2 {kind}"][0] for kind in ("dense", "MoE, softmax top-2")}
+interaction = gain["dense"] - gain["MoE, softmax top-2"]
+four_sd = math.hypot(*(rows[name][1] for name in ("GPT-2 dense", "GPT-2 MoE, softmax top-2", "modern dense",
+                                                   "modern MoE, softmax top-2")))
+print(f"modern block's gain: dense {gain['dense']:+.4f}, MoE {gain['MoE, softmax top-2']:+.4f}; "
+      f"difference {interaction:+.4f}, 2 sd {2 * four_sd:.4f}: "
+      + ("tie" if abs(interaction) <= 2 * four_sd else "beyond 2 sd"))
 
 # %%
 assert moe_vs_dense == {"GPT-2": "better", "modern": "tie"}
+assert abs(interaction) <= 2 * four_sd  # the change from better to tie is itself within noise
+for name in ("modern dense", "modern MoE, softmax top-2"):
+    assert modern_block.verdict(rows[name], rows[modern_block.BASELINE[name]]) == "better"
 for name in ("modern MoE, sigmoid + bias", "modern MoE, sigmoid + bias, 2 of 4 groups"):
     assert modern_block.verdict(rows[name], rows[modern_block.BASELINE[name]]) == "tie"
+
+# %% [markdown]
+# ### What each piece of the modern block buys
+# The last four rows take the modern dense block and put one piece back as GPT-2 has it: learned
+# positions for RoPE, a GELU MLP (4C wide, within 2% of the parameters) for SwiGLU, no QK-norm; and
+# LayerNorm for RMSNorm, in the block without QK-norm (QK-norm is itself an RMSNorm), compared with that
+# block.
+# What a piece buys is the loss without it minus the loss with it, at this budget, 3 seeds each.
+
+# %%
+print(f"{'piece':<10}{'put back as':<20}{'loss without it - with it':>27}  verdict")
+PIECES = {"modern dense, learned positions for RoPE": ("RoPE", "learned positions"),
+          "modern dense, GELU for SwiGLU": ("SwiGLU", "GELU"), "modern dense, no QK-norm": ("QK-norm", "none"),
+          "modern dense, no QK-norm, LayerNorm": ("RMSNorm", "LayerNorm")}
+assert set(PIECES) == set(modern_block.ABLATIONS)
+bought = {}
+for name, (piece, old) in PIECES.items():
+    without, with_it = rows[name], rows[modern_block.BASELINE[name]]
+    bought[piece] = {"better": "hurts", "worse": "helps", "tie": "tie"}[modern_block.verdict(without, with_it)]
+    print(f"{piece:<10}{old:<20}{without[0] - with_it[0]:>+27.4f}  {bought[piece]}")
+
+# %% [markdown]
+# Rotary positions buy the most, then SwiGLU, then QK-norm, each step of that order beyond the seeds'
+# noise; QK-norm itself helps at the edge of it. RMSNorm in place of LayerNorm is a tie: it is chosen
+# for being cheaper (no mean to subtract), not for a lower loss. QK-norm's main job is stability in
+# large, long runs (section 4); here it also lowers the loss a little.
+
+# %%
+assert bought == {"RoPE": "helps", "SwiGLU": "helps", "QK-norm": "helps", "RMSNorm": "tie"}
+order = sorted(PIECES, key=lambda name: rows[name][0] - rows[modern_block.BASELINE[name]][0], reverse=True)
+assert [PIECES[name][0] for name in order] == ["RoPE", "SwiGLU", "QK-norm", "RMSNorm"]
+for costlier, cheaper in zip(order[:2], order[1:3]):  # losing RoPE costs more than SwiGLU, SwiGLU than QK-norm
+    assert modern_block.verdict(rows[costlier], rows[cheaper]) == "worse"
 
 # %% [markdown]
 # ## 10 · Muon for the experts
@@ -782,8 +833,8 @@ assert torch.equal(orthogonalize(grads[2:3])[0], orthogonalize(grads)[2])  # eac
 # The update each expert gets is then exactly torch's Muon on that one matrix: momentum, Nesterov,
 # decoupled weight decay, and a learning rate scaled to AdamW's update RMS. `TrainConfig(optimizer=
 # "muon", muon_experts=True)` (`optimizers.ExpertMuon`) does it; `tests/test_expert_muon.py` checks it
-# against `torch.optim.Muon` run on each expert alone. Routers keep AdamW: a router is a small
-# classifier whose rows compete through a softmax, not a hidden matrix. One difference from
+# against `torch.optim.Muon` run on each expert alone. Routers keep AdamW: a router is an output layer
+# (one row per expert), which Muon's authors leave on AdamW, like the LM head. One difference from
 # Moonlight: `c_fc` holds gate and up side by side and is orthogonalised as one matrix. The dense
 # model's is too, so the comparison below stays fair.
 #
@@ -831,17 +882,18 @@ plt.show()
 # With AdamW on its experts the MoE does not beat the dense model: a tie, its mean worse. Give each
 # expert's matrix Muon's update and the same MoE is better by more than 2 sd of the difference, at the
 # same steps and the same active compute per token. In this recipe the experts' optimizer decides it:
-# the routing is unchanged, and Muon turns the tie into a win. Both share the recipe's learning rate,
-# tuned for neither.
+# the routing is unchanged, and Muon turns the tie into a win (Muon experts beat AdamW experts by more
+# than 2 sd too). Both share the recipe's learning rate, tuned for neither.
 #
-# Per second it loses. Newton–Schulz grows with the total parameters, not the active ones. Five
-# iterations on every expert's two matrices in four layers are more arithmetic than the forward and
-# backward of a 768-token batch, which sees four experts per token. So a step takes about twice a dense
-# step here (the `x dense` column). The dense model trained for twice the steps, in less time than the
-# MoE's run, is better than the MoE. So is the dense model in the race, where it takes over twice the
-# MoE's steps. At scale a step carries millions of tokens and the same update is a small share of it.
-# The race ran on two CPU threads; on a GPU, bf16 matmuls make the update cheaper still. The cost
-# ratio, not this verdict, is what carries over.
+# Per second it loses. Newton–Schulz grows with the total parameters, not the active ones: the two MoE
+# rows differ only in the experts' optimizer, and their step times differ by the cost of the Muon
+# update. So a step takes about twice a dense step here (the `x dense` column). The dense model
+# trained for twice the steps, in less time than the MoE's run, is better than the MoE. So is the dense
+# model in the race, where it takes over twice the MoE's steps. At scale a step carries millions of
+# tokens and the same update is a small share of it. The race ran on two CPU threads; on a GPU, bf16
+# matmuls make the update cheaper still. What carries over is the reason: Newton–Schulz grows with the
+# total parameters and is paid once per step, shared by every token of the step. Neither this ratio
+# nor the race's verdict carries over.
 
 # %%
 ADAMW, MUON = "fine-grained + shared, AdamW experts", "fine-grained + shared, Muon experts"
@@ -858,7 +910,10 @@ assert all(n == 3 for rows in (at_recipe, race) for _, _, n in rows.values()) an
 assert verdict_of_summaries(at_recipe[ADAMW], at_recipe["dense"]) == "tie"
 assert at_recipe[ADAMW][0] > at_recipe["dense"][0]
 assert verdict_of_summaries(at_recipe[MUON], at_recipe["dense"]) == "better"
+assert verdict_of_summaries(at_recipe[MUON], at_recipe[ADAMW]) == "better"
 assert at_recipe[MUON][0] - at_recipe["dense"][0] < -0.04
+assert (mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, MUON)
+        > mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, ADAMW))  # the Muon update's cost
 cost = (mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, MUON)
         / mean_of("seconds_per_step", "equal_steps", MODERN_STEPS, "dense"))
 assert 1.6 < cost < 2.6  # the x dense column
@@ -873,13 +928,15 @@ assert mean_of("steps", "equal_time", 120.0, "dense") > 2 * mean_of("steps", "eq
 # - **RMSNorm, RoPE, GQA, QK-norm, SwiGLU** are each a few lines and a `GPTConfig` field
 #   (`moe_tutorial/norms.py`, `rope.py`, `attention.repeat_kv`, `model.py`). RoPE makes attention
 #   depend on distance only; GQA divides the KV cache by `n_head / n_kv_head` (the table in section 3);
-#   QK-norm bounds attention logits whatever the projections do (section 4).
+#   QK-norm bounds attention logits whatever the projections do (section 4). Taken out one at a time
+#   on the full recipe, RoPE costs the most, then SwiGLU, then QK-norm; RMSNorm ties LayerNorm.
 # - **DeepSeek-V3's router** — sigmoid affinities, a selection-only bias, normalised and scaled
 #   weights, a sequence-wise loss, group-limited routing — is `MoEConfig(scoring="sigmoid", ...)`
 #   (`moe_tutorial/router.py`). Tests check the whole DeepSeek-V3 MoE block, and whole Llama,
 #   Mixtral, Qwen3-MoE and OLMoE models, against `transformers` on the same weights.
 # - **Multi-head latent attention** caches one latent and one rotary key per token
-#   (`moe_tutorial/mla.py`, both forms tested equal to transformers' `DeepseekV3Attention`).
+#   (`moe_tutorial/mla.py`, both forms tested equal to transformers' `DeepseekV3Attention`); decoding
+#   attends from the latents without building a key or value per head (exercise 3).
 # - **Muon** for the blocks' matrices is `TrainConfig(optimizer="muon")`, and for each expert's
 #   matrices `muon_experts=True` (`moe_tutorial/optimizers.py`). With it the fine-grained MoE beats the
 #   dense model at equal steps and active compute, and loses at equal seconds on this CPU (section 10).

@@ -5,12 +5,14 @@ layer for multi-head attention. Grouped-query attention shares them between head
 compresses them. Each token is projected down to one small latent c_kv (kv_lora_rank values),
 and every head's key and value are linear up-projections of it (kv_b_proj). Only c_kv is cached.
 
-RoPE does not fit that scheme: a rotated key depends on its position, so it is no longer a fixed
-linear function of c_kv. MLA "decouples" it: each head's query and key get a few extra channels
-(qk_rope_head_dim) that carry the rotation, and the key's rotary part is ONE vector per token,
-shared by all heads (like multi-query attention). The other channels ("nope", no position) come
-from the latent. So a token costs kv_lora_rank + qk_rope_head_dim cached values: 512 + 64 = 576
-in DeepSeek-V3, against 2 * 128 * 128 = 32768 for MHA with its 128 heads of 128 channels.
+RoPE does not fit that scheme: rotating a key by its position puts a position-dependent matrix
+between the query and the key up-projection, so decoding could no longer absorb the up-projection
+into the query (below) and would rebuild every cached token's keys at every step. MLA "decouples"
+it: each head's query and key get a few extra channels (qk_rope_head_dim) that carry the rotation,
+and the key's rotary part is ONE vector per token, shared by all heads (like multi-query attention).
+The other channels ("nope", no position) come from the latent. So a token costs kv_lora_rank +
+qk_rope_head_dim cached values: 512 + 64 = 576 in DeepSeek-V3, against 2 * 128 * 128 = 32768 for
+MHA with its 128 heads of 128 channels.
 
 Two forms compute the same function:
 - `forward`, for training: up-project c_kv to per-head k_nope and v, then ordinary attention.

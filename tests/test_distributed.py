@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from moe_tutorial import distributed
 from moe_tutorial.config import GPTConfig, MoEConfig
-from moe_tutorial.data import Dataset
+from moe_tutorial.data import Dataset, get_batch
 from moe_tutorial.model import GPT
 from moe_tutorial.moe import MoE
 from moe_tutorial.train import TrainConfig, train
@@ -156,8 +156,22 @@ def test_expert_parallel_training_matches_single_process(tmp_path):
 
 
 def _ep_dp_train(rank, result_dir):
-    """The same run twice on 4 ranks: experts split 4 ways, then 2 ways with each shard held twice."""
-    results = {}
+    """One backward pass against one process on the whole batch; then the same run twice on 4 ranks:
+    experts split 4 ways, then 2 ways with each shard held twice."""
+    config = GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0))  # no drops
+    x, y = get_batch(Dataset.from_text(TEXT).train, 8, TINY["block_size"], torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    one = GPT(config)
+    one(x, y).loss.backward()
+    torch.manual_seed(0)
+    model = distributed.shard_experts_with_replicas(GPT(config), ep_size=2)
+    model(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]).loss.backward()
+    distributed.average_expert_grads(model, 4)
+    mine = slice((rank % 2) * 2, (rank % 2) * 2 + 2)
+    full = dict(one.named_parameters())
+    errors = [(p.grad - full[name].grad[mine]).abs().max() / full[name].grad[mine].abs().max()
+              for name, p in model.named_parameters() if distributed.is_expert_parallel(p)]
+    results = {"gradient_error": max(errors).item()}
     for ep_size in (4, 2):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**TINY, moe=MoEConfig(n_experts=4, top_k=2, capacity_factor_train=4.0)))  # no drops
@@ -177,6 +191,7 @@ def test_expert_parallel_with_replicas_trains_as_experts_over_every_rank(tmp_pat
     run_on_ranks(_ep_dp_train, tmp_path, world=4)
     results = [torch.load(tmp_path / f"ep_dp{rank}.pt", weights_only=True) for rank in range(4)]
     for rank, result in enumerate(results):
+        assert result["gradient_error"] < 1e-4  # relative: replicas summed, / W, is the global batch's gradient
         replicated, alone = result[2]["params"], result[4]["params"]
         shard = rank % 2  # experts 2s and 2s + 1: on ranks 2s and 2s + 1 when split 4 ways
         for name, value in replicated.items():

@@ -739,6 +739,11 @@ def _mla_values_built(q, c_kv, w_uk, w_uv, scale):
     return (probs[:, None] @ values).squeeze(1)
 
 
+def _mla_one_einsum(q, c_kv, w_uk, w_uv, scale):  # einsum contracts left to right: (S, H, nope) inside
+    probs = torch.softmax(torch.einsum("sr,hdr,hd->hs", c_kv, w_uk, q) * scale, dim=-1)
+    return torch.einsum("hs,sr,hvr->hv", probs, c_kv, w_uv)
+
+
 def _mla_unscaled(q, c_kv, w_uk, w_uv, scale):
     probs = torch.softmax(torch.einsum("hd,hdr,sr->hs", q, w_uk, c_kv), dim=-1)
     return torch.einsum("hs,sr,hvr->hv", probs, c_kv, w_uv)
@@ -759,7 +764,7 @@ def _unsolved(*args):
 
 
 WRONG_ANSWERS = {
-    "mla_absorbed": [_mla_keys_built, _mla_values_built, _mla_unscaled, _mla_softmax_over_heads,
+    "mla_absorbed": [_mla_keys_built, _mla_values_built, _mla_one_einsum, _mla_unscaled, _mla_softmax_over_heads,
                      _mla_no_value_projection],
     "global_grad_norm": [_norm_one_rank, _norm_replicated_per_rank, _norm_sum_of_rank_norms, _norm_sum_of_norms],
     "expert_load": [_load_first_choice_only, _load_counts, _load_per_token, _load_library],

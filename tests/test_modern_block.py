@@ -359,3 +359,21 @@ def test_impossible_router_configs_are_refused(fields, message):
 def test_impossible_block_configs_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**fields)
+
+
+def test_committed_block_comparison_has_three_seeds_of_every_variant():
+    """benchmarks/results/modern_block.json backs notebook 07's table and the ablation's verdicts: every
+    variant of benchmarks/modern_block.py, the leave-one-out rows included, has its 3 seeds."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "modern_block.py"
+    spec = importlib.util.spec_from_file_location("modern_block_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    runs = json.loads(benchmark.RESULTS.read_text())["runs"]
+    for variant in benchmark.VARIANTS:
+        assert sorted(r["seed"] for r in runs if r["variant"] == variant) == list(benchmark.SEEDS), variant
+    assert set(benchmark.ABLATIONS) <= set(benchmark.VARIANTS)
+    assert all(benchmark.BASELINE[name] in benchmark.VARIANTS for name in benchmark.ABLATIONS)

@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attention import repeat_kv
 from ..config import MoEConfig
@@ -89,14 +89,15 @@ def check_sigmoid_topk(route):
     expect_close(weights, expected, "weights")
 
 
-class _ShapeRecorder(TorchFunctionMode):
-    """Records the shape of every tensor a torch function returns while active."""
+class _ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an ATen operation returns while active: also the intermediates
+    inside a composite call such as einsum."""
 
     def __init__(self):
         super().__init__()
         self.shapes = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -126,7 +127,9 @@ def check_mla_absorbed(attend):
     if torch.allclose(got, _mla_reference(q_nope, c_kv, w_uk, w_uv, 1.0), atol=1e-4):
         raise CheckFailed("scale the scores by `scale` before the softmax")
     expect_close(got, expected, "the heads' outputs", atol=1e-4)
-    built = [shape for shape in recorder.shapes if S in shape and (nope in shape or v in shape)]
+    # A key or value per head and cached token, in any layout: S tokens, no latent axis, H * S * min(nope, v) values.
+    built = [shape for shape in recorder.shapes
+             if S in shape and r not in shape and torch.Size(shape).numel() >= H * S * min(nope, v)]
     if built:
         raise CheckFailed(f"a tensor of shape {built[0]} holds a key or value per head and cached token: "
                           f"absorb W_UK into the query and apply W_UV after the weighted sum of latents")
